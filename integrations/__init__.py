@@ -1,0 +1,1 @@
+"""Bridges to timm and accelerate (importable as ``metaopt.integrations``)."""

@@ -1,0 +1,83 @@
+"""Functional forward over a user's model: the only place the loop touches ``higher``.
+
+A backend runs ``model(x)`` with some parameters replaced by fast weights.  It is patched
+once per model and re-bound per call, so per-task cost is one list of tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import higher
+import torch
+from torch import nn
+
+from metaopt.errors import ConfigError, suggest
+
+BN_POLICIES = ("transductive", "running")
+"""``transductive``: BatchNorm always normalises with the statistics of the batch at hand
+(support batch during adaptation, query batch for the outer loss) and the model's running
+statistics are never read nor written.  ``running``: BatchNorm uses the model's running
+statistics, frozen (eval-mode BN), e.g. for pretrained backbones.  In both, adaptation
+never changes the model's buffers."""
+
+
+class Backend(Protocol):
+    """What the loop needs from a functional-model engine."""
+
+    def prepare(self, training: bool) -> None:
+        """Called at every batch start: (re)bind to the model, set train/eval modes."""
+
+    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+        """``model(x, **kwargs)`` with the named parameters replaced by ``params``."""
+
+
+def _set_modes(module: nn.Module, training: bool, bn_policy: str) -> None:
+    module.train(training)
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            sub.train(bn_policy == "transductive")
+
+
+class HigherBackend:
+    """``higher.monkeypatch`` once; every call passes the full parameter list explicitly."""
+
+    name = "higher"
+
+    def __init__(self, model: nn.Module, bn_policy: str = "transductive") -> None:
+        if bn_policy not in BN_POLICIES:
+            raise ConfigError(
+                f"bn_policy={bn_policy!r} is not known; use one of {BN_POLICIES}.{suggest(bn_policy, BN_POLICIES)}"
+            )
+        self.model = model
+        self.bn_policy = bn_policy
+        self._fmodel: Any = None
+        self._identity: list[int] = []
+        self._named: list[tuple[str, torch.Tensor]] = []
+        self.patch_count = 0
+
+    def _patch(self) -> None:
+        # copy_initial_weights=False: the patched model must not own copies of θ, or the
+        # meta-gradient would be cut.  We pass params explicitly on every call anyway.
+        self._fmodel = higher.monkeypatch(self.model, copy_initial_weights=False, track_higher_grads=True)
+        self._named = list(self.model.named_parameters())
+        self._identity = [id(p) for _, p in self._named]
+        self.patch_count += 1
+
+    def prepare(self, training: bool) -> None:
+        if self._fmodel is None or [id(p) for p in self.model.parameters()] != self._identity:
+            self._patch()
+        else:  # buffers may have moved device/dtype or been loaded from a checkpoint
+            higher.patch.buffer_sync(self.model, self._fmodel)
+        _set_modes(self._fmodel, training, self.bn_policy)
+
+    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+        if self._fmodel is None:
+            self.prepare(self.model.training)
+        full = [params.get(name, p) for name, p in self._named]
+        try:
+            return self._fmodel(x, params=full, **kwargs)
+        finally:
+            # higher appends every `params=` call to a history list when tracking grads;
+            # clearing it keeps one patched model reusable without holding old graphs alive.
+            self._fmodel._fast_params = None

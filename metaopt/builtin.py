@@ -1,0 +1,69 @@
+"""MAML's default behaviour, as an ordinary plugin whose hooks are all ``trylast``."""
+
+from __future__ import annotations
+
+import torch
+
+from metaopt.hookspecs import hookimpl
+from metaopt.inner_optim import diff_step
+from metaopt.task import Batch, Params, Task, Trajectory, grad_dict
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def classification_metrics(output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Accuracy for class-index targets; nothing for regression."""
+    if target.dtype in (torch.int64, torch.int32) and output.dim() == 2 and output.shape[1] > 1:
+        return {"accuracy": (output.argmax(dim=1) == target).float().mean().detach()}
+    return {}
+
+
+class MAMLDefaults:
+    """Second-order MAML (first-order when the learner says so): the loop's defaults."""
+
+    name = BUILTIN_PREFIX + "maml"
+
+    @hookimpl(trylast=True)
+    def adapted_params(self, learner, candidates: list[str]) -> list[str]:
+        return list(candidates)
+
+    @hookimpl(trylast=True)
+    def adapt(self, task: Task, trajectory: Trajectory) -> Params:
+        hook = task.learner.hook
+        params = trajectory.iterates[0]
+        for k in range(trajectory.steps):
+            trajectory.k = k
+            loss = hook.inner_loss(task=task, params=params)
+            grads = hook.inner_grad(task=task, params=params, loss=loss)
+            params = hook.inner_step(task=task, trajectory=trajectory, params=params, grads=grads)
+            trajectory.iterates.append(params)
+            hook.after_inner_step(task=task, trajectory=trajectory, params=params)
+        return params
+
+    @hookimpl(trylast=True)
+    def inner_loss(self, task: Task, params: Params) -> torch.Tensor:
+        return task.learner.loss_fn(task.forward(task.support_x, params), task.support_y)
+
+    @hookimpl(trylast=True)
+    def inner_grad(self, task: Task, params: Params, loss: torch.Tensor) -> Params:
+        return grad_dict(loss, params, create_graph=task.create_graph)
+
+    @hookimpl(trylast=True)
+    def inner_step(self, task: Task, trajectory: Trajectory, params: Params, grads: Params) -> Params:
+        names = list(params)
+        new = diff_step(trajectory.optimizer, list(params.values()), [grads[n] for n in names], trajectory.lr)
+        return dict(zip(names, new, strict=True))
+
+    @hookimpl(trylast=True)
+    def outer_loss(self, task: Task, params: Params) -> torch.Tensor:
+        output = task.forward(task.query_x, params)
+        task.query_output = output
+        loss = task.learner.loss_fn(output, task.query_y)
+        task.metrics.update(classification_metrics(output, task.query_y))
+        return loss
+
+    @hookimpl(trylast=True)
+    def outer_step(self, batch: Batch) -> bool:
+        assert batch.meta_loss is not None
+        batch.backward(batch.meta_loss)
+        return True

@@ -1,0 +1,346 @@
+"""``MetaLearner``: the generic differentiable inner/outer loop, driven by hooks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaopt.backend import HigherBackend
+from metaopt.errors import ConfigError, DataError, MetaOptError, PluginError
+from metaopt.inner_optim import fresh_state, make_template
+from metaopt.manager import PluginHost
+from metaopt.task import Batch, Params, Task, TaskData, Trajectory
+
+BatchInput = Sequence[TaskData] | Sequence[Sequence[torch.Tensor]] | Sequence[torch.Tensor]
+
+
+@dataclass
+class BatchResult:
+    """What one meta-batch produced: the meta-loss (a tensor) and averaged float metrics."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float]
+
+
+def as_tasks(batch: BatchInput) -> list[TaskData]:
+    """Accept a list of ``(sx, sy, qx, qy)`` tuples, or four tensors stacked over tasks."""
+    items = list(batch)
+    if len(items) == 4 and all(isinstance(t, torch.Tensor) for t in items):
+        sx, sy, qx, qy = items
+        if not (sx.shape[0] == sy.shape[0] == qx.shape[0] == qy.shape[0]):
+            raise DataError(
+                f"a stacked batch must have the task count first in all four tensors; got leading "
+                f"sizes {[t.shape[0] for t in items]}."
+            )
+        return [TaskData(sx[i], sy[i], qx[i], qy[i]) for i in range(sx.shape[0])]
+    tasks = []
+    for i, item in enumerate(items):
+        if len(item) != 4:
+            raise DataError(f"task {i} has {len(item)} parts; expected (support_x, support_y, query_x, query_y).")
+        tasks.append(TaskData(*item))
+    if not tasks:
+        raise DataError("the meta-batch is empty; pass at least one task.")
+    return tasks
+
+
+def _check_task(i: int, task: TaskData) -> None:
+    if task.support_x.shape[0] != task.support_y.shape[0] or task.query_x.shape[0] != task.query_y.shape[0]:
+        raise DataError(
+            f"task {i}: inputs and labels differ in length (support {task.support_x.shape[0]} vs "
+            f"{task.support_y.shape[0]}, query {task.query_x.shape[0]} vs {task.query_y.shape[0]})."
+        )
+    if task.support_x.shape[1:] != task.query_x.shape[1:]:
+        raise DataError(
+            f"task {i}: support inputs {tuple(task.support_x.shape[1:])} and query inputs "
+            f"{tuple(task.query_x.shape[1:])} differ in shape."
+        )
+
+
+class MetaLearner(nn.Module):
+    """Meta-learn a model's initialisation with plugins.
+
+    Args:
+        model: any ``nn.Module``; its trainable parameters are the meta-parameters.
+        plugins: plugin instances (or names, created with default options), in order.
+        inner_steps: gradient steps per task during training.
+        inner_lr: inner learning rate, or one per step.
+        loss_fn: ``loss_fn(output, target)``; default cross-entropy.
+        first_order: drop the second-order terms (FOMAML-style meta-gradient).
+        inner_optimizer: ``"sgd"`` (default), ``"adam"``, ``"rmsprop"``, ``"adagrad"``; made
+            differentiable by ``higher``.
+        bn_policy: ``"transductive"`` or ``"running"`` (see ``metaopt.backend.BN_POLICIES``).
+        eval_inner_steps: inner steps at evaluation (default: ``inner_steps``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plugins: Sequence[object | str] = (),
+        *,
+        inner_steps: int = 1,
+        inner_lr: float | Sequence[float] = 0.01,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        first_order: bool = False,
+        inner_optimizer: str = "sgd",
+        inner_optimizer_kwargs: dict[str, Any] | None = None,
+        bn_policy: str = "transductive",
+        eval_inner_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        if not isinstance(inner_steps, int) or inner_steps < 0:
+            raise ConfigError(f"inner_steps={inner_steps!r} must be an integer >= 0.")
+        if eval_inner_steps is not None and (not isinstance(eval_inner_steps, int) or eval_inner_steps < 0):
+            raise ConfigError(f"eval_inner_steps={eval_inner_steps!r} must be an integer >= 0 or None.")
+        lrs = [inner_lr] if isinstance(inner_lr, int | float) else list(inner_lr)
+        if not lrs or any(not isinstance(lr, int | float) or lr <= 0 for lr in lrs):
+            raise ConfigError(f"inner_lr={inner_lr!r} must be a positive number (or a list of them, one per step).")
+        if len(lrs) > 1 and len(lrs) < max(inner_steps, eval_inner_steps or 0):
+            raise ConfigError(
+                f"inner_lr has {len(lrs)} per-step values but up to {max(inner_steps, eval_inner_steps or 0)} steps run; "
+                "give one value per step or a single number."
+            )
+        self.model = model
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        self.inner_lrs = [float(lr) for lr in lrs]
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.first_order = bool(first_order)
+        self.inner_optimizer_name = inner_optimizer
+        self.inner_optimizer_kwargs = dict(inner_optimizer_kwargs or {})
+        self.backend = HigherBackend(model, bn_policy)
+        self.accelerator: Any = None
+        self.iteration = 0
+
+        from metaopt.registry import create_plugin
+
+        instances = [create_plugin(p) if isinstance(p, str) else p for p in plugins]
+        self.host = PluginHost(instances)
+        self.hook.configure(learner=self)
+        candidates = [n for n, p in model.named_parameters() if p.requires_grad]
+        adapted = self.hook.adapted_params(learner=self, candidates=candidates)
+        unknown = [n for n in adapted if n not in candidates]
+        if unknown:
+            raise PluginError(f"adapted_params returned names that are not trainable parameters: {unknown}.")
+        self.adapted_names: list[str] = list(adapted)
+        modules: dict[str, nn.Module] = {}
+        for result in self.hook.plugin_modules(learner=self):
+            for key, module in (result or {}).items():
+                if key in modules:
+                    raise PluginError(f"two plugins declare a module named {key!r}; names must be unique.")
+                modules[key] = module
+        self.plugin_modules = nn.ModuleDict(modules)
+        self._template = make_template(
+            inner_optimizer,
+            [p for n, p in model.named_parameters() if n in self.adapted_names],
+            **self.inner_optimizer_kwargs,
+        )
+        self._validated = False
+
+    # -- plugins ---------------------------------------------------------------------
+    @property
+    def hook(self) -> Any:
+        return self.host.hook
+
+    @property
+    def plugins(self) -> list[object]:
+        return list(self.host.plugins)
+
+    def get_plugin(self, name: str) -> object | None:
+        return self.host.plugin(name)
+
+    def describe(self) -> str:
+        """Per hook, in firing order, which plugins implement it."""
+        return self.host.describe()
+
+    def meta_parameters(self) -> Iterator[nn.Parameter]:
+        """Everything the outer optimizer updates: the model's and plugin-owned parameters."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    # -- the loop --------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.accelerator is not None:
+            return self.accelerator.autocast()
+        return contextlib.nullcontext()
+
+    def start_params(self, training: bool) -> Params:
+        named = dict(self.model.named_parameters())
+        if training:
+            return {n: named[n] for n in self.adapted_names}
+        # evaluation: adapt from detached copies so no meta-graph is built
+        return {n: named[n].detach().requires_grad_() for n in self.adapted_names}
+
+    def lrs_for(self, steps: int, lr_scale: float = 1.0, lr: float | Sequence[float] | None = None) -> list[float]:
+        base = self.inner_lrs if lr is None else ([lr] if isinstance(lr, int | float) else list(lr))
+        values = base * steps if len(base) == 1 else base[:steps]
+        return [float(v) * lr_scale for v in values]
+
+    def new_trajectory(
+        self,
+        task: Task,
+        steps: int | None,
+        lr_scale: float = 1.0,
+        *,
+        lr: float | Sequence[float] | None = None,
+        start: Params | None = None,
+        main: bool = True,
+    ) -> Trajectory:
+        if steps is None:
+            steps = self.inner_steps if task.training else self.eval_inner_steps
+        start = task.start if start is None else start
+        return Trajectory(
+            steps=steps,
+            lrs=self.lrs_for(steps, lr_scale, lr),
+            optimizer=fresh_state(self._template, self._template_params()),
+            iterates=[start],
+            main=main,
+        )
+
+    def _template_params(self) -> list[torch.Tensor]:
+        return [p for group in self._template.param_groups for p in group["params"]]
+
+    def _device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _make_task(self, index: int, data: TaskData, training: bool) -> Task:
+        device = self._device()
+        sx, sy, qx, qy = (t.to(device, non_blocking=True) for t in data)
+        return Task(
+            learner=self,
+            index=index,
+            support_x=sx,
+            support_y=sy,
+            query_x=qx,
+            query_y=qy,
+            start=self.start_params(training),
+            training=training,
+            second_order=not self.first_order,
+        )
+
+    def run_task(self, task: Task) -> torch.Tensor:
+        hook = self.hook
+        hook.task_start(task=task)
+        trajectory = self.new_trajectory(task, None)
+        task.trajectory = trajectory
+        task.params = hook.adapt(task=task, trajectory=trajectory)
+        loss = hook.outer_loss(task=task, params=task.params)
+        task.metrics["query_loss"] = loss.detach()
+        if task.training:
+            for terms in hook.loss_modification(task=task, params=task.params, loss=loss):
+                for name, term in (terms or {}).items():
+                    loss = loss + term
+                    task.metrics[name] = term.detach()
+        task.loss = loss
+        hook.task_end(task=task)
+        return loss
+
+    def run_tasks(self, batch: Batch) -> torch.Tensor:
+        """Adapt to every task in the batch and return the mean outer loss."""
+        self.backend.prepare(batch.training)
+        batch.tasks = []
+        losses = []
+        grad_mode = torch.enable_grad()
+        with grad_mode, self._autocast():
+            for i, data in enumerate(batch.data):
+                task = self._make_task(i, data, batch.training)
+                batch.tasks.append(task)
+                losses.append(self.run_task(task))
+        # average in at least float32 (bf16/fp16 losses are upcast; float64 stays float64)
+        dtype = torch.promote_types(losses[0].dtype, torch.float32)
+        batch.meta_loss = torch.stack([loss.to(dtype) for loss in losses]).mean()
+        return batch.meta_loss
+
+    def _begin(self, tasks: BatchInput, training: bool) -> Batch:
+        data = as_tasks(tasks)
+        if not self._validated:
+            for i, task in enumerate(data):
+                _check_task(i, task)
+            self._validated = True
+        batch = Batch(learner=self, data=data, training=training)
+        self.hook.batch_start(batch=batch)
+        return batch
+
+    def _finish(self, batch: Batch) -> BatchResult:
+        keys = sorted({k for t in batch.tasks for k in t.metrics})
+        stacked = {k: torch.stack([t.metrics[k].float() for t in batch.tasks if k in t.metrics]) for k in keys}
+        batch.metrics = {k: float(v.mean()) for k, v in stacked.items()}
+        batch.metrics["meta_loss"] = float(batch.meta_loss.detach())
+        self.hook.batch_end(batch=batch)
+        assert batch.meta_loss is not None
+        return BatchResult(loss=batch.meta_loss, metrics=dict(batch.metrics))
+
+    def backward_loss(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def forward(self, tasks: BatchInput) -> BatchResult:
+        """The meta-loss of a batch (graph kept; call ``.loss.backward()`` yourself)."""
+        batch = self._begin(tasks, training=True)
+        self.run_tasks(batch)
+        return self._finish(batch)
+
+    def backward(self, tasks: BatchInput) -> BatchResult:
+        """One meta-iteration's gradient: replaces ``loss.backward()`` in a training loop.
+
+        Runs every task's inner loop, then the ``outer_step`` hook, which accumulates the
+        meta-gradient into ``.grad`` of ``learner.parameters()``.  Step your optimizer after.
+        """
+        batch = self._begin(tasks, training=True)
+        self.run_tasks(batch)
+        if not self.hook.outer_step(batch=batch):
+            raise PluginError("no outer_step implementation returned True; the meta-gradient was not computed.")
+        self.iteration += 1
+        return self._finish(batch)
+
+    def evaluate(self, tasks: BatchInput, steps: int | None = None) -> BatchResult:
+        """Adapt to each task (``steps`` inner steps) and report query metrics; no meta-graph."""
+        saved = self.eval_inner_steps
+        if steps is not None:
+            if steps < 0:
+                raise ConfigError(f"steps={steps!r} must be >= 0.")
+            self.eval_inner_steps = steps
+        try:
+            batch = self._begin(tasks, training=False)
+            self.run_tasks(batch)
+            result = self._finish(batch)
+        finally:
+            self.eval_inner_steps = saved
+        return BatchResult(loss=result.loss.detach(), metrics=result.metrics)
+
+    def adapt(self, task: TaskData | Sequence[torch.Tensor], steps: int | None = None) -> Params:
+        """Adapted parameters for one task (detached from the meta-parameters)."""
+        data = TaskData(*task)
+        _check_task(0, data)
+        self.backend.prepare(False)
+        t = self._make_task(0, data, training=False)
+        with torch.enable_grad(), self._autocast():
+            self.hook.task_start(task=t)
+            params = self.hook.adapt(task=t, trajectory=self.new_trajectory(t, steps))
+        return {n: p.detach() for n, p in params.items()}
+
+    # -- state ----------------------------------------------------------------------
+    def plugin_state(self) -> dict[str, Any]:
+        """State of every plugin that has ``state_dict`` (e.g. warm-up counters)."""
+        return {
+            name: plugin.state_dict()
+            for name, plugin in zip(self.host.names, self.host.plugins, strict=True)
+            if hasattr(plugin, "state_dict")
+        }
+
+    def load_plugin_state(self, state: dict[str, Any]) -> None:
+        for name, plugin in zip(self.host.names, self.host.plugins, strict=True):
+            if name in state:
+                if not hasattr(plugin, "load_state_dict"):
+                    raise MetaOptError(f"plugin {name!r} has saved state but no load_state_dict().")
+                plugin.load_state_dict(state[name])

@@ -1,0 +1,113 @@
+"""The plugin host: registers plugins, enforces composition rules, describes the result."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import pluggy
+
+from metaopt import hookspecs
+from metaopt.builtin import BUILTIN_PREFIX, MAMLDefaults
+from metaopt.errors import PluginConflictError, PluginError, suggest
+
+
+def plugin_name(plugin: object) -> str:
+    """A plugin's name: its ``name`` attribute, else its class name in lower case."""
+    name = getattr(plugin, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return type(plugin).__name__.lower()
+
+
+def _validate(plugin: object, name: str) -> None:
+    if inspect.isclass(plugin):
+        raise PluginError(f"plugin {name!r} was passed as a class; pass an instance, e.g. {plugin.__name__}().")
+    specs = set(hookspecs.HOOK_ORDER)
+    for attr in dir(type(plugin)):
+        member = getattr(type(plugin), attr, None)
+        if callable(member) and hasattr(member, "metaopt_impl") and attr not in specs:
+            raise PluginError(
+                f"plugin {name!r} implements {attr!r}, which is not a metaopt hook."
+                + suggest(attr, specs)
+                + " The hooks are listed in docs/hooks.md."
+            )
+
+
+class PluginHost:
+    """A pluggy manager holding the built-in defaults and the user's plugins, checked."""
+
+    def __init__(self, plugins: Sequence[object]) -> None:
+        self.pm = pluggy.PluginManager("metaopt")
+        self.pm.add_hookspecs(hookspecs)
+        self.builtins = [MAMLDefaults()]
+        for builtin in self.builtins:
+            self.pm.register(builtin, name=builtin.name)
+        self.plugins = list(plugins)
+        self.names = [plugin_name(p) for p in self.plugins]
+        seen: set[str] = set()
+        for plugin, name in zip(self.plugins, self.names, strict=True):
+            if name in seen:
+                raise PluginConflictError(
+                    f"plugin {name!r} is listed twice; give each instance a distinct `name` or list it once."
+                )
+            seen.add(name)
+            _validate(plugin, name)
+        # pluggy calls later registrations first, so register in reverse: the first plugin
+        # the user listed becomes the outermost wrapper.
+        for plugin, name in reversed(list(zip(self.plugins, self.names, strict=True))):
+            try:
+                self.pm.register(plugin, name=name)
+            except pluggy.PluginValidationError as exc:
+                raise PluginError(f"plugin {name!r} does not fit the hook specs: {exc}") from exc
+        self._check_replace_conflicts()
+        self._check_declared_incompatibilities()
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def _owners(self, hook_name: str) -> list[str]:
+        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+        return [
+            impl.plugin_name
+            for impl in reversed(impls)  # call order
+            if not (impl.hookwrapper or impl.wrapper) and not impl.plugin_name.startswith(BUILTIN_PREFIX)
+        ]
+
+    def _check_replace_conflicts(self) -> None:
+        for hook_name in hookspecs.HOOK_ORDER:
+            if hookspecs.hook_mode(hook_name) != "replace":
+                continue
+            owners = self._owners(hook_name)
+            if len(owners) > 1:
+                raise PluginConflictError(
+                    f"plugins {owners[0]!r} and {owners[1]!r} both replace hook {hook_name!r}; "
+                    "only one plugin may own a replace hook. Drop one of them, or turn one into "
+                    "a wrapper (@hookimpl(wrapper=True))."
+                )
+
+    def _check_declared_incompatibilities(self) -> None:
+        active = set(self.names)
+        for plugin, name in zip(self.plugins, self.names, strict=True):
+            for other, advice in dict(getattr(plugin, "incompatible_with", {}) or {}).items():
+                if other in active:
+                    raise PluginConflictError(f"plugins {name!r} and {other!r} cannot be combined: {advice}")
+
+    def plugin(self, name: str) -> object | None:
+        return self.pm.get_plugin(name)
+
+    def describe(self) -> str:
+        """Per hook, in firing order, the plugins that implement it in the order they run."""
+        lines = []
+        for hook_name in hookspecs.HOOK_ORDER:
+            impls = list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+            if not impls:
+                continue
+            parts = []
+            for impl in impls:
+                tag = " [wrap]" if (impl.hookwrapper or impl.wrapper) else ""
+                parts.append(impl.plugin_name + tag)
+            lines.append(f"{hook_name:<18} ({hookspecs.hook_mode(hook_name)}): " + " -> ".join(parts))
+        return "\n".join(lines)

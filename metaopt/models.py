@@ -1,0 +1,84 @@
+"""Models with one interface: ``body`` (features) + ``head`` (a Linear), and a name registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from metaopt.errors import ConfigError, suggest
+
+
+class HeadedModel(nn.Module):
+    """``head(body(x))``; ``forward(x, return_features=True)`` also returns the features.
+
+    Plugins that adapt only the head (HyperMAML) need this split; wrap your own model as
+    ``HeadedModel(body, nn.Linear(dim, n_out))``.
+    """
+
+    def __init__(self, body: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        if not isinstance(head, nn.Linear):
+            raise ConfigError(f"head must be an nn.Linear; got {type(head).__name__}.")
+        self.body = body
+        self.head = head
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> Any:
+        features = self.body(x)
+        out = self.head(features)
+        return (features, out) if return_features else out
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+def conv4(num_classes: int = 5, in_chans: int = 1, hidden: int = 64, img_size: int = 28) -> HeadedModel:
+    """The standard few-shot 4 x [conv3x3-hidden, BN, ReLU, maxpool] network (Vinyals et al.)."""
+    blocks = [conv_block(in_chans if i == 0 else hidden, hidden) for i in range(4)]
+    with torch.no_grad():
+        dim = nn.Sequential(*blocks)(torch.zeros(1, in_chans, img_size, img_size)).numel()
+    return HeadedModel(nn.Sequential(*blocks, nn.Flatten()), nn.Linear(dim, num_classes))
+
+
+def mlp(num_classes: int = 1, in_features: int = 1, hidden: tuple[int, ...] = (40, 40)) -> HeadedModel:
+    """The MAML sinusoid regressor: in -> 40 -> 40 -> out with ReLU."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return HeadedModel(nn.Sequential(*layers), nn.Linear(width, num_classes))
+
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {"conv4": conv4, "mlp": mlp}
+
+
+def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
+    _MODELS[name] = factory
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """A registered model, or ``timm:<name>`` / any other name: a timm backbone with a fresh head."""
+    if name in _MODELS:
+        return _MODELS[name](**kwargs)
+    from metaopt.integrations.timm import backbone
+
+    timm_name = name.removeprefix("timm:")
+    try:
+        return backbone(timm_name, **kwargs)
+    except ConfigError as exc:
+        if name.startswith("timm:"):
+            raise
+        raise ConfigError(f"{exc} Built-in models: {', '.join(list_models())}.{suggest(name, _MODELS)}") from exc

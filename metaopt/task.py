@@ -1,0 +1,131 @@
+"""State objects handed to hooks: a task, an inner trajectory, a meta-batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from metaopt.stash import Stash
+
+if TYPE_CHECKING:
+    from higher.optim import DifferentiableOptimizer
+
+    from metaopt.learner import MetaLearner
+
+Params = dict[str, torch.Tensor]
+
+
+class TaskData(NamedTuple):
+    """One task as plain tensors (what samplers yield and users pass in)."""
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+
+def grad_dict(loss: torch.Tensor, params: Params, *, create_graph: bool, retain_graph: bool | None = None) -> Params:
+    """``autograd.grad`` of ``loss`` w.r.t. every tensor in ``params`` (unused ones get zeros)."""
+    tensors = list(params.values())
+    grads = torch.autograd.grad(loss, tensors, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True)
+    return {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads, strict=True)}
+
+
+def global_norm(tensors: Params | Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm over all entries of several tensors."""
+    values = tensors.values() if isinstance(tensors, dict) else tensors
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in values]))
+
+
+@dataclass(eq=False)
+class Trajectory:
+    """One inner loop: its learning rates, its optimizer and every iterate it visits."""
+
+    steps: int
+    lrs: list[float]
+    optimizer: DifferentiableOptimizer
+    iterates: list[Params]
+    main: bool = True
+    k: int = 0
+
+    @property
+    def lr(self) -> float:
+        return self.lrs[self.k]
+
+
+@dataclass(eq=False)
+class Task:
+    """One task inside a meta-batch.  Hooks read it and put per-task state in ``stash``."""
+
+    learner: MetaLearner
+    index: int
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    start: Params
+    training: bool
+    second_order: bool
+    params: Params | None = None
+    trajectory: Trajectory | None = None
+    query_output: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    stash: Stash = field(default_factory=Stash)
+
+    @property
+    def create_graph(self) -> bool:
+        """Whether inner gradients keep their graph (second-order meta-gradient)."""
+        return self.training and self.second_order
+
+    def forward(self, x: torch.Tensor, params: Params, **kwargs: Any) -> Any:
+        """The model's output on ``x`` with the adapted parameters replaced by ``params``."""
+        return self.learner.backend.forward(x, params, **kwargs)
+
+    def support_loss(self, params: Params) -> torch.Tensor:
+        """The support loss at ``params`` (through the ``inner_loss`` hook)."""
+        return self.learner.hook.inner_loss(task=self, params=params)
+
+    def inner_grad_at(self, params: Params, create_graph: bool | None = None) -> Params:
+        """The plain support gradient at any point (for perturbations and finite differences)."""
+        graph = self.create_graph if create_graph is None else create_graph
+        return grad_dict(self.support_loss(params), params, create_graph=graph)
+
+    def adapt(
+        self,
+        steps: int | None = None,
+        lr_scale: float = 1.0,
+        *,
+        lr: float | Sequence[float] | None = None,
+        start: Params | None = None,
+    ) -> tuple[Params, Trajectory]:
+        """Run an extra inner trajectory (from ``task.start`` unless given) via the hooks."""
+        trajectory = self.learner.new_trajectory(self, steps, lr_scale, lr=lr, start=start, main=False)
+        params = self.learner.hook.adapt(task=self, trajectory=trajectory)
+        return params, trajectory
+
+
+@dataclass(eq=False)
+class Batch:
+    """One meta-batch: its tasks, meta-loss and metrics."""
+
+    learner: MetaLearner
+    data: list[TaskData]
+    training: bool
+    tasks: list[Task] = field(default_factory=list)
+    meta_loss: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    stash: Stash = field(default_factory=Stash)
+    reruns: int = 0
+
+    def rerun(self) -> torch.Tensor:
+        """Recompute the whole meta-loss (every inner loop) from the current meta-parameters."""
+        self.reruns += 1
+        return self.learner.run_tasks(self)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` into ``.grad`` (through the accelerator when there is one)."""
+        self.learner.backward_loss(loss)

@@ -1,0 +1,1 @@
+"""The algorithm plugins shipped with metaopt (importable as ``metaopt.plugins``)."""
