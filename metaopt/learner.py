@@ -26,6 +26,7 @@ class BatchResult:
 
     loss: torch.Tensor
     metrics: dict[str, float]
+    per_task: dict[str, list[float]]
 
 
 def as_tasks(batch: BatchInput) -> list[TaskData]:
@@ -273,10 +274,11 @@ class MetaLearner(nn.Module):
         keys = sorted({k for t in batch.tasks for k in t.metrics})
         stacked = {k: torch.stack([t.metrics[k].float() for t in batch.tasks if k in t.metrics]) for k in keys}
         batch.metrics = {k: float(v.mean()) for k, v in stacked.items()}
+        assert batch.meta_loss is not None
         batch.metrics["meta_loss"] = float(batch.meta_loss.detach())
         self.hook.batch_end(batch=batch)
-        assert batch.meta_loss is not None
-        return BatchResult(loss=batch.meta_loss, metrics=dict(batch.metrics))
+        per_task = {k: v.tolist() for k, v in stacked.items()}
+        return BatchResult(loss=batch.meta_loss, metrics=dict(batch.metrics), per_task=per_task)
 
     def backward_loss(self, loss: torch.Tensor) -> None:
         if self.accelerator is not None:
@@ -316,7 +318,7 @@ class MetaLearner(nn.Module):
             result = self._finish(batch)
         finally:
             self.eval_inner_steps = saved
-        return BatchResult(loss=result.loss.detach(), metrics=result.metrics)
+        return BatchResult(loss=result.loss.detach(), metrics=result.metrics, per_task=result.per_task)
 
     def adapt(self, task: TaskData | Sequence[torch.Tensor], steps: int | None = None) -> Params:
         """Adapted parameters for one task (detached from the meta-parameters)."""

@@ -1,0 +1,20 @@
+"""Task samplers: sinusoid regression, synthetic glyphs, Omniglot and class-per-folder images."""
+
+from metaopt.data.episodes import ClassImages, EpisodeSampler
+from metaopt.data.glyphs import GlyphTasks
+from metaopt.data.images import load_image_folder, load_omniglot, omniglot_alphabets
+from metaopt.data.sampler import TaskSampler
+from metaopt.data.sinusoid import SinusoidTasks
+from metaopt.data.sources import make_sampler
+
+__all__ = [
+    "ClassImages",
+    "EpisodeSampler",
+    "GlyphTasks",
+    "SinusoidTasks",
+    "TaskSampler",
+    "load_image_folder",
+    "load_omniglot",
+    "make_sampler",
+    "omniglot_alphabets",
+]

@@ -1,0 +1,119 @@
+"""Training configuration: defaults, files (YAML/JSON), validation with suggestions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metaopt.errors import ConfigError, suggest
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``metaopt train`` needs; every field is also a CLI flag."""
+
+    data: str = "glyphs"
+    ways: int = 5
+    shots: int = 1
+    query: int = 15
+    image_size: int = 28
+    rotations: bool = False
+    test_alphabets: list[str] | None = None
+    model: str = "auto"
+    pretrained_path: str | None = None
+    plugins: list[Any] = field(default_factory=list)
+    inner_steps: int = 1
+    inner_lr: float = 0.4
+    eval_inner_steps: int | None = None
+    first_order: bool = False
+    inner_optimizer: str = "sgd"
+    bn_policy: str = "transductive"
+    meta_batch: int = 4
+    iterations: int = 300
+    meta_lr: float = 1e-3
+    outer_optimizer: str = "adam"
+    outer_optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    precision: str = "no"
+    device: str = "auto"
+    eval_every: int = 0
+    eval_tasks: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+
+    @property
+    def regression(self) -> bool:
+        return self.data.split(":")[0] == "sinusoid"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                raise ConfigError(f"unknown {source} key {key!r}.{suggest(key, names)}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        positive = {
+            "ways": self.ways,
+            "shots": self.shots,
+            "query": self.query,
+            "meta_batch": self.meta_batch,
+            "image_size": self.image_size,
+            "eval_tasks": self.eval_tasks,
+        }
+        for key, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key}={value!r} must be an integer >= 1.")
+        if self.iterations < 0 or self.inner_steps < 0:
+            raise ConfigError(f"iterations={self.iterations} and inner_steps={self.inner_steps} must be >= 0.")
+        if self.inner_lr <= 0 or self.meta_lr <= 0:
+            raise ConfigError(f"inner_lr={self.inner_lr} and meta_lr={self.meta_lr} must be > 0.")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist.")
+    text = path.read_text()
+    try:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings; got {type(values).__name__}.")
+    return values
+
+
+def parse_plugin_arg(text: str) -> dict[str, Any]:
+    """``name`` or ``name:key=value,key=value`` (values parsed as YAML scalars)."""
+    name, _, rest = text.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"plugin option {item!r} in {text!r} must look like key=value.")
+        options[key.strip()] = yaml.safe_load(value)
+    return {"name": name.strip(), **options}
+
+
+def plugin_specs(plugins: list[Any]) -> list[tuple[str, dict[str, Any]]]:
+    specs = []
+    for item in plugins:
+        if isinstance(item, str):
+            item = parse_plugin_arg(item)
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"plugin entry {item!r} must be a name or a mapping with a 'name' key.")
+        options = {k: v for k, v in item.items() if k != "name"}
+        specs.append((item["name"], options))
+    return specs

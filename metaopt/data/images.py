@@ -1,0 +1,97 @@
+"""Readers: the official Omniglot zip archives and class-per-folder image collections."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from metaopt.data.episodes import ClassImages
+from metaopt.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+def _to_tensor(data: bytes | Path, size: int, channels: int, invert: bool, where: str) -> torch.Tensor:
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.LANCZOS)
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot read image {where}: {exc}. Remove or replace that file.") from exc
+    if invert:
+        arr = 1.0 - arr
+    t = torch.from_numpy(arr.copy())
+    return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1)
+
+
+def with_rotations(classes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, imgs in classes.items():
+        for k in range(4):
+            out[f"{name}@rot{90 * k}"] = torch.rot90(imgs, k, dims=(2, 3)) if k else imgs
+    return out
+
+
+def load_omniglot(
+    path: str | Path, size: int = 28, rotations: bool = False, alphabets: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Read an official Omniglot archive (``images_background*.zip``) or its unpacked folder.
+
+    Classes are ``alphabet/characterNN``; strokes become 1.0 on a 0.0 background; with
+    ``rotations`` each class also appears rotated by 90/180/270 degrees as a new class.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"Omniglot path {str(path)!r} does not exist; point --data at images_background*.zip.")
+    files: dict[str, list[tuple[str, bytes | Path]]] = defaultdict(list)
+    if path.is_file():
+        try:
+            archive = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as exc:
+            raise DataError(f"{str(path)!r} is not a readable zip archive: {exc}.") from exc
+        with archive:
+            for name in sorted(archive.namelist()):
+                parts = name.split("/")
+                if len(parts) >= 3 and name.lower().endswith(".png"):
+                    files[f"{parts[-3]}/{parts[-2]}"].append((name, archive.read(name)))
+    else:
+        for png in sorted(path.rglob("*.png")):
+            files[f"{png.parent.parent.name}/{png.parent.name}"].append((str(png), png))
+    if alphabets is not None:
+        wanted = set(alphabets)
+        files = {k: v for k, v in files.items() if k.split("/")[0] in wanted}
+    if not files:
+        raise DataError(f"no Omniglot images (alphabet/character/*.png) found in {str(path)!r}.")
+    classes = {
+        cls: torch.stack([_to_tensor(data, size, 1, True, where) for where, data in items])
+        for cls, items in sorted(files.items())
+    }
+    return with_rotations(classes) if rotations else classes
+
+
+def omniglot_alphabets(classes: ClassImages) -> list[str]:
+    return sorted({name.split("/")[0] for name in classes})
+
+
+def load_image_folder(
+    path: str | Path, size: int = 28, channels: int = 1, invert: bool = False
+) -> dict[str, torch.Tensor]:
+    """Read ``root/<class>/<image>`` (any depth below the class folder) into class tensors."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} does not exist or is not a folder.")
+    classes = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise DataError(f"class folder {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+        classes[folder.name] = torch.stack([_to_tensor(p, size, channels, invert, str(p)) for p in images])
+    if not classes:
+        raise DataError(f"{str(root)!r} has no class sub-folders; expected root/<class>/<image files>.")
+    return classes

@@ -1,0 +1,106 @@
+"""Build a sampler from a data spec string, as the CLI and configs name them.
+
+Specs: ``sinusoid``, ``glyphs``, ``omniglot:PATH`` (official zip or unpacked folder),
+``folder:PATH`` (root/<class>/<images>).  Splits: ``train``, ``test`` or ``all``.
+For Omniglot the test split is a set of held-out alphabets (``test_alphabets``; default the
+last fifth of the sorted alphabets, at least one); for folders every fifth class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from metaopt.data.episodes import EpisodeSampler
+from metaopt.data.glyphs import GlyphTasks
+from metaopt.data.images import load_image_folder, load_omniglot, omniglot_alphabets, with_rotations
+from metaopt.data.sampler import TaskSampler
+from metaopt.data.sinusoid import SinusoidTasks
+from metaopt.errors import ConfigError, DataError, suggest
+
+SPLITS = ("train", "test", "all")
+KINDS = ("sinusoid", "glyphs", "omniglot", "folder")
+
+
+@dataclass
+class DataSpec:
+    kind: str
+    path: Path | None
+
+    @property
+    def regression(self) -> bool:
+        return self.kind == "sinusoid"
+
+
+def parse_spec(spec: str) -> DataSpec:
+    kind, _, path = spec.partition(":")
+    if kind not in KINDS:
+        raise ConfigError(
+            f"data source {spec!r} is not known; use one of sinusoid, glyphs, omniglot:PATH, folder:PATH."
+            + suggest(kind, KINDS)
+        )
+    if kind in ("omniglot", "folder"):
+        if not path:
+            raise ConfigError(f"data source {spec!r} needs a path, e.g. {kind}:/data/omniglot/images_background.zip.")
+        if not Path(path).exists():
+            raise DataError(f"data path {path!r} does not exist; check the path after '{kind}:'.")
+        return DataSpec(kind, Path(path))
+    return DataSpec(kind, None)
+
+
+def split_omniglot_alphabets(alphabets: list[str], split: str, test_alphabets: list[str] | None) -> list[str]:
+    if test_alphabets is None:
+        n_test = max(1, math.ceil(len(alphabets) / 5)) if len(alphabets) > 1 else 0
+        test_alphabets = alphabets[len(alphabets) - n_test :]
+    unknown = [a for a in test_alphabets if a not in alphabets]
+    if unknown:
+        raise DataError(f"test_alphabets {unknown} are not in this archive; it has {alphabets}.")
+    if split == "test":
+        return list(test_alphabets)
+    if split == "train":
+        return [a for a in alphabets if a not in test_alphabets]
+    return alphabets
+
+
+def make_sampler(
+    spec: str,
+    *,
+    split: str = "train",
+    ways: int = 5,
+    shots: int = 1,
+    query: int = 15,
+    seed: int = 0,
+    image_size: int = 28,
+    rotations: bool = False,
+    test_alphabets: list[str] | None = None,
+) -> TaskSampler:
+    """The task sampler for ``spec`` and ``split`` (deterministic for a given ``seed``)."""
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} must be one of {SPLITS}.{suggest(split, SPLITS)}")
+    data = parse_spec(spec)
+    if data.kind == "sinusoid":
+        return SinusoidTasks(shots=shots, query=query, seed=seed)
+    if data.kind == "glyphs":
+        return GlyphTasks(
+            ways=ways,
+            shots=shots,
+            query=query,
+            split="test" if split == "test" else "train",
+            size=image_size,
+            seed=seed,
+        )
+    assert data.path is not None
+    if data.kind == "omniglot":
+        classes = load_omniglot(data.path, size=image_size)
+        alphabets = split_omniglot_alphabets(omniglot_alphabets(classes), split, test_alphabets)
+        classes = {k: v for k, v in classes.items() if k.split("/")[0] in alphabets}
+        if rotations and split != "test":
+            classes = with_rotations(classes)
+    else:
+        classes = load_image_folder(data.path, size=image_size)
+        names = sorted(classes)
+        if split != "all" and len(names) >= 5:
+            keep = {n for i, n in enumerate(names) if (i % 5 == 4) == (split == "test")}
+            classes = {k: v for k, v in classes.items() if k in keep}
+    return EpisodeSampler(classes, ways=ways, shots=shots, query=query, seed=seed)

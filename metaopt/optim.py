@@ -1,0 +1,88 @@
+"""Outer optimizers: torch's, plus normalized / clipped SGD with momentum.
+
+The MAML objective is not L-smooth (its smoothness grows with the meta-gradient norm), so
+a normalized or clipped outer step is what the convergent first-order analysis needs; the
+optimizer works with any plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from metaopt.errors import ConfigError, suggest
+
+
+class NormalizedSGD(torch.optim.Optimizer):
+    """m <- beta m + (1 - beta) g;  theta <- theta - lr * s(m) * m.
+
+    ``mode="normalize"``: s(m) = 1 / ||m||.  ``mode="clip"``: s(m) = min(1, clip / ||m||).
+    The norm is global over every parameter of every group.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        mode: str = "normalize",
+        clip: float = 1.0,
+        eps: float = 1e-12,
+    ) -> None:
+        if lr <= 0:
+            raise ConfigError(f"lr={lr} must be > 0.")
+        if not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"momentum={momentum} must be in [0, 1).")
+        if mode not in ("normalize", "clip"):
+            raise ConfigError(f"mode={mode!r} must be 'normalize' or 'clip'.")
+        if clip <= 0:
+            raise ConfigError(f"clip={clip} must be > 0.")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "mode": mode, "clip": clip, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buffers = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                m = state["momentum_buffer"]
+                m.mul_(group["momentum"]).add_(p.grad, alpha=1 - group["momentum"])
+                buffers.append((group, p, m))
+        if not buffers:
+            return loss
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(m) for _, _, m in buffers]))
+        for group, p, m in buffers:
+            if group["mode"] == "normalize":
+                scale = 1.0 / (norm + group["eps"])
+            else:
+                scale = torch.clamp(group["clip"] / (norm + group["eps"]), max=1.0)
+            p.add_(m * scale, alpha=-group["lr"])
+        return loss
+
+
+OUTER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+    "normalized_sgd": NormalizedSGD,
+}
+
+
+def make_outer_optimizer(name: str, params: Iterable[Any], lr: float, **kwargs: Any) -> torch.optim.Optimizer:
+    if name not in OUTER_OPTIMIZERS:
+        raise ConfigError(
+            f"outer_optimizer={name!r} is not known; use one of {sorted(OUTER_OPTIMIZERS)}.{suggest(name, OUTER_OPTIMIZERS)}"
+        )
+    try:
+        return OUTER_OPTIMIZERS[name](params, lr=lr, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"outer_optimizer_kwargs {kwargs!r} do not fit {name!r}: {exc}") from exc

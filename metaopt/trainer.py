@@ -1,0 +1,269 @@
+"""A full trainer for users without a loop: progress bar, evaluation, JSON-lines logs, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from metaopt.checkpoint import load_safe, rng_state, save_atomic, set_rng_state
+from metaopt.config import TrainConfig, plugin_specs
+from metaopt.data.sampler import TaskSampler
+from metaopt.data.sources import make_sampler
+from metaopt.errors import CheckpointError, ConfigError
+from metaopt.learner import MetaLearner
+from metaopt.models import conv4, create_model, mlp
+from metaopt.optim import make_outer_optimizer
+from metaopt.registry import create_plugin
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import higher
+    import timm
+
+    import metaopt
+
+    return {
+        "metaopt": metaopt.__version__,
+        "torch": str(torch.__version__),
+        "timm": timm.__version__,
+        "accelerate": accelerate.__version__,
+        "higher": getattr(higher, "__version__", "0.2.1"),
+        "python": platform.python_version(),
+    }
+
+
+def build_model(config: TrainConfig) -> torch.nn.Module:
+    if config.model == "auto":
+        return mlp() if config.regression else conv4(num_classes=config.ways, img_size=config.image_size)
+    if config.regression:
+        return create_model(config.model) if config.model == "mlp" else create_model(config.model, num_classes=1)
+    kwargs: dict[str, Any] = {"num_classes": config.ways, "img_size": config.image_size}
+    if config.model not in ("conv4", "mlp"):
+        kwargs.update(in_chans=1, pretrained_path=config.pretrained_path)
+    return create_model(config.model, **kwargs)
+
+
+def build_learner(config: TrainConfig, model: torch.nn.Module) -> MetaLearner:
+    plugins = [create_plugin(name, **options) for name, options in plugin_specs(config.plugins)]
+    return MetaLearner(
+        model,
+        plugins,
+        inner_steps=config.inner_steps,
+        inner_lr=config.inner_lr,
+        eval_inner_steps=config.eval_inner_steps,
+        loss_fn=F.mse_loss if config.regression else F.cross_entropy,
+        first_order=config.first_order,
+        inner_optimizer=config.inner_optimizer,
+        bn_policy=config.bn_policy,
+    )
+
+
+def make_eval_sampler(
+    config: TrainConfig, data: str | None = None, split: str = "test", seed: int | None = None
+) -> TaskSampler:
+    return make_sampler(
+        data or config.data,
+        split=split,
+        ways=config.ways,
+        shots=config.shots,
+        query=config.query,
+        seed=config.seed + 1_000_003 if seed is None else seed,
+        image_size=config.image_size,
+        test_alphabets=config.test_alphabets,
+    )
+
+
+def evaluate(
+    learner: MetaLearner, sampler: TaskSampler, tasks: int, steps: int | None = None, batch: int = 16
+) -> dict[str, Any]:
+    """Mean and 95% confidence half-width (1.96 standard errors) of each metric over ``tasks`` tasks."""
+    values: dict[str, list[float]] = {}
+    done = 0
+    while done < tasks:
+        n = min(batch, tasks - done)
+        result = learner.evaluate(sampler.sample(n), steps=steps)
+        for key, per_task in result.per_task.items():
+            values.setdefault(key, []).extend(per_task)
+        done += n
+    report: dict[str, Any] = {"tasks": tasks, "steps": learner.eval_inner_steps if steps is None else steps}
+    for key, vals in values.items():
+        t = torch.tensor(vals, dtype=torch.float64)
+        std = float(t.std(unbiased=True)) if len(vals) > 1 else 0.0
+        report[key] = float(t.mean())
+        report[f"{key}_ci95"] = 1.96 * std / math.sqrt(len(vals))
+    if "accuracy" in report:
+        report["ci95"] = report["accuracy_ci95"]
+    else:
+        report["mse"] = report["query_loss"]
+        report["ci95"] = report["query_loss_ci95"]
+    return report
+
+
+class Trainer:
+    """Meta-train a learner from a :class:`TrainConfig` into a run directory."""
+
+    def __init__(
+        self, config: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self._check_run_dir(resume, overwrite)
+        from metaopt.integrations.accelerate import make_accelerator, prepare
+
+        torch.manual_seed(config.seed)
+        self.accelerator = make_accelerator(config.precision, cpu=config.device == "cpu")
+        self.model = build_model(config)
+        self.learner = prepare(build_learner(config, self.model), self.accelerator)
+        self.optimizer = make_outer_optimizer(
+            config.outer_optimizer, self.learner.meta_parameters(), config.meta_lr, **config.outer_optimizer_kwargs
+        )
+        self.sampler = make_sampler(
+            config.data,
+            split="train",
+            ways=config.ways,
+            shots=config.shots,
+            query=config.query,
+            seed=config.seed,
+            image_size=config.image_size,
+            rotations=config.rotations,
+            test_alphabets=config.test_alphabets,
+        )
+        self.iteration = 0
+        if resume:
+            self.load(self.latest_checkpoint())
+
+    # -- run directory --------------------------------------------------------------
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
+        cfg_path = self.run_dir / CONFIG_FILE
+        if resume:
+            if not cfg_path.is_file():
+                raise ConfigError(
+                    f"cannot resume: {str(self.run_dir)!r} holds no {CONFIG_FILE}; start a new run instead."
+                )
+            saved = json.loads(cfg_path.read_text())
+            if saved != self.config.to_dict():
+                diff = sorted(k for k in saved if saved.get(k) != self.config.to_dict().get(k))
+                raise ConfigError(f"cannot resume {str(self.run_dir)!r} with a different config (differs in {diff}).")
+            return
+        if cfg_path.exists() and not overwrite:
+            raise ConfigError(
+                f"{str(self.run_dir)!r} already holds a run; pass --resume to continue it or --overwrite to replace it."
+            )
+        if overwrite:
+            for old in (self.run_dir / CHECKPOINT_DIR).glob("ckpt-*.pt"):
+                old.unlink()
+            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    def latest_checkpoint(self) -> Path:
+        found = sorted((self.run_dir / CHECKPOINT_DIR).glob("ckpt-*.pt"))
+        if not found:
+            raise CheckpointError(f"no checkpoint in {str(self.run_dir / CHECKPOINT_DIR)!r} to resume from.")
+        return found[-1]
+
+    # -- checkpoints ----------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "learner": self.learner.state_dict(),
+            "plugin_state": self.learner.plugin_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(),
+            "config": self.config.to_dict(),
+            "versions": versions(),
+        }
+
+    def save(self) -> Path | None:
+        if not self.is_main:
+            return None
+        path = save_atomic(self.state(), self.run_dir / CHECKPOINT_DIR / f"ckpt-{self.iteration:08d}.pt")
+        for old in sorted((self.run_dir / CHECKPOINT_DIR).glob("ckpt-*.pt"))[: -self.config.keep_checkpoints]:
+            old.unlink()
+        return path
+
+    def load(self, path: Path) -> None:
+        state = load_safe(path)
+        try:
+            self.learner.load_state_dict(state["learner"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model/plugin set: {exc}") from exc
+        self.learner.load_plugin_state(state["plugin_state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.iteration = int(state["iteration"])
+        self.learner.iteration = self.iteration
+
+    # -- the loop -------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.run_dir / METRICS_FILE, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def train(self, progress: bool = True) -> dict[str, float]:
+        config = self.config
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        metrics: dict[str, float] = {}
+        bar = tqdm(
+            total=config.iterations, initial=self.iteration, disable=not (progress and self.is_main), desc="meta-train"
+        )
+        start = time.perf_counter()
+        while self.iteration < config.iterations:
+            self.learner.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            result = self.learner.backward(self.sampler.sample(config.meta_batch))
+            self.optimizer.step()
+            self.iteration += 1
+            metrics = result.metrics
+            self._log({"iteration": self.iteration, "time": round(time.perf_counter() - start, 3), **metrics})
+            shown = {k: f"{v:.3f}" for k, v in metrics.items() if k in ("meta_loss", "accuracy")}
+            bar.set_postfix(shown)
+            bar.update(1)
+            if config.eval_every and self.iteration % config.eval_every == 0:
+                report = evaluate(self.learner, make_eval_sampler(config, split="test"), config.eval_tasks)
+                self._log({"iteration": self.iteration, "eval": report})
+            if config.checkpoint_every and self.iteration % config.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        self.save()
+        return metrics
+
+
+def load_run(run_dir: str | Path) -> tuple[TrainConfig, MetaLearner]:
+    """Rebuild the learner of a finished run from its config and latest checkpoint."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE}); pass the --out of a train run.")
+    config = TrainConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    torch.manual_seed(config.seed)
+    learner = build_learner(config, build_model(config))
+    found = sorted((run_dir / CHECKPOINT_DIR).glob("ckpt-*.pt"))
+    if not found:
+        raise CheckpointError(f"run {str(run_dir)!r} has no checkpoint yet.")
+    state = load_safe(found[-1])
+    try:
+        learner.load_state_dict(state["learner"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {str(found[-1])!r} does not fit the run's model: {exc}") from exc
+    learner.load_plugin_state(state["plugin_state"])
+    return config, learner
