@@ -18,6 +18,28 @@ def classification_metrics(output: torch.Tensor, target: torch.Tensor) -> dict[s
     return {}
 
 
+def query_loss(task: Task, params: Params) -> torch.Tensor:
+    """Loss on the query set at ``params``; sets ``task.query_output`` and accuracy."""
+    output = task.forward(task.query_x, params)
+    task.query_output = output
+    task.metrics.update(classification_metrics(output, task.query_y))
+    return task.learner.loss_fn(output, task.query_y)
+
+
+def gradient_adapt(task: Task, trajectory: Trajectory) -> Params:
+    """The plain inner loop: ``trajectory.steps`` steps through the inner hooks."""
+    hook = task.learner.hook
+    params = trajectory.iterates[0]
+    for k in range(trajectory.steps):
+        trajectory.k = k
+        loss = hook.inner_loss(task=task, params=params)
+        grads = hook.inner_grad(task=task, params=params, loss=loss)
+        params = hook.inner_step(task=task, trajectory=trajectory, params=params, grads=grads)
+        trajectory.iterates.append(params)
+        hook.after_inner_step(task=task, trajectory=trajectory, params=params)
+    return params
+
+
 class MAMLDefaults:
     """Second-order MAML (first-order when the learner says so): the loop's defaults."""
 
@@ -29,16 +51,7 @@ class MAMLDefaults:
 
     @hookimpl(trylast=True)
     def adapt(self, task: Task, trajectory: Trajectory) -> Params:
-        hook = task.learner.hook
-        params = trajectory.iterates[0]
-        for k in range(trajectory.steps):
-            trajectory.k = k
-            loss = hook.inner_loss(task=task, params=params)
-            grads = hook.inner_grad(task=task, params=params, loss=loss)
-            params = hook.inner_step(task=task, trajectory=trajectory, params=params, grads=grads)
-            trajectory.iterates.append(params)
-            hook.after_inner_step(task=task, trajectory=trajectory, params=params)
-        return params
+        return gradient_adapt(task, trajectory)
 
     @hookimpl(trylast=True)
     def inner_loss(self, task: Task, params: Params) -> torch.Tensor:
@@ -56,11 +69,7 @@ class MAMLDefaults:
 
     @hookimpl(trylast=True)
     def outer_loss(self, task: Task, params: Params) -> torch.Tensor:
-        output = task.forward(task.query_x, params)
-        task.query_output = output
-        loss = task.learner.loss_fn(output, task.query_y)
-        task.metrics.update(classification_metrics(output, task.query_y))
-        return loss
+        return query_loss(task, params)
 
     @hookimpl(trylast=True)
     def outer_step(self, batch: Batch) -> bool:

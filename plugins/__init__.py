@@ -1,1 +1,17 @@
 """The algorithm plugins shipped with metaopt (importable as ``metaopt.plugins``)."""
+
+from metaopt.plugins.first_order import FOMAML, ConvergentFO, Reptile
+from metaopt.plugins.hypermaml import HyperMAML
+from metaopt.plugins.sharp_maml import SharpMAML
+from metaopt.plugins.shot import SHOT
+
+from metaopt.registry import register_plugin
+
+register_plugin("fomaml", FOMAML)
+register_plugin("reptile", Reptile)
+register_plugin("convergent_fo", ConvergentFO)
+register_plugin("shot", SHOT)
+register_plugin("sharp_maml", SharpMAML)
+register_plugin("hypermaml", HyperMAML)
+
+__all__ = ["FOMAML", "SHOT", "ConvergentFO", "HyperMAML", "Reptile", "SharpMAML"]

@@ -1,0 +1,138 @@
+"""HyperMAML (Przewiezlikowski et al., 2022): a hypernetwork generates the head's task update.
+
+Only the classifier head is adapted.  Per support example the hypernetwork sees the backbone
+embedding z, the softmax of the unadapted head on z (no gradient) and the one-hot label; a
+class's examples are averaged over shots, and one MLP shared across classes maps each class
+to its head-row and bias update.  Warm-up: pure MAML on the head, then a linear blend, then
+the pure hypernetwork update (no inner backward pass at all).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaopt.builtin import gradient_adapt
+from metaopt.errors import ConfigError
+from metaopt.hookspecs import hookimpl
+from metaopt.task import Batch, Params, Task, Trajectory
+
+HEAD = ("head.weight", "head.bias")
+
+
+def hypernetwork(in_dim: int, out_dim: int, hidden: int, layers: int) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    width = in_dim
+    for _ in range(layers - 1):
+        mods += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    last = nn.Linear(width, out_dim)
+    nn.init.zeros_(last.weight)  # start as "no update", so training begins at the meta-learned head
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*mods, last)
+
+
+class HyperMAML:
+    """HyperMAML: a hypernetwork maps the support set to the head update (with a MAML warm-up)."""
+
+    name = "hypermaml"
+    incompatible_with = {"shot": "SHOT regularises an inner gradient trajectory, which HyperMAML does not have."}
+
+    def __init__(
+        self,
+        hidden: int = 256,
+        layers: int = 3,
+        warmup_iters: int = 0,
+        blend_iters: int = 0,
+        maml_steps: int = 5,
+        maml_lr: float = 0.01,
+    ) -> None:
+        if hidden < 1 or layers < 1 or warmup_iters < 0 or blend_iters < 0 or maml_steps < 0 or maml_lr <= 0:
+            raise ConfigError(
+                f"hypermaml options out of range: hidden={hidden}, layers={layers}, warmup_iters={warmup_iters}, "
+                f"blend_iters={blend_iters}, maml_steps={maml_steps}, maml_lr={maml_lr}."
+            )
+        self.hidden, self.layers = hidden, layers
+        self.warmup_iters, self.blend_iters = warmup_iters, blend_iters
+        self.maml_steps, self.maml_lr = maml_steps, maml_lr
+        self.iteration = 0
+        self.net: nn.Module | None = None
+
+    # -- setup ----------------------------------------------------------------------
+    @hookimpl
+    def configure(self, learner) -> None:
+        head = getattr(learner.model, "head", None)
+        if not isinstance(head, nn.Linear):
+            raise ConfigError(
+                "hypermaml needs a model with a Linear `head` and forward(x, return_features=True); "
+                "wrap yours as metaopt.HeadedModel(body, nn.Linear(dim, n_out))."
+            )
+        self.dim, self.n_out = head.in_features, head.out_features
+        self.regression = head.out_features == 1
+        extra = 2 if self.regression else 2 * self.n_out
+        self.net = hypernetwork(self.dim + extra, self.dim + 1, self.hidden, self.layers)
+
+    @hookimpl
+    def adapted_params(self, learner, candidates: list[str]) -> list[str]:
+        return [n for n in candidates if n in HEAD]
+
+    @hookimpl
+    def plugin_modules(self, learner) -> dict[str, nn.Module]:
+        assert self.net is not None
+        return {"hypernet": self.net}
+
+    # -- schedule -------------------------------------------------------------------
+    def blend(self) -> float:
+        """Weight of the hypernetwork update (0: pure MAML, 1: pure hypernetwork)."""
+        if self.iteration < self.warmup_iters:
+            return 0.0
+        if self.blend_iters == 0:
+            return 1.0
+        return min(1.0, (self.iteration - self.warmup_iters) / self.blend_iters)
+
+    @hookimpl
+    def batch_end(self, batch: Batch) -> None:
+        if batch.training:
+            self.iteration += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state["iteration"])
+
+    # -- adaptation -----------------------------------------------------------------
+    def hyper_update(self, task: Task, start: Params) -> Params:
+        assert self.net is not None
+        features, output = task.forward(task.support_x, start, return_features=True)
+        if self.regression:
+            summary = torch.cat([features, output.detach(), task.support_y], dim=1).mean(0, keepdim=True)
+        else:
+            onehot = F.one_hot(task.support_y, self.n_out).to(features.dtype)
+            rows = torch.cat([features, F.softmax(output.detach(), dim=-1), onehot], dim=1)
+            counts = onehot.sum(0).clamp(min=1).unsqueeze(1)
+            summary = (onehot.T @ rows) / counts  # mean over each class's shots
+        delta = self.net(summary)
+        return {
+            "head.weight": start["head.weight"] + delta[:, : self.dim],
+            "head.bias": start["head.bias"] + delta[:, self.dim],
+        }
+
+    @hookimpl
+    def adapt(self, task: Task, trajectory: Trajectory) -> Params:
+        start = trajectory.iterates[0]
+        w = self.blend()
+        parts: list[tuple[float, Params]] = []
+        if w < 1.0:
+            maml = task.learner.new_trajectory(
+                task, self.maml_steps, lr=self.maml_lr, start=start, main=trajectory.main
+            )
+            parts.append((1.0 - w, gradient_adapt(task, maml)))
+        if w > 0.0:
+            parts.append((w, self.hyper_update(task, start)))
+        params = parts[0][1] if len(parts) == 1 else {n: sum(c * p[n] for c, p in parts) for n in start}
+        trajectory.iterates.append(params)
+        return params

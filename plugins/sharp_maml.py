@@ -1,0 +1,94 @@
+"""Sharp-MAML: sharpness-aware MAML (Abbas et al., ICML 2022), inner, outer or both.
+
+Inner SAM (radius rho_inner): the step from theta_k uses grad L_S(theta_k + eps_k),
+eps_k = rho * g_k / |g_k|.  Outer SAM (radius rho_outer): the meta-gradient G at theta gives
+theta + rho * G / |G|; the whole meta-loss is recomputed there (inner loops re-run on the
+same batch), its gradient is kept, and theta is restored bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from metaopt.errors import ConfigError, PluginConflictError
+from metaopt.hookspecs import hookimpl
+from metaopt.task import Batch, Params, Task, global_norm, grad_dict
+
+EPS = 1e-12
+
+
+class SharpMAML:
+    """Sharp-MAML: SAM in the inner loop (rho_inner), the outer loop (rho_outer), or both."""
+
+    name = "sharp_maml"
+
+    def __init__(
+        self,
+        rho_inner: float = 0.05,
+        rho_outer: float = 0.0,
+        differentiate_epsilon: bool = False,
+        at_eval: bool = False,
+    ) -> None:
+        if rho_inner < 0 or rho_outer < 0:
+            raise ConfigError(f"rho_inner={rho_inner} and rho_outer={rho_outer} must be >= 0.")
+        if rho_inner == 0 and rho_outer == 0:
+            raise ConfigError("rho_inner and rho_outer are both 0: sharp_maml would do nothing; set one > 0.")
+        self.rho_inner, self.rho_outer = rho_inner, rho_outer
+        self.differentiate_epsilon, self.at_eval = differentiate_epsilon, at_eval
+
+    @hookimpl
+    def configure(self, learner) -> None:
+        if self.rho_inner > 0 and learner.get_plugin("hypermaml") is not None:
+            raise PluginConflictError(
+                "plugins 'sharp_maml' and 'hypermaml' cannot be combined with rho_inner > 0: HyperMAML has no "
+                "inner gradient step to perturb. Use sharp_maml with rho_inner=0 and rho_outer > 0 instead."
+            )
+
+    def perturbation(self, grads: Params) -> Params:
+        norm = global_norm(grads)
+        return {n: self.rho_inner * g / (norm + EPS) for n, g in grads.items()}
+
+    @hookimpl
+    def inner_grad(self, task: Task, params: Params, loss: torch.Tensor) -> Params | None:
+        if self.rho_inner == 0 or (not task.training and not self.at_eval):
+            return None
+        keep = task.create_graph and self.differentiate_epsilon
+        g = grad_dict(loss, params, create_graph=keep)
+        eps = self.perturbation(g)
+        if not keep:
+            eps = {n: e.detach() for n, e in eps.items()}
+        perturbed = {n: params[n] + eps[n] for n in params}
+        return grad_dict(task.support_loss(perturbed), perturbed, create_graph=task.create_graph)
+
+    @hookimpl
+    def outer_step(self, batch: Batch) -> bool | None:
+        if self.rho_outer == 0:
+            return None
+        params = list(batch.learner.meta_parameters())
+        earlier = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        assert batch.meta_loss is not None
+        batch.backward(batch.meta_loss)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        scale = self.rho_outer / (global_norm(grads) + EPS)
+        originals = [p.detach().clone() for p in params]
+        tasks, meta_loss = batch.tasks, batch.meta_loss
+        try:
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.add_(g * scale)
+                    p.grad = None
+            perturbed_loss = batch.rerun()
+            batch.backward(perturbed_loss)
+        finally:
+            with torch.no_grad():
+                for p, original in zip(params, originals):
+                    p.copy_(original)
+        for task, rerun in zip(tasks, batch.tasks):
+            task.metrics["sam_outer_loss"] = rerun.loss.detach()
+        batch.tasks, batch.meta_loss = tasks, meta_loss
+        for p, before in zip(params, earlier):
+            if before is not None:
+                p.grad = before if p.grad is None else before + p.grad
+        return True

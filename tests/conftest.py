@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+OMNIGLOT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
+
+
+@pytest.fixture
+def omniglot_dir() -> Path:
+    if not (OMNIGLOT_DIR / "images_background_small1.zip").is_file():
+        pytest.skip(f"Omniglot archives not found in {OMNIGLOT_DIR} (../shared/data/omniglot beside the checkout)")
+    return OMNIGLOT_DIR
+
+
+def regression_tasks(n: int = 3, shots: int = 10, dtype: torch.dtype = torch.float64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randn(shots, 1, generator=g, dtype=dtype) for _ in range(4)) for _ in range(n)]
+
+
+def image_tasks(
+    n: int = 2, ways: int = 5, query: int = 2, dtype: torch.dtype = torch.float64, seed: int = 0, size: int = 28
+):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(ways, 1, size, size, generator=g, dtype=dtype),
+            torch.arange(ways),
+            torch.randn(ways * query, 1, size, size, generator=g, dtype=dtype),
+            torch.arange(ways).repeat(query),
+        )
+        for _ in range(n)
+    ]
