@@ -45,8 +45,24 @@ def main() -> None:
         train_eval(
             "sinusoid 10-shot",
             out / "sinusoid",
-            ["--data", "sinusoid", "--shots", "10", "--query", "10", "--inner-lr", "0.01", "--inner-steps", "1",
-             "--meta-batch", "25", "--iterations", str(args.sin_iters), "--checkpoint-every", "0"],
+            [
+                "--data",
+                "sinusoid",
+                "--shots",
+                "10",
+                "--query",
+                "10",
+                "--inner-lr",
+                "0.01",
+                "--inner-steps",
+                "1",
+                "--meta-batch",
+                "25",
+                "--iterations",
+                str(args.sin_iters),
+                "--checkpoint-every",
+                "0",
+            ],
             [1, 10],
         )
     ]
@@ -56,8 +72,24 @@ def main() -> None:
             train_eval(
                 "Omniglot small1 5-way 1-shot conv4",
                 out / "omniglot",
-                ["--data", f"omniglot:{archive}", "--ways", "5", "--shots", "1", "--query", "15", "--inner-lr", "0.4",
-                 "--meta-batch", "16", "--iterations", str(args.omni_iters), "--checkpoint-every", "0"],
+                [
+                    "--data",
+                    f"omniglot:{archive}",
+                    "--ways",
+                    "5",
+                    "--shots",
+                    "1",
+                    "--query",
+                    "15",
+                    "--inner-lr",
+                    "0.4",
+                    "--meta-batch",
+                    "16",
+                    "--iterations",
+                    str(args.omni_iters),
+                    "--checkpoint-every",
+                    "0",
+                ],
                 [1, 3],
             )
         )

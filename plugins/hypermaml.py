@@ -73,7 +73,8 @@ class HyperMAML:
         self.dim, self.n_out = head.in_features, head.out_features
         self.regression = head.out_features == 1
         extra = 2 if self.regression else 2 * self.n_out
-        self.net = hypernetwork(self.dim + extra, self.dim + 1, self.hidden, self.layers)
+        net = hypernetwork(self.dim + extra, self.dim + 1, self.hidden, self.layers)
+        self.net = net.to(device=head.weight.device, dtype=head.weight.dtype)
 
     @hookimpl
     def adapted_params(self, learner, candidates: list[str]) -> list[str]:

@@ -31,8 +31,6 @@ class SharpMAML:
     ) -> None:
         if rho_inner < 0 or rho_outer < 0:
             raise ConfigError(f"rho_inner={rho_inner} and rho_outer={rho_outer} must be >= 0.")
-        if rho_inner == 0 and rho_outer == 0:
-            raise ConfigError("rho_inner and rho_outer are both 0: sharp_maml would do nothing; set one > 0.")
         self.rho_inner, self.rho_outer = rho_inner, rho_outer
         self.differentiate_epsilon, self.at_eval = differentiate_epsilon, at_eval
 
@@ -50,8 +48,8 @@ class SharpMAML:
 
     @hookimpl
     def inner_grad(self, task: Task, params: Params, loss: torch.Tensor) -> Params | None:
-        if self.rho_inner == 0 or (not task.training and not self.at_eval):
-            return None
+        if not task.training and not self.at_eval:
+            return None  # rho_inner == 0 still runs the SAM path (eps = 0): equal to MAML by construction
         keep = task.create_graph and self.differentiate_epsilon
         g = grad_dict(loss, params, create_graph=keep)
         eps = self.perturbation(g)

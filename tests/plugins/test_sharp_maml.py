@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import regression_tasks
+from metaopt.plugins import SharpMAML
+from reference import maml_meta_grad
+
+from metaopt import MetaLearner, hookimpl
+from metaopt.models import mlp
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+class GradSpy:
+    name = "grad_spy"
+
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl(wrapper=True)
+    def inner_grad(self, task, params, loss):
+        grads = yield
+        self.seen.append(
+            (
+                {n: p.detach().clone() for n, p in params.items()},
+                {n: g.detach() for n, g in grads.items()},
+                task.support_x,
+                task.support_y,
+            )
+        )
+        return grads
+
+
+def test_rho_zero_equals_plain_maml_exactly():
+    torch.manual_seed(0)
+    model = mlp().double()
+    tasks = regression_tasks(2)
+    MetaLearner(model, [SharpMAML(rho_inner=0.0)], inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss).backward(tasks)
+    sharp = _grads(model)
+    model.zero_grad()
+    MetaLearner(model, inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss).backward(tasks)
+    assert all(torch.equal(sharp[n], p.grad) for n, p in model.named_parameters())
+
+
+def test_inner_gradient_is_taken_at_the_perturbed_point():
+    torch.manual_seed(0)
+    model = mlp().double()
+    spy = GradSpy()
+    rho = 0.05
+    MetaLearner(model, [spy, SharpMAML(rho_inner=rho)], inner_steps=3, inner_lr=0.05, loss_fn=F.mse_loss).backward(
+        regression_tasks(1)
+    )
+    assert len(spy.seen) == 3
+    for params, used, sx, sy in spy.seen:
+        p = {n: t.clone().requires_grad_() for n, t in params.items()}
+        g = torch.autograd.grad(F.mse_loss(torch.func.functional_call(model, p, (sx,)), sy), list(p.values()))
+        norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+        shifted = {n: (t + rho * gi / norm).requires_grad_() for (n, t), gi in zip(p.items(), g)}
+        out = F.mse_loss(torch.func.functional_call(model, shifted, (sx,)), sy)
+        expected = torch.autograd.grad(out, list(shifted.values()))
+        for (n, u), e in zip(used.items(), expected):
+            assert (u - e).abs().max() < 1e-12, n
+
+
+def test_outer_sam_restores_theta_bitwise_and_leaves_gradient_at_perturbed_point():
+    torch.manual_seed(0)
+    model = mlp().double()
+    tasks = regression_tasks(2)
+    rho = 0.1
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    MetaLearner(
+        model, [SharpMAML(rho_inner=0.0, rho_outer=rho)], inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss
+    ).backward(tasks)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    got = _grads(model)
+    g = maml_meta_grad(model, tasks, 2, 0.05, F.mse_loss)
+    norm = torch.sqrt(sum((v**2).sum() for v in g.values()))
+    shifted = mlp().double()
+    shifted.load_state_dict({n: before[n] + rho * g[n] / norm for n in before})
+    expected = maml_meta_grad(shifted, tasks, 2, 0.05, F.mse_loss)
+    assert max((got[n] - expected[n]).abs().max().item() for n in got) < 1e-10
+    assert max((got[n] - g[n]).abs().max().item() for n in got) > 1e-6  # it is not the plain gradient
+
+
+def test_a_plugin_failing_inside_the_rerun_leaves_theta_exactly():
+    class FailOnRerun:
+        name = "fail_on_rerun"
+        calls = 0
+
+        @hookimpl
+        def task_start(self, task):
+            FailOnRerun.calls += 1
+            if FailOnRerun.calls > 2:  # 2 tasks in the first pass, then the rerun starts
+                raise RuntimeError("boom")
+
+    model = mlp().double()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    learner = MetaLearner(
+        model,
+        [SharpMAML(rho_inner=0.0, rho_outer=0.5), FailOnRerun()],
+        inner_steps=1,
+        inner_lr=0.05,
+        loss_fn=F.mse_loss,
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        learner.backward(regression_tasks(2))
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
