@@ -11,6 +11,7 @@ from metaopt.errors import (
 from metaopt.hookspecs import hookimpl
 from metaopt.learner import BatchResult, MetaLearner
 from metaopt.models import HeadedModel, create_model, list_models
+from metaopt.optim import NormalizedSGD
 from metaopt.registry import create_plugin, list_plugins, register_plugin
 from metaopt.stash import Stash, StashKey
 from metaopt.task import Batch, Params, Task, TaskData, Trajectory
@@ -26,6 +27,7 @@ __all__ = [
     "HeadedModel",
     "MetaLearner",
     "MetaOptError",
+    "NormalizedSGD",
     "Params",
     "PluginConflictError",
     "PluginError",
