@@ -112,6 +112,15 @@ def evaluate(
     return report
 
 
+def restore_learner(learner: MetaLearner, state: dict[str, Any], path: Path) -> None:
+    """Load meta-parameters, plugin modules and plugin state from a checkpoint's contents."""
+    try:
+        learner.load_state_dict(state["learner"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model/plugin set: {exc}") from exc
+    learner.load_plugin_state(state["plugin_state"])
+
+
 class Trainer:
     """Meta-train a learner from a :class:`TrainConfig` into a run directory."""
 
@@ -200,11 +209,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = load_safe(path)
-        try:
-            self.learner.load_state_dict(state["learner"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model/plugin set: {exc}") from exc
-        self.learner.load_plugin_state(state["plugin_state"])
+        restore_learner(self.learner, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
@@ -260,10 +265,5 @@ def load_run(run_dir: str | Path) -> tuple[TrainConfig, MetaLearner]:
     found = sorted((run_dir / CHECKPOINT_DIR).glob("ckpt-*.pt"))
     if not found:
         raise CheckpointError(f"run {str(run_dir)!r} has no checkpoint yet.")
-    state = load_safe(found[-1])
-    try:
-        learner.load_state_dict(state["learner"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {str(found[-1])!r} does not fit the run's model: {exc}") from exc
-    learner.load_plugin_state(state["plugin_state"])
+    restore_learner(learner, load_safe(found[-1]), found[-1])
     return config, learner
