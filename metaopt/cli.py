@@ -11,7 +11,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from metaopt.errors import MetaOptError
+from metaopt.errors import MetaOptError, TrainingInterrupted
 
 _LIST_FLAGS = {"plugins": "plugin", "test_alphabets": "test_alphabet"}
 
@@ -134,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins}
     try:
         return commands[args.command](args)
+    except TrainingInterrupted as exc:
+        print(f"metaopt: {exc}", file=sys.stderr)
+        return 128 + exc.signal_number
     except MetaOptError as exc:
         print(f"metaopt: error: {exc}", file=sys.stderr)
         return 2

@@ -45,6 +45,8 @@ class TrainConfig:
     eval_tasks: int = 100
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
+    clip_grad_norm: float | None = None
+    on_nonfinite: str = "raise"
 
     @property
     def regression(self) -> bool:
@@ -79,6 +81,15 @@ class TrainConfig:
             raise ConfigError(f"iterations={self.iterations} and inner_steps={self.inner_steps} must be >= 0.")
         if self.inner_lr <= 0 or self.meta_lr <= 0:
             raise ConfigError(f"inner_lr={self.inner_lr} and meta_lr={self.meta_lr} must be > 0.")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ConfigError(f"clip_grad_norm={self.clip_grad_norm!r} must be > 0, or left unset for no clipping.")
+        if self.on_nonfinite not in ("raise", "skip"):
+            raise ConfigError(f"on_nonfinite={self.on_nonfinite!r} must be 'raise' or 'skip'.")
+        if self.keep_checkpoints < 1 or self.checkpoint_every < 0:
+            raise ConfigError(
+                f"keep_checkpoints={self.keep_checkpoints} must be >= 1 and checkpoint_every="
+                f"{self.checkpoint_every} >= 0 (0: only at the end)."
+            )
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

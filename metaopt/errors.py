@@ -22,6 +22,30 @@ class PluginConflictError(PluginError):
     """Two plugins cannot be combined (both replace one hook, or declared incompatible)."""
 
 
+class PluginHookError(PluginError):
+    """An exception escaped a plugin's hook; ``plugin``, ``hook`` and ``task`` say where."""
+
+    def __init__(self, message: str, *, plugin: str, hook: str, task: int | None = None) -> None:
+        super().__init__(message)
+        self.plugin, self.hook, self.task = plugin, hook, task
+
+
+class NumericalError(MetaOptError, FloatingPointError):
+    """A loss or gradient became NaN or infinite; says at which iteration, task and hook."""
+
+    def __init__(self, message: str, *, iteration: int, hook: str, task: int | None = None) -> None:
+        super().__init__(message)
+        self.iteration, self.hook, self.task = iteration, hook, task
+
+
+class TrainingInterrupted(MetaOptError):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint."""
+
+    def __init__(self, message: str, *, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
 class DataError(MetaOptError, ValueError):
     """A data source or task does not have the shape, size or content required."""
 

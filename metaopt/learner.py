@@ -63,6 +63,38 @@ def _check_task(i: int, task: TaskData) -> None:
         )
 
 
+def check_labels(task: TaskData, output: torch.Tensor, loss_fn: Callable[..., torch.Tensor]) -> None:
+    """Class-index labels: 0..N-1 in the support, query labels among them, N <= model outputs.
+
+    For the built-in MSE loss the target shape must equal the output shape (no silent
+    broadcasting).  Other loss functions are the user's business.
+    """
+    sy, qy = task.support_y, task.query_y
+    if sy.dtype != qy.dtype:
+        raise DataError(f"support labels are {sy.dtype} but query labels are {qy.dtype}; use one dtype.")
+    if loss_fn is F.cross_entropy and not sy.is_floating_point():
+        classes = torch.unique(sy).tolist()
+        n = len(classes)
+        if classes != list(range(n)):
+            raise DataError(
+                f"support labels must be 0..N-1 for an N-way task; got {classes}. Relabel each task's classes "
+                "to 0..N-1 (e.g. with torch.unique(y, return_inverse=True))."
+            )
+        extra = sorted(set(torch.unique(qy).tolist()) - set(classes))
+        if extra:
+            raise DataError(f"query labels {extra} do not occur in the support labels {classes}.")
+        if output.dim() != 2 or output.shape[1] < n:
+            raise DataError(
+                f"the model outputs shape {tuple(output.shape)} but tasks have {n} classes; give the model a "
+                f"head with {n} outputs (e.g. num_classes={n})."
+            )
+    if loss_fn is F.mse_loss and output.shape != sy.shape:
+        raise DataError(
+            f"the model outputs shape {tuple(output.shape)} but support targets have shape {tuple(sy.shape)}; "
+            "MSE would broadcast them silently. Reshape the targets to the output's shape."
+        )
+
+
 class MetaLearner(nn.Module):
     """Meta-learn a model's initialisation with plugins.
 
@@ -77,6 +109,8 @@ class MetaLearner(nn.Module):
             differentiable by ``higher``.
         bn_policy: ``"transductive"`` or ``"running"`` (see ``metaopt.backend.BN_POLICIES``).
         eval_inner_steps: inner steps at evaluation (default: ``inner_steps``).
+        check_finite: raise :class:`~metaopt.errors.NumericalError` at the first NaN/inf loss
+            or gradient (default on; costs one device sync per checked value).
     """
 
     def __init__(
@@ -92,6 +126,7 @@ class MetaLearner(nn.Module):
         inner_optimizer_kwargs: dict[str, Any] | None = None,
         bn_policy: str = "transductive",
         eval_inner_steps: int | None = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -123,7 +158,7 @@ class MetaLearner(nn.Module):
         from metaopt.registry import create_plugin
 
         instances = [create_plugin(p) if isinstance(p, str) else p for p in plugins]
-        self.host = PluginHost(instances)
+        self.host = PluginHost(instances, check_finite=check_finite)
         self.hook.configure(learner=self)
         candidates = [n for n, p in model.named_parameters() if p.requires_grad]
         adapted = self.hook.adapted_params(learner=self, candidates=candidates)
@@ -265,6 +300,7 @@ class MetaLearner(nn.Module):
         if not self._validated:
             for i, task in enumerate(data):
                 _check_task(i, task)
+            self._check_against_model(data[0])
             self._validated = True
         batch = Batch(learner=self, data=data, training=training)
         self.hook.batch_start(batch=batch)
@@ -279,6 +315,26 @@ class MetaLearner(nn.Module):
         self.hook.batch_end(batch=batch)
         per_task = {k: v.tolist() for k, v in stacked.items()}
         return BatchResult(loss=batch.meta_loss, metrics=dict(batch.metrics), per_task=per_task)
+
+    def _check_against_model(self, task: TaskData) -> None:
+        """One no-grad forward on the first task: inputs, outputs and labels must fit the model."""
+        x = task.support_x.to(self._device())
+        was_training = self.model.training
+        self.model.eval()  # no BatchNorm statistics or dropout state change
+        try:
+            with torch.no_grad(), self._autocast():
+                output = self.model(x)
+        except Exception as exc:
+            raise DataError(
+                f"the model cannot take the support inputs (shape {tuple(x.shape)}, dtype {x.dtype}): "
+                f"{type(exc).__name__}: {str(exc)[:300]}. Check the input size, channels and dtype "
+                f"(model parameters are {next(self.model.parameters()).dtype})."
+            ) from exc
+        finally:
+            self.model.train(was_training)
+        if not isinstance(output, torch.Tensor):
+            return
+        check_labels(task, output, self.loss_fn)
 
     def backward_loss(self, loss: torch.Tensor) -> None:
         if self.accelerator is not None:

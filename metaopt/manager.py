@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import pluggy
 
 from metaopt import hookspecs
 from metaopt.builtin import BUILTIN_PREFIX, MAMLDefaults
-from metaopt.errors import PluginConflictError, PluginError, suggest
+from metaopt.errors import MetaOptError, PluginConflictError, PluginError, PluginHookError, suggest
+from metaopt.task import Task
 
 
 def plugin_name(plugin: object) -> str:
@@ -35,15 +37,62 @@ def _validate(plugin: object, name: str) -> None:
             )
 
 
+def _hook_error(exc: Exception, plugin: str, hook: str, args: tuple[Any, ...]) -> PluginHookError:
+    task = next((a.index for a in args if isinstance(a, Task)), None)
+    where = f" (task {task})" if task is not None else ""
+    return PluginHookError(
+        f"plugin {plugin!r} raised in hook {hook!r}{where}: {type(exc).__name__}: {exc}",
+        plugin=plugin,
+        hook=hook,
+        task=task,
+    )
+
+
+def _guard(function: Callable[..., Any], plugin: str, hook: str) -> Callable[..., Any]:
+    """Wrap a hook implementation so a foreign exception names the plugin, hook and task.
+
+    metaopt's own errors pass through unchanged (they already say what to do); so do
+    ``BaseException``s such as ``KeyboardInterrupt``.  Wrapper hooks are generators, so the
+    generator is proxied with ``yield from`` (``send``/``throw`` reach it unchanged).
+    """
+    if inspect.isgeneratorfunction(function):
+
+        @functools.wraps(function)
+        def guarded_gen(*args: Any) -> Generator[Any, Any, Any]:
+            try:
+                return (yield from function(*args))
+            except MetaOptError:
+                raise
+            except Exception as exc:
+                raise _hook_error(exc, plugin, hook, args) from exc
+
+        return guarded_gen
+
+    @functools.wraps(function)
+    def guarded(*args: Any) -> Any:
+        try:
+            return function(*args)
+        except MetaOptError:
+            raise
+        except Exception as exc:
+            raise _hook_error(exc, plugin, hook, args) from exc
+
+    return guarded
+
+
 class PluginHost:
     """A pluggy manager holding the built-in defaults and the user's plugins, checked."""
 
-    def __init__(self, plugins: Sequence[object]) -> None:
+    def __init__(self, plugins: Sequence[object], *, check_finite: bool = True) -> None:
         self.pm = pluggy.PluginManager("metaopt")
         self.pm.add_hookspecs(hookspecs)
-        self.builtins = [MAMLDefaults()]
+        self.builtins: list[object] = [MAMLDefaults()]
+        if check_finite:
+            from metaopt.numerics import FiniteCheck
+
+            self.builtins.append(FiniteCheck())
         for builtin in self.builtins:
-            self.pm.register(builtin, name=builtin.name)
+            self.pm.register(builtin, name=plugin_name(builtin))
         self.plugins = list(plugins)
         self.names = [plugin_name(p) for p in self.plugins]
         seen: set[str] = set()
@@ -63,6 +112,9 @@ class PluginHost:
                 raise PluginError(f"plugin {name!r} does not fit the hook specs: {exc}") from exc
         self._check_replace_conflicts()
         self._check_declared_incompatibilities()
+        for hook_name in hookspecs.HOOK_ORDER:
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                impl.function = _guard(impl.function, impl.plugin_name, hook_name)
 
     @property
     def hook(self) -> Any:

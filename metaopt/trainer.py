@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,9 +20,10 @@ from metaopt.checkpoint import load_safe, rng_state, save_atomic, set_rng_state
 from metaopt.config import TrainConfig, plugin_specs
 from metaopt.data.sampler import TaskSampler
 from metaopt.data.sources import make_sampler
-from metaopt.errors import CheckpointError, ConfigError
+from metaopt.errors import CheckpointError, ConfigError, NumericalError, TrainingInterrupted
 from metaopt.learner import MetaLearner
 from metaopt.models import conv4, create_model, mlp
+from metaopt.numerics import all_finite
 from metaopt.optim import make_outer_optimizer
 from metaopt.registry import create_plugin
 
@@ -121,6 +125,29 @@ def restore_learner(learner: MetaLearner, state: dict[str, Any], path: Path) -> 
     learner.load_plugin_state(state["plugin_state"])
 
 
+class StopOnSignals:
+    """Turn SIGINT/SIGTERM into a flag checked between iterations; a second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __enter__(self) -> StopOnSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 class Trainer:
     """Meta-train a learner from a :class:`TrainConfig` into a run directory."""
 
@@ -151,6 +178,8 @@ class Trainer:
             test_alphabets=config.test_alphabets,
         )
         self.iteration = 0
+        self.skipped = 0
+        self.last_checkpoint: Path | None = None
         if resume:
             self.load(self.latest_checkpoint())
 
@@ -190,6 +219,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {
             "iteration": self.iteration,
+            "skipped": self.skipped,
             "learner": self.learner.state_dict(),
             "plugin_state": self.learner.plugin_state(),
             "optimizer": self.optimizer.state_dict(),
@@ -205,6 +235,7 @@ class Trainer:
         path = save_atomic(self.state(), self.run_dir / CHECKPOINT_DIR / f"ckpt-{self.iteration:08d}.pt")
         for old in sorted((self.run_dir / CHECKPOINT_DIR).glob("ckpt-*.pt"))[: -self.config.keep_checkpoints]:
             old.unlink()
+        self.last_checkpoint = path
         return path
 
     def load(self, path: Path) -> None:
@@ -214,7 +245,20 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
+        self.skipped = int(state.get("skipped", 0))
         self.learner.iteration = self.iteration
+        self.last_checkpoint = path
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+        log = self.run_dir / METRICS_FILE
+        if not self.is_main or not log.is_file():
+            return
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["iteration"] <= self.iteration]
+        tmp = log.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, log)
 
     # -- the loop -------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -222,35 +266,71 @@ class Trainer:
             with open(self.run_dir / METRICS_FILE, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
-    def train(self, progress: bool = True) -> dict[str, float]:
+    def train(self, progress: bool = True) -> dict[str, Any]:
         config = self.config
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Any] = {}
         bar = tqdm(
             total=config.iterations, initial=self.iteration, disable=not (progress and self.is_main), desc="meta-train"
         )
         start = time.perf_counter()
-        while self.iteration < config.iterations:
-            self.learner.train()
-            self.optimizer.zero_grad(set_to_none=True)
-            result = self.learner.backward(self.sampler.sample(config.meta_batch))
-            self.optimizer.step()
-            self.iteration += 1
-            metrics = result.metrics
-            self._log({"iteration": self.iteration, "time": round(time.perf_counter() - start, 3), **metrics})
-            shown = {k: f"{v:.3f}" for k, v in metrics.items() if k in ("meta_loss", "accuracy")}
-            bar.set_postfix(shown)
-            bar.update(1)
-            if config.eval_every and self.iteration % config.eval_every == 0:
-                report = evaluate(self.learner, make_eval_sampler(config, split="test"), config.eval_tasks)
-                self._log({"iteration": self.iteration, "eval": report})
-            if config.checkpoint_every and self.iteration % config.checkpoint_every == 0:
-                self.save()
-        bar.close()
-        self.save()
+        with StopOnSignals() as stop:
+            while self.iteration < config.iterations:
+                if stop.signal is not None:
+                    self._stop(stop.signal)
+                step_metrics = self._step()
+                self._log({"iteration": self.iteration, "time": round(time.perf_counter() - start, 3), **step_metrics})
+                if "skipped" not in step_metrics:
+                    metrics = step_metrics
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("meta_loss", "accuracy")})
+                bar.update(1)
+                if config.eval_every and self.iteration % config.eval_every == 0:
+                    report = evaluate(self.learner, make_eval_sampler(config, split="test"), config.eval_tasks)
+                    self._log({"iteration": self.iteration, "eval": report})
+                if config.checkpoint_every and self.iteration % config.checkpoint_every == 0:
+                    self.save()
+            bar.close()
+            self.save()
         return metrics
+
+    def _step(self) -> dict[str, Any]:
+        """One meta-iteration: gradient, optional clipping, optimizer step (or a counted skip)."""
+        config = self.config
+        self.learner.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        tasks = self.sampler.sample(config.meta_batch)
+        try:
+            result = self.learner.backward(tasks)
+        except NumericalError as exc:
+            if config.on_nonfinite == "skip" and all_finite(list(self.learner.meta_parameters())):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped += 1
+                self.iteration += 1
+                self.learner.iteration = self.iteration
+                return {"skipped": str(exc), "skipped_total": self.skipped}
+            where = str(self.last_checkpoint) if self.last_checkpoint else "none written yet"
+            raise NumericalError(
+                f"{exc} Last good checkpoint: {where}.", iteration=exc.iteration, hook=exc.hook, task=exc.task
+            ) from exc
+        metrics = dict(result.metrics)
+        if config.clip_grad_norm is not None:
+            params = list(self.learner.meta_parameters())
+            norm = self.accelerator.clip_grad_norm_(params, config.clip_grad_norm)
+            metrics["grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.iteration += 1
+        return metrics
+
+    def _stop(self, signum: int) -> None:
+        path = self.save()
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(
+            f"stopped by {name} after iteration {self.iteration}; checkpoint written to {path}. "
+            f"Continue with: metaopt train --out {self.run_dir} --resume",
+            signal_number=signum,
+        )
 
 
 def load_run(run_dir: str | Path) -> tuple[TrainConfig, MetaLearner]:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import regression_tasks
 
 from metaopt import MetaLearner, PluginConflictError, PluginError, hookimpl
+from metaopt.errors import ConfigError, PluginHookError
 from metaopt.models import mlp
 
 
@@ -145,3 +146,48 @@ def test_describe_lists_plugins_per_hook_in_firing_order():
     assert step_line.index("counting [wrap]") < step_line.index("scaled_step") < step_line.index("builtin:maml")
     assert any(line.startswith("loss_modification") and "l2" in line for line in lines)
     assert lines.index(step_line) < [i for i, line in enumerate(lines) if line.startswith("outer_step")][0]
+
+
+class Raising:
+    """Raises ``exc`` from ``hook`` (plain or wrapper) at the second task."""
+
+    name = "raising"
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    @hookimpl
+    def inner_step(self, task, trajectory, params, grads):
+        if task.index == 1:
+            raise self.exc
+        return None
+
+    @hookimpl(wrapper=True)
+    def outer_loss(self, task, params):
+        loss = yield
+        if isinstance(self.exc, LookupError):
+            raise self.exc
+        return loss
+
+
+def test_plugin_exception_names_plugin_hook_and_task_and_keeps_the_cause():
+    model = mlp().double()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    learner = MetaLearner(model, [Raising(ValueError("bad value"))], loss_fn=F.mse_loss)
+    with pytest.raises(PluginHookError, match=r"plugin 'raising' raised in hook 'inner_step' \(task 1\)") as info:
+        learner.backward(regression_tasks(2))
+    assert (info.value.plugin, info.value.hook, info.value.task) == ("raising", "inner_step", 1)
+    assert isinstance(info.value.__cause__, ValueError)
+    assert all(torch.equal(before[n], p) and p.grad is None for n, p in model.named_parameters())
+
+
+def test_wrapper_exceptions_are_named_once_and_own_errors_pass_through():
+    learner = MetaLearner(mlp().double(), [Raising(KeyError("k"))], loss_fn=F.mse_loss, inner_steps=0)
+    with pytest.raises(PluginHookError, match=r"^plugin 'raising' raised in hook 'outer_loss' \(task 0\): KeyError"):
+        learner.backward(regression_tasks(1))
+    own = MetaLearner(mlp().double(), [Raising(ConfigError("set x"))], loss_fn=F.mse_loss)
+    with pytest.raises(ConfigError, match="^set x$"):
+        own.backward(regression_tasks(2))
+    interrupt = MetaLearner(mlp().double(), [Raising(KeyboardInterrupt())], loss_fn=F.mse_loss)
+    with pytest.raises(KeyboardInterrupt):
+        interrupt.backward(regression_tasks(2))

@@ -8,6 +8,7 @@ from metaopt.plugins import SharpMAML
 from reference import maml_meta_grad
 
 from metaopt import MetaLearner, hookimpl
+from metaopt.errors import PluginHookError
 from metaopt.models import mlp
 
 
@@ -106,6 +107,7 @@ def test_a_plugin_failing_inside_the_rerun_leaves_theta_exactly():
         inner_lr=0.05,
         loss_fn=F.mse_loss,
     )
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(PluginHookError, match="'fail_on_rerun' raised in hook 'task_start' \\(task 0\\).*boom") as info:
         learner.backward(regression_tasks(2))
+    assert isinstance(info.value.__cause__, RuntimeError)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
