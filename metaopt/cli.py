@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", type=int, default=600, help="number of test tasks (default: 600)")
     ev.add_argument("--steps", type=int, help="inner steps at test time (default: the run's)")
     ev.add_argument("--seed", type=int, help="task seed (default: derived from the run's seed)")
+    ev.add_argument(
+        "--test-alphabet",
+        dest="test_alphabets",
+        action="append",
+        help="repeatable; Omniglot alphabets of the test split (default: the run's)",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
 
     pl = sub.add_parser("plugins", help="list available plugins")
@@ -97,11 +103,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks < 1:
         raise MetaOptError(f"--tasks {args.tasks} must be >= 1.")
     config, learner = load_run(args.run_dir)
-    sampler = make_eval_sampler(config, data=args.data, split=args.split, seed=args.seed)
-    report = evaluate(learner, sampler, args.tasks, steps=args.steps)
-    baseline = evaluate(
-        learner, make_eval_sampler(config, data=args.data, split=args.split, seed=args.seed), args.tasks, steps=0
-    )
+
+    def sampler():
+        return make_eval_sampler(
+            config, data=args.data, split=args.split, seed=args.seed, test_alphabets=args.test_alphabets
+        )
+
+    report = evaluate(learner, sampler(), args.tasks, steps=args.steps)
+    baseline = evaluate(learner, sampler(), args.tasks, steps=0)
     key = "accuracy" if "accuracy" in report else "mse"
     report["unadapted"] = {key: baseline[key], "ci95": baseline["ci95"]}
     report["data"] = args.data or config.data

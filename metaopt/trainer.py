@@ -76,7 +76,11 @@ def build_learner(config: TrainConfig, model: torch.nn.Module) -> MetaLearner:
 
 
 def make_eval_sampler(
-    config: TrainConfig, data: str | None = None, split: str = "test", seed: int | None = None
+    config: TrainConfig,
+    data: str | None = None,
+    split: str = "test",
+    seed: int | None = None,
+    test_alphabets: list[str] | None = None,
 ) -> TaskSampler:
     return make_sampler(
         data or config.data,
@@ -86,7 +90,7 @@ def make_eval_sampler(
         query=config.query,
         seed=config.seed + 1_000_003 if seed is None else seed,
         image_size=config.image_size,
-        test_alphabets=config.test_alphabets,
+        test_alphabets=config.test_alphabets if test_alphabets is None else test_alphabets,
     )
 
 

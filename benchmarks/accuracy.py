@@ -1,0 +1,207 @@
+"""Accuracy harness: every algorithm plugin on the same tasks and seeds, through the CLI.
+
+    python benchmarks/accuracy.py                       # everything (hours on a CPU)
+    python benchmarks/accuracy.py --section sinusoid --shots 10 --sin-iters 3000
+    python benchmarks/accuracy.py --section omniglot --ways 5 --algorithms maml fomaml
+
+Rows are added to docs/benchmarks/accuracy.json as they finish (a row already there is kept
+unless --rerun), and docs/benchmarks/accuracy.md plus PNG plots are regenerated from that file
+after every row: every number in the Markdown comes from a run of this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from common import DOCS, ROOT, SHARED_DATA, device_name, fmt, train_eval, write_json
+
+OUTPUT = {"docs": DOCS}  # where the JSON, Markdown and plots go (--docs)
+
+# name -> (CLI flags, what the options are)
+ALGORITHMS: dict[str, list[str]] = {
+    "maml": [],
+    "fomaml": ["--plugin", "fomaml"],
+    "reptile": ["--plugin", "reptile"],
+    "convergent_fo": ["--plugin", "convergent_fo", "--outer-optimizer", "normalized_sgd", "--meta-lr", "0.01"],
+    "shot": ["--plugin", "shot"],
+    "sharp_inner": ["--plugin", "sharp_maml:rho_inner=0.05"],
+    "sharp_outer": ["--plugin", "sharp_maml:rho_inner=0,rho_outer=0.05"],
+    "sharp_both": ["--plugin", "sharp_maml:rho_inner=0.05,rho_outer=0.05"],
+    "shot+sharp_both": ["--plugin", "shot", "--plugin", "sharp_maml:rho_inner=0.05,rho_outer=0.05"],
+    "hypermaml": ["--plugin", "hypermaml:warmup_iters={warm},blend_iters={warm}"],
+}
+
+# cross-split Omniglot: (train archive, test archive, alphabets of the test archive not in the train one)
+CROSS_SPLITS = {
+    "small1->small2": (
+        "images_background_small1.zip",
+        "images_background_small2.zip",
+        ["Japanese_(katakana)", "Sanskrit", "Tagalog"],
+    ),
+    "small2->small1": (
+        "images_background_small2.zip",
+        "images_background_small1.zip",
+        ["Balinese", "Early_Aramaic", "Korean"],
+    ),
+}
+# MAML paper settings per way count: inner steps, inner lr, meta-batch (meta-batch smaller on CPU by flag)
+OMNI_SETTINGS = {5: (1, 0.4, 32), 20: (5, 0.1, 16)}
+
+
+def algorithm_flags(name: str, iterations: int) -> list[str]:
+    warm = max(1, iterations // 10)
+    return [flag.format(warm=warm) for flag in ALGORITHMS[name]]
+
+
+def sinusoid_rows(args: argparse.Namespace) -> list[tuple[str, list[str], list[int], list[str]]]:
+    rows = []
+    for shots in args.shots:
+        base = ["--data", "sinusoid", "--shots", str(shots), "--query", str(shots), "--inner-lr", "0.01"]
+        base += ["--inner-steps", "1", "--meta-batch", "25", "--iterations", str(args.sin_iters)]
+        base += ["--seed", str(args.seed), "--checkpoint-every", "0"]
+        for algo in args.algorithms:
+            key = f"sinusoid/{shots}-shot/{algo}"
+            rows.append((key, base + algorithm_flags(algo, args.sin_iters), [1, 10], []))
+    return rows
+
+
+def omniglot_rows(args: argparse.Namespace) -> list[tuple[str, list[str], list[int], list[str]]]:
+    rows = []
+    for direction, (train_zip, test_zip, alphabets) in CROSS_SPLITS.items():
+        if direction not in args.directions:
+            continue
+        for ways in args.ways:
+            steps, lr, batch = OMNI_SETTINGS[ways]
+            config = Path(args.work) / f"omniglot-{direction}.yaml"
+            config.parent.mkdir(parents=True, exist_ok=True)
+            config.write_text("test_alphabets: []\n")  # meta-train on every alphabet of the train archive
+            base = ["--config", str(config), "--data", f"omniglot:{Path(args.omniglot) / train_zip}"]
+            base += ["--ways", str(ways), "--shots", "1", "--query", "15", "--inner-steps", str(steps)]
+            base += ["--inner-lr", str(lr), "--meta-batch", str(args.omni_meta_batch or batch)]
+            base += ["--iterations", str(args.omni_iters), "--seed", str(args.seed), "--checkpoint-every", "0"]
+            eval_args = ["--data", f"omniglot:{Path(args.omniglot) / test_zip}", "--split", "test"]
+            for alphabet in alphabets:
+                eval_args += ["--test-alphabet", alphabet]
+            for algo in args.algorithms:
+                key = f"omniglot/{direction}/{ways}-way-1-shot/{algo}"
+                rows.append((key, base + algorithm_flags(algo, args.omni_iters), [steps, 10], eval_args))
+    return rows
+
+
+def write_report(results: dict[str, Any]) -> None:
+    lines = [
+        "# Accuracy benchmark",
+        "",
+        "Produced by `python benchmarks/accuracy.py` (see its `--help`); rows are added as runs finish.",
+        "Every algorithm in a table shares the data, seeds and training length of its rows; test tasks are",
+        "fresh tasks (sinusoid: a different seed; Omniglot: alphabets never seen in training), the same",
+        "tasks for every row of a table.",
+        "± is the 95% confidence half-width (1.96 standard errors over tasks). 'unadapted' is the",
+        "meta-learned initialisation evaluated with 0 inner steps on the same test tasks.",
+        "",
+    ]
+    groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for key, row in results.items():
+        group, algo = key.rsplit("/", 1)
+        groups.setdefault(group, []).append((algo, row))
+    for group, rows in groups.items():
+        first = rows[0][1]
+        steps = list(first["evals"])
+        metric = "accuracy" if "accuracy" in first["evals"][steps[0]] else "MSE"
+        tasks = first["evals"][steps[0]]["tasks"]
+        lines += [f"## {group}", "", f"Metric: {metric} over {tasks} test tasks after the given inner steps.", ""]
+        header = "| algorithm | options | iterations | train wall (s) | device | unadapted | "
+        header += " | ".join(f"{s} step{'s' if s != '1' else ''}" for s in steps) + " |"
+        lines += [header, "|" + " --- |" * (6 + len(steps))]
+        for algo, row in rows:
+            evals = row["evals"]
+            e0 = evals[steps[0]]
+            options = " ".join(row["train_args"][row["train_args"].index("--checkpoint-every") + 2 :]) or "(defaults)"
+            cells = [algo, f"`{options}`", str(row["iterations"]), str(row["train_wall_s"]), row["device"]]
+            cells.append(f"{e0['unadapted'][list(e0['unadapted'])[0]]:.4f} ± {e0['unadapted']['ci95']:.4f}")
+            cells += [fmt(evals[s]) for s in steps]
+            lines.append("| " + " | ".join(cells) + " |")
+        common = first["train_args"][: first["train_args"].index("--checkpoint-every")]
+        if "--config" in common:  # a generated file holding only `test_alphabets: []`
+            at = common.index("--config")
+            common = common[:at] + common[at + 2 :]
+            lines += ["", "Meta-trained on every alphabet of the train archive (`test_alphabets: []`)."]
+        lines += ["", f"Shared training flags: `{' '.join(common)}`", ""]
+        plot = plot_group(group, rows, steps[-1])
+        if plot:
+            lines += [f"![{group}]({plot})", ""]
+    (OUTPUT["docs"] / "accuracy.md").write_text("\n".join(lines))
+
+
+def plot_group(group: str, rows: list[tuple[str, dict[str, Any]]], steps: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [algo for algo, _ in rows]
+    reports = [row["evals"][steps] for _, row in rows]
+    key = "accuracy" if "accuracy" in reports[0] else "mse"
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(names)), 3))
+    ax.bar(names, [r[key] for r in reports], yerr=[r["ci95"] for r in reports], capsize=3, color="tab:blue")
+    ax.set_ylabel(f"{key} after {steps} step(s)")
+    ax.set_title(group)
+    ax.tick_params(axis="x", labelrotation=45)
+    fig.tight_layout()
+    name = "accuracy-" + group.replace("/", "_").replace(">", "").replace(" ", "") + ".png"
+    fig.savefig(OUTPUT["docs"] / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", choices=["sinusoid", "omniglot", "all"], default="all")
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    parser.add_argument("--shots", nargs="+", type=int, default=[5, 10], help="sinusoid K")
+    parser.add_argument("--sin-iters", type=int, default=10000)
+    parser.add_argument("--omniglot", default=str(SHARED_DATA))
+    parser.add_argument("--directions", nargs="+", default=list(CROSS_SPLITS), choices=list(CROSS_SPLITS))
+    parser.add_argument("--ways", nargs="+", type=int, default=[5, 20], choices=list(OMNI_SETTINGS))
+    parser.add_argument("--omni-iters", type=int, default=2000)
+    parser.add_argument("--omni-meta-batch", type=int, default=None, help="default: the MAML paper's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tasks", type=int, default=600)
+    parser.add_argument("--work", default=str(ROOT / "runs" / "accuracy"))
+    parser.add_argument("--rerun", action="store_true", help="redo rows already in accuracy.json")
+    parser.add_argument("--docs", default=str(DOCS), help="output folder (default: docs/benchmarks)")
+    args = parser.parse_args()
+    OUTPUT["docs"] = Path(args.docs)
+    results_file = OUTPUT["docs"] / "accuracy.json"
+
+    results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    rows = []
+    if args.section in ("sinusoid", "all"):
+        rows += sinusoid_rows(args)
+    if args.section in ("omniglot", "all"):
+        if (Path(args.omniglot) / "images_background_small1.zip").is_file():
+            rows += omniglot_rows(args)
+        else:
+            print(f"Omniglot skipped: no archives in {args.omniglot}")
+    for key, train_args, steps, eval_args in rows:
+        if key in results and not args.rerun:
+            continue
+        started = time.strftime("%Y-%m-%d %H:%M")
+        row = train_eval(Path(args.work) / key.replace("/", "_"), train_args, steps, args.tasks, eval_args)
+        iterations = int(train_args[train_args.index("--iterations") + 1])
+        results[key] = {**row, "iterations": iterations, "device": device_name(), "started": started}
+        write_json(results_file, results)
+        write_report(results)
+        print(key, {s: fmt(e) for s, e in row["evals"].items()}, f"{row['train_wall_s']} s", flush=True)
+    if results:
+        write_report(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Shared helpers of the benchmark scripts: run the CLI, describe the machine, write tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks"
+SHARED_DATA = ROOT.parent / "shared" / "data" / "omniglot"
+
+
+def cli(args: list[str]) -> str:
+    """Run ``metaopt ARGS`` in a fresh interpreter; return its stdout (raise with stderr on failure)."""
+    cmd = [sys.executable, "-m", "metaopt.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def train_eval(
+    out: Path, train_args: list[str], eval_steps: list[int], tasks: int = 600, eval_args: list[str] | None = None
+) -> dict[str, Any]:
+    """Train a run through the CLI, then evaluate it at each number of inner steps."""
+    start = time.perf_counter()
+    cli(["train", "--out", str(out), "--overwrite", "--no-progress", *train_args])
+    wall = time.perf_counter() - start
+    evals = {}
+    for steps in eval_steps:
+        args = ["eval", str(out), "--tasks", str(tasks), "--steps", str(steps), "--json", *(eval_args or [])]
+        evals[str(steps)] = json.loads(cli(args))
+    return {"train_args": train_args, "train_wall_s": round(wall, 1), "evals": evals}
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def metric_key(report: dict[str, Any]) -> str:
+    return "accuracy" if "accuracy" in report else "mse"
+
+
+def fmt(report: dict[str, Any], key: str | None = None) -> str:
+    key = key or metric_key(report)
+    return f"{report[key]:.4f} ± {report['ci95']:.4f}"
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
