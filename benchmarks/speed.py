@@ -1,0 +1,423 @@
+"""Speed and memory harness: metaopt vs hand-written loops on the same model, tasks and seeds.
+
+    python benchmarks/speed.py                    # all workloads, all contenders, memory vs K
+    python benchmarks/speed.py --quick            # smaller workload list (CI-sized smoke: --smoke)
+
+Every (workload, contender) pair runs in its own fresh process: median seconds per
+meta-iteration (zero_grad + meta-gradient + Adam step) over --iters timed iterations after
+--warmup, and the peak resident memory of that process during the timed iterations (Linux
+VmHWM, reset after warm-up; on CUDA, torch.cuda.max_memory_allocated).  Before timing, each
+contender's meta-gradient on the first batch is compared with metaopt's (same maths).
+Writes docs/benchmarks/speed.{json,md} and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import DOCS, device_name, write_json
+
+METAOPT_PLUGINS: dict[str, list[Any]] = {
+    "metaopt maml": [],
+    "metaopt fomaml": ["fomaml"],
+    "metaopt convergent_fo": ["convergent_fo"],
+    "metaopt shot": ["shot"],
+    "metaopt sharp_maml (both)": [("sharp_maml", {"rho_inner": 0.05, "rho_outer": 0.05})],
+    "metaopt hypermaml": ["hypermaml"],
+}
+CONTENDERS = [*METAOPT_PLUGINS, "raw higher", "torch.func", "torchopt"]
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "sinusoid mlp, 10-shot, mb 25, K=1": dict(model="mlp", meta_batch=25, steps=1, lr=0.01),
+    "conv4 28px 5w1s, mb 8, K=1": dict(model="conv4", meta_batch=8, steps=1, lr=0.4),
+    "conv4 28px 5w1s, mb 32, K=1": dict(model="conv4", meta_batch=32, steps=1, lr=0.4),
+    "conv4 28px 5w1s, mb 8, K=5": dict(model="conv4", meta_batch=8, steps=5, lr=0.1),
+    "conv4 28px 5w1s, mb 32, K=5": dict(model="conv4", meta_batch=32, steps=5, lr=0.1),
+    "resnet10t 84px 5w1s, mb 4, K=1": dict(model="resnet10t", meta_batch=4, steps=1, lr=0.01),
+    "resnet18 84px 5w1s, mb 4, K=1": dict(model="resnet18", meta_batch=4, steps=1, lr=0.01),
+}
+QUICK = ["sinusoid mlp, 10-shot, mb 25, K=1", "conv4 28px 5w1s, mb 8, K=1", "conv4 28px 5w1s, mb 8, K=5"]
+MEMORY_K = [1, 3, 5, 10]
+MEMORY_CONTENDERS = ["metaopt maml", "metaopt fomaml", "metaopt convergent_fo"]
+# glibc: a fixed mmap threshold returns every large freed block to the OS at once, so the
+# resident set follows live memory and "peak - resident before the timed steps" is the step's need.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+# -- the worker (one per process) -------------------------------------------------------------
+def make_model(name: str):
+    import torch
+
+    from metaopt.models import conv4, mlp
+
+    torch.manual_seed(0)
+    if name == "mlp":
+        return mlp()
+    if name == "conv4":
+        return conv4(num_classes=5)
+    from metaopt.integrations.timm import backbone
+
+    return backbone(name, num_classes=5, in_chans=3, img_size=84)
+
+
+def make_batches(model: str, meta_batch: int, count: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(count):
+        tasks = []
+        for _ in range(meta_batch):
+            if model == "mlp":
+                amp, phase = torch.rand(2, generator=g) * torch.tensor([4.9, 3.1416]) + torch.tensor([0.1, 0.0])
+                x = torch.rand(20, 1, generator=g) * 10 - 5
+                y = amp * torch.sin(x - phase)
+                tasks.append((x[:10], y[:10], x[10:], y[10:]))
+            else:
+                chans, size = (1, 28) if model == "conv4" else (3, 84)
+                sx = torch.rand(5, chans, size, size, generator=g)
+                qx = torch.rand(75, chans, size, size, generator=g)
+                tasks.append((sx, torch.arange(5), qx, torch.arange(5).repeat_interleave(15)))
+        batches.append(tasks)
+    return batches
+
+
+def metaopt_step_fn(model, plugins, steps: int, lr: float, loss_fn):
+    from metaopt import MetaLearner
+    from metaopt.registry import create_plugin
+
+    made = [create_plugin(p) if isinstance(p, str) else create_plugin(p[0], **p[1]) for p in plugins]
+    learner = MetaLearner(model, made, inner_steps=steps, inner_lr=lr, loss_fn=loss_fn)
+    return learner, lambda tasks: learner.backward(tasks)
+
+
+def higher_step_fn(model, steps: int, lr: float, loss_fn):
+    import higher
+    import torch
+
+    inner = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def step(tasks):
+        for sx, sy, qx, qy in tasks:
+            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
+                for _ in range(steps):
+                    diffopt.step(loss_fn(fmodel(sx), sy))
+                (loss_fn(fmodel(qx), qy) / len(tasks)).backward()
+
+    return step
+
+
+def func_step_fn(model, steps: int, lr: float, loss_fn):
+    import torch
+    from torch.func import functional_call
+
+    names = [n for n, _ in model.named_parameters()]
+
+    def step(tasks):
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        total = 0.0
+        for sx, sy, qx, qy in tasks:
+            fast = params
+            for _ in range(steps):
+                loss = loss_fn(functional_call(model, (fast, buffers), (sx,)), sy)
+                grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=True)
+                fast = {n: fast[n] - lr * g for n, g in zip(names, grads)}
+            total = total + loss_fn(functional_call(model, (fast, buffers), (qx,)), qy)
+        (total / len(tasks)).backward()
+
+    return step
+
+
+def torchopt_step_fn(model, steps: int, lr: float, loss_fn):
+    import torchopt
+
+    inner = torchopt.MetaSGD(model, lr=lr)
+
+    def step(tasks):
+        state = torchopt.extract_state_dict(model, enable_visual=False)
+        for sx, sy, qx, qy in tasks:
+            for _ in range(steps):
+                inner.step(loss_fn(model(sx), sy))
+            (loss_fn(model(qx), qy) / len(tasks)).backward()
+            torchopt.recover_state_dict(model, state)
+
+    return step
+
+
+def _status_mib(field: str) -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
+def grads_of(model) -> list:
+    return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    wl = WORKLOADS.get(spec["workload"]) or spec["workload_spec"]
+    steps = spec.get("steps", wl["steps"])
+    loss_fn = F.mse_loss if wl["model"] == "mlp" else F.cross_entropy
+    batches = make_batches(wl["model"], wl["meta_batch"], spec["warmup"] + spec["iters"])
+    contender = spec["contender"]
+
+    # reference meta-gradient from metaopt's plain MAML on the first batch (checked for every contender)
+    reference = None
+    if spec["check"] and contender != "metaopt maml" and contender not in METAOPT_PLUGINS:
+        ref_model = make_model(wl["model"])
+        _, ref_step = metaopt_step_fn(ref_model, [], steps, wl["lr"], loss_fn)
+        ref_step(batches[0])
+        reference = grads_of(ref_model)
+
+    model = make_model(wl["model"])
+    if contender in METAOPT_PLUGINS:
+        learner, step = metaopt_step_fn(model, METAOPT_PLUGINS[contender], steps, wl["lr"], loss_fn)
+        params = list(learner.meta_parameters())
+    elif contender == "raw higher":
+        step, params = higher_step_fn(model, steps, wl["lr"], loss_fn), list(model.parameters())
+    elif contender == "torch.func":
+        step, params = func_step_fn(model, steps, wl["lr"], loss_fn), list(model.parameters())
+    elif contender == "torchopt":
+        try:
+            step = torchopt_step_fn(model, steps, wl["lr"], loss_fn)
+        except ImportError as exc:
+            return {"error": f"torchopt not installed ({exc})"}
+        params = list(model.parameters())
+    else:
+        raise ValueError(contender)
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+
+    result: dict[str, Any] = {}
+    optimizer.zero_grad(set_to_none=True)
+    step(batches[0])
+    if reference is not None:
+        got = grads_of(model)
+        diffs = [float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(got, reference) if b is not None]
+        result["max_rel_grad_diff_vs_metaopt"] = max(diffs)
+    optimizer.step()
+    for tasks in batches[1 : spec["warmup"]]:
+        optimizer.zero_grad(set_to_none=True)
+        step(tasks)
+        optimizer.step()
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+        result["baseline_mib"] = _status_mib("VmRSS")
+    times = []
+    for tasks in batches[spec["warmup"] :]:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        step(tasks)
+        optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if cuda:
+        result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_mib"] = _status_mib("VmHWM")
+        result["extra_mib"] = result["peak_mib"] - result["baseline_mib"]
+    result["median_s"] = statistics.median(times)
+    result["times"] = times
+    return result
+
+
+# -- the driver ---------------------------------------------------------------------------------
+def run_worker(spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env={**os.environ, **(env or {})},
+    )
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ratio_table(title: str, rows: dict[str, dict[str, Any]], contenders: list[str]) -> list[str]:
+    lines = [f"### {title}", "", "| contender | median s/iter | × fastest | peak MiB | × smallest | meta-grad check |"]
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    ok = {c: r for c, r in rows.items() if "median_s" in r}
+    fastest = min((r["median_s"] for r in ok.values()), default=1.0)
+    smallest = min((r["peak_mib"] for r in ok.values()), default=1.0)
+    for c in contenders:
+        r = rows.get(c)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {c} | — | — | — | — | not run: {r['error'][:120]} |")
+            continue
+        check = r.get("max_rel_grad_diff_vs_metaopt")
+        check_text = "reference" if c == "metaopt maml" else ("—" if check is None else f"max rel diff {check:.1e}")
+        lines.append(
+            f"| {c} | {r['median_s']:.4f} | {r['median_s'] / fastest:.2f} | {r['peak_mib']:.0f} | "
+            f"{r['peak_mib'] / smallest:.2f} | {check_text} |"
+        )
+    return lines + [""]
+
+
+def plot(results: dict[str, Any], out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    speed = results["speed"]
+    if speed:
+        fig, ax = plt.subplots(figsize=(9, 0.45 * len(speed) * 3 + 1))
+        labels, values = [], []
+        for wl, rows in speed.items():
+            ok = {c: r["median_s"] for c, r in rows.items() if "median_s" in r}
+            if not ok:
+                continue
+            ref = ok.get("raw higher", min(ok.values()))
+            for c in ("metaopt maml", "raw higher", "torch.func", "torchopt"):
+                if c in ok:
+                    labels.append(f"{wl} | {c}")
+                    values.append(ok[c] / ref)
+        ax.barh(labels, values, color="tab:blue")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("time per meta-iteration / raw higher loop")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(out / "speed.png", dpi=90)
+        plt.close(fig)
+        made.append("speed.png")
+    memory = results["memory"]
+    if memory:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for c in MEMORY_CONTENDERS:
+            ks = [k for k in MEMORY_K if "peak_mib" in memory.get(str(k), {}).get(c, {})]
+            ax.plot(ks, [memory[str(k)][c]["extra_mib"] for k in ks], marker="o", label=c)
+        ax.set_xlabel("inner steps K")
+        ax.set_ylabel("memory of one meta-iteration (MiB)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "memory_vs_k.png", dpi=90)
+        plt.close(fig)
+        made.append("memory_vs_k.png")
+    return made
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    s = results["settings"]
+    lines = [
+        "# Speed and memory benchmark",
+        "",
+        f"Produced by `python benchmarks/speed.py {s['argv']}` on {results['device']}.",
+        f"Median of {s['iters']} timed meta-iterations after {s['warmup']} warm-up ones; each row in its own",
+        "process; peak memory = peak resident set of that process during the timed iterations (CPU) or",
+        "`torch.cuda.max_memory_allocated` (GPU). 5-way 1-shot tasks have 15 query images per class.",
+        "Ratios are to the fastest / smallest contender of the same workload. 'meta-grad check' is the",
+        "largest relative difference of that contender's first meta-gradient from metaopt's plain MAML",
+        "(identical maths; float32 rounding only). The algorithm plugins compute different gradients by",
+        "design and are not checked here (their maths is tested in tests/plugins).",
+        "",
+        "## Time and memory per workload",
+        "",
+    ]
+    for wl, rows in results["speed"].items():
+        lines += ratio_table(wl, rows, CONTENDERS)
+    if results["memory"]:
+        wl = results["settings"]["memory_workload"]
+        lines += ["## Peak memory versus inner steps K", ""]
+        lines += [
+            f"Workload: {wl}, K varied. Memory here is the growth of the resident set during a",
+            "meta-iteration above what the process held before it (model, optimizer state, data), run with",
+            "`MALLOC_MMAP_THRESHOLD_=65536` so that freed blocks leave the resident set at once.",
+            "",
+        ]
+        lines += [
+            "| K | " + " | ".join(f"{c} (MiB)" for c in MEMORY_CONTENDERS) + " | maml / fomaml | maml / conv. FO |"
+        ]
+        lines += ["|" + " --- |" * (len(MEMORY_CONTENDERS) + 3)]
+        for k in MEMORY_K:
+            row = results["memory"].get(str(k), {})
+            peaks = [row.get(c, {}).get("extra_mib") for c in MEMORY_CONTENDERS]
+            cells = [f"{p:.0f}" if p else "—" for p in peaks]
+            r1 = f"{peaks[0] / peaks[1]:.2f}" if all(peaks[:2]) else "—"
+            r2 = f"{peaks[0] / peaks[2]:.2f}" if peaks[0] and peaks[2] else "—"
+            lines.append(f"| {k} | " + " | ".join(cells) + f" | {r1} | {r2} |")
+        lines.append("")
+    for name in plot(results, out):
+        lines += [f"![{name}]({name})", ""]
+    (out / "speed.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help=f"only {QUICK}")
+    parser.add_argument("--smoke", action="store_true", help="tiny settings to check the harness runs")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS))
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=CONTENDERS)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip memory versus K")
+    parser.add_argument("--docs", default=str(DOCS))
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    workloads = args.workloads or (QUICK if args.quick else list(WORKLOADS))
+    if args.smoke:
+        workloads, args.iters, args.warmup = ["sinusoid mlp, 10-shot, mb 25, K=1"], 2, 1
+    memory_workload = "conv4 28px 5w1s, mb 8, K=1"
+    out = Path(args.docs)
+    results: dict[str, Any] = {
+        "device": device_name(),
+        "settings": {
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "argv": " ".join(sys.argv[1:]),
+            "memory_workload": memory_workload,
+        },
+        "speed": {},
+        "memory": {},
+    }
+    for wl in workloads:
+        results["speed"][wl] = {}
+        for c in args.contenders:
+            spec = {"workload": wl, "contender": c, "iters": args.iters, "warmup": args.warmup, "check": True}
+            results["speed"][wl][c] = run_worker(spec)
+            print(wl, c, {k: v for k, v in results["speed"][wl][c].items() if k != "times"}, flush=True)
+            write_json(out / "speed.json", results)
+    if not args.no_memory:
+        ks = [1, 3] if args.smoke else MEMORY_K
+        for k in ks:
+            results["memory"][str(k)] = {}
+            for c in MEMORY_CONTENDERS:
+                spec = {
+                    "workload": memory_workload,
+                    "contender": c,
+                    "iters": 2,
+                    "warmup": 1,
+                    "check": False,
+                    "steps": k,
+                }
+                results["memory"][str(k)][c] = run_worker(spec, MEMORY_ENV)
+                print("memory K", k, c, results["memory"][str(k)][c].get("peak_mib"), flush=True)
+                write_json(out / "speed.json", results)
+    write_report(results, out)
+
+
+if __name__ == "__main__":
+    main()
