@@ -2,8 +2,9 @@
 
 ``prepare(learner, accelerator)`` moves the learner (model and plugin modules) to the
 accelerator's device and routes the outer backward through ``accelerator.backward`` and
-every forward through ``accelerator.autocast()``.  Multi-process synchronisation of the
-meta-gradient is not handled here yet (see docs/accelerate.md).
+every forward through ``accelerator.autocast()``.  With several processes the learner is not
+wrapped in DDP: ``MetaLearner.backward`` averages the meta-gradient over processes itself
+(one all-reduce per meta-iteration), each process adapting its own share of the tasks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ SUPPORTED_PRECISION = ("no", "bf16")
 
 
 def make_accelerator(precision: str = "no", cpu: bool = False) -> Any:
-    """An ``Accelerator`` for single-process runs; fp16 is refused (inner grads are unscaled)."""
+    """An ``Accelerator`` (one or several processes, as launched); fp16 is refused (inner grads are unscaled)."""
     from accelerate import Accelerator
 
     if precision == "fp16":
@@ -31,12 +32,11 @@ def make_accelerator(precision: str = "no", cpu: bool = False) -> Any:
 
 
 def prepare(learner: MetaLearner, accelerator: Any) -> MetaLearner:
-    """Attach ``accelerator`` to ``learner`` and move it to the accelerator's device."""
-    if accelerator.num_processes > 1:
-        raise ConfigError(
-            f"{accelerator.num_processes} processes: multi-process meta-gradient synchronisation is not "
-            "implemented yet; run with one process."
-        )
+    """Attach ``accelerator`` to ``learner`` and move it to the accelerator's device.
+
+    Use this instead of ``accelerator.prepare(learner)``: the learner must not be wrapped in
+    DDP (see the module docstring).  Prepare your optimizer with ``accelerator.prepare`` as usual.
+    """
     if accelerator.mixed_precision == "fp16":
         raise ConfigError("mixed precision 'fp16' is not supported by metaopt; use 'bf16'.")
     learner.to(accelerator.device)

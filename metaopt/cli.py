@@ -90,10 +90,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict(values)
     trainer = Trainer(config, args.out, resume=args.resume, overwrite=args.overwrite)
     metrics = trainer.train(progress=not args.no_progress)
-    print(
-        f"trained {trainer.iteration} iterations -> {args.out}; last batch: "
-        + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-    )
+    if trainer.is_main:
+        print(
+            f"trained {trainer.iteration} iterations -> {args.out}; last batch: "
+            + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        )
     return 0
 
 

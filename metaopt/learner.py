@@ -336,6 +336,29 @@ class MetaLearner(nn.Module):
             return
         check_labels(task, output, self.loss_fn)
 
+    @property
+    def num_processes(self) -> int:
+        return int(getattr(self.accelerator, "num_processes", 1) or 1)
+
+    def sync_gradients(self) -> None:
+        """Average ``.grad`` of every meta-parameter over processes (one all-reduce).
+
+        Data-parallel over tasks: each process adapts its own share of the meta-batch and
+        ``.grad`` becomes the mean over processes, i.e. the meta-gradient of the whole batch
+        when every process holds the same number of tasks.  DDP is not used: it would not see
+        the gradients that flow through higher's functional copies, and it never syncs
+        grad-of-grad.  A no-op with one process.
+        """
+        if self.num_processes <= 1:
+            return
+        params = list(self.meta_parameters())
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
     def backward_loss(self, loss: torch.Tensor) -> None:
         if self.accelerator is not None:
             self.accelerator.backward(loss)
@@ -358,6 +381,7 @@ class MetaLearner(nn.Module):
         self.run_tasks(batch)
         if not self.hook.outer_step(batch=batch):
             raise PluginError("no outer_step implementation returned True; the meta-gradient was not computed.")
+        self.sync_gradients()
         self.iteration += 1
         return self._finish(batch)
 

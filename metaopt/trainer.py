@@ -160,13 +160,23 @@ class Trainer:
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
-        self._check_run_dir(resume, overwrite)
         from metaopt.integrations.accelerate import make_accelerator, prepare
 
-        torch.manual_seed(config.seed)
         self.accelerator = make_accelerator(config.precision, cpu=config.device == "cpu")
+        if self.is_main:  # only rank 0 reads, clears and later writes the run directory
+            self._check_run_dir(resume, overwrite)
+        self.accelerator.wait_for_everyone()
+        torch.manual_seed(config.seed)
         self.model = build_model(config)
         self.learner = prepare(build_learner(config, self.model), self.accelerator)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if config.meta_batch % self.world:
+            raise ConfigError(
+                f"meta_batch={config.meta_batch} does not split evenly over {self.world} processes; "
+                f"use a multiple of {self.world}."
+            )
+        if self.world > 1 and config.on_nonfinite == "skip":
+            raise ConfigError("on_nonfinite='skip' is single-process only; use 'raise' with several processes.")
         self.optimizer = make_outer_optimizer(
             config.outer_optimizer, self.learner.meta_parameters(), config.meta_lr, **config.outer_optimizer_kwargs
         )
@@ -304,7 +314,8 @@ class Trainer:
         config = self.config
         self.learner.train()
         self.optimizer.zero_grad(set_to_none=True)
-        tasks = self.sampler.sample(config.meta_batch)
+        # every process draws the same whole batch (samplers stay in step) and adapts its share
+        tasks = self.sampler.sample(config.meta_batch)[self.rank :: self.world]
         try:
             result = self.learner.backward(tasks)
         except NumericalError as exc:
@@ -318,7 +329,7 @@ class Trainer:
             raise NumericalError(
                 f"{exc} Last good checkpoint: {where}.", iteration=exc.iteration, hook=exc.hook, task=exc.task
             ) from exc
-        metrics = dict(result.metrics)
+        metrics = self._mean_over_processes(result.metrics)
         if config.clip_grad_norm is not None:
             params = list(self.learner.meta_parameters())
             norm = self.accelerator.clip_grad_norm_(params, config.clip_grad_norm)
@@ -326,6 +337,14 @@ class Trainer:
         self.optimizer.step()
         self.iteration += 1
         return metrics
+
+    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return dict(metrics)
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        reduced = self.accelerator.reduce(values, reduction="mean")
+        return {k: float(v) for k, v in zip(keys, reduced.tolist())}
 
     def _stop(self, signum: int) -> None:
         path = self.save()

@@ -68,6 +68,7 @@ class SharpMAML:
             p.grad = None
         assert batch.meta_loss is not None
         batch.backward(batch.meta_loss)
+        batch.learner.sync_gradients()  # every process perturbs along the same (whole-batch) G
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         scale = self.rho_outer / (global_norm(grads) + EPS)
         originals = [p.detach().clone() for p in params]

@@ -1,0 +1,61 @@
+"""A few meta-steps on a fixed meta-batch, used by the multi-process test.
+
+Run by the test as ``python -m torch.distributed.run --nproc_per_node 2 distributed_job.py OUT``:
+every process takes its share (``rank::world``) of the same 4-task batches; the test compares
+the final parameters of both ranks with each other and with one process on the whole batches.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from metaopt import MetaLearner
+from metaopt.models import mlp
+
+STEPS = 3
+CONFIGS: dict[str, list] = {
+    "maml": [],
+    "sharp_outer": [("sharp_maml", {"rho_inner": 0.0, "rho_outer": 0.05})],
+    "hypermaml": [("hypermaml", {"hidden": 16})],
+}
+
+
+def batches() -> list[list[tuple[torch.Tensor, ...]]]:
+    g = torch.Generator().manual_seed(123)
+    return [
+        [tuple(torch.randn(6, 1, generator=g, dtype=torch.float64) for _ in range(4)) for _ in range(4)]
+        for _ in range(STEPS)
+    ]
+
+
+def train(name: str, accelerator=None) -> dict[str, torch.Tensor]:
+    from metaopt.integrations.accelerate import prepare
+
+    from metaopt.registry import create_plugin
+
+    torch.manual_seed(0)
+    plugins = [create_plugin(p, **opts) for p, opts in CONFIGS[name]]
+    learner = MetaLearner(mlp().double(), plugins, inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss)
+    learner = learner.double()
+    rank, world = 0, 1
+    if accelerator is not None:
+        learner = prepare(learner, accelerator)
+        rank, world = accelerator.process_index, accelerator.num_processes
+    optimizer = torch.optim.Adam(learner.meta_parameters(), lr=1e-2)
+    for batch in batches():
+        optimizer.zero_grad(set_to_none=True)
+        learner.backward(batch[rank::world])
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in learner.state_dict().items()}
+
+
+if __name__ == "__main__":
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    results = {name: train(name, accelerator) for name in CONFIGS}
+    results["_world"] = torch.tensor(accelerator.num_processes)
+    torch.save(results, f"{sys.argv[1]}/rank{accelerator.process_index}.pt")

@@ -1,0 +1,56 @@
+"""Two CPU processes (gloo) on half a meta-batch each == one process on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_job import CONFIGS, train
+
+JOB = Path(__file__).resolve().parents[1] / "distributed_job.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dist")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(JOB), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(JOB.parent)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_two_processes_match_each_other_and_one_process(two_ranks, name):
+    rank0, rank1 = (r[name] for r in two_ranks)
+    assert int(two_ranks[0]["_world"]) == 2
+    single = train(name)
+    start = train_init(name)
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-9, atol=1e-11, msg=key)
+    moved = max(float((single[k] - start[k]).abs().max()) for k in single)
+    assert moved > 1e-3  # the steps did something, so the comparison means something
+
+
+def train_init(name: str) -> dict[str, torch.Tensor]:
+    from metaopt import MetaLearner
+    from metaopt.models import mlp
+    from metaopt.registry import create_plugin
+
+    torch.manual_seed(0)
+    plugins = [create_plugin(p, **opts) for p, opts in CONFIGS[name]]
+    learner = MetaLearner(mlp().double(), plugins).double()
+    return {k: v.detach().clone() for k, v in learner.state_dict().items()}
