@@ -28,6 +28,13 @@ def make_accelerator(precision: str = "no", cpu: bool = False) -> Any:
         )
     if precision not in SUPPORTED_PRECISION:
         raise ConfigError(f"precision={precision!r} must be one of {SUPPORTED_PRECISION}.")
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision) != precision:
+        # accelerate keeps one process-wide state; a new run with another precision replaces it
+        # (the distributed PartialState is kept).
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=precision, cpu=cpu)
 
 

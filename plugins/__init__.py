@@ -4,7 +4,6 @@ from metaopt.plugins.first_order import FOMAML, ConvergentFO, Reptile
 from metaopt.plugins.hypermaml import HyperMAML
 from metaopt.plugins.sharp_maml import SharpMAML
 from metaopt.plugins.shot import SHOT
-
 from metaopt.registry import register_plugin
 
 register_plugin("fomaml", FOMAML)

@@ -33,7 +33,6 @@ def batches() -> list[list[tuple[torch.Tensor, ...]]]:
 
 def train(name: str, accelerator=None) -> dict[str, torch.Tensor]:
     from metaopt.integrations.accelerate import prepare
-
     from metaopt.registry import create_plugin
 
     torch.manual_seed(0)

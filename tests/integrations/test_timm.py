@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from metaopt.integrations.timm import backbone
 
 from metaopt.cli import main
 from metaopt.errors import ConfigError
+from metaopt.integrations.timm import backbone
 
 
 def test_unknown_timm_name_suggests_close_names():

@@ -3,12 +3,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from conftest import regression_tasks
-from metaopt.plugins import FOMAML, ConvergentFO, Reptile
 from reference import maml_meta_grad
 
 from metaopt import MetaLearner
 from metaopt.models import mlp
 from metaopt.optim import NormalizedSGD
+from metaopt.plugins import FOMAML, ConvergentFO, Reptile
 
 
 def _flat(model):

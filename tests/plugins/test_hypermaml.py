@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import image_tasks
-from metaopt.plugins import SHOT, HyperMAML, SharpMAML
 
 from metaopt import MetaLearner, PluginConflictError, hookimpl
 from metaopt.models import conv4
+from metaopt.plugins import SHOT, HyperMAML, SharpMAML
 
 
 class HeadOnly:

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import regression_tasks
-from metaopt.plugins import SharpMAML
 from reference import maml_meta_grad
 
 from metaopt import MetaLearner, hookimpl
 from metaopt.errors import PluginHookError
 from metaopt.models import mlp
+from metaopt.plugins import SharpMAML
 
 
 def _grads(model):

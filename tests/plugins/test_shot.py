@@ -3,12 +3,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from conftest import regression_tasks
-from metaopt.plugins import SHOT
-from metaopt.plugins.shot import output_distance
 from torch import nn
 
 from metaopt import MetaLearner
 from metaopt.models import mlp
+from metaopt.plugins import SHOT
+from metaopt.plugins.shot import output_distance
 
 
 def _class_tasks(n=2, dtype=torch.float64):
