@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plugins", help="list available plugins")
     pl.add_argument("--json", action="store_true")
+    sub.add_parser("hooks", help="print the hook reference (Markdown, from the hook specs)")
     return parser
 
 
@@ -139,9 +140,16 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hooks(args: argparse.Namespace) -> int:
+    from metaopt.hookspecs import reference_markdown
+
+    print(reference_markdown())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins}
+    commands = {"train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "hooks": cmd_hooks}
     try:
         return commands[args.command](args)
     except TrainingInterrupted as exc:

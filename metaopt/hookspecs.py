@@ -1,6 +1,6 @@
 """Every hook of the metaopt loop, grouped by phase, in firing order.
 
-Call modes (see ``docs/hooks.md``):
+Call modes (see ``docs/writing-plugins.md``):
 
 * **replace** (``firstresult``): the first non-``None`` result wins.  Built-in behaviour is
   registered ``trylast``, so any plugin that returns a value replaces it.  At most one
@@ -213,3 +213,18 @@ def hook_mode(name: str) -> str:
 
 
 __all__: list[Any] = ["hookimpl", "hookspec", "HOOK_ORDER", "HOOK_MODES", "hook_mode"]
+
+
+def reference_markdown() -> str:
+    """The hook reference as Markdown, generated from the specs above (docs/writing-plugins.md)."""
+    import inspect
+    import sys
+
+    module = sys.modules[__name__]
+    parts = []
+    for number, name in enumerate(HOOK_ORDER, 1):
+        spec = getattr(module, name)
+        signature = str(inspect.signature(spec)).replace("'", "")
+        doc = inspect.cleandoc(spec.__doc__ or "")
+        parts.append(f"### {number}. `{name}{signature}`\n\n{doc}\n")
+    return "\n".join(parts)

@@ -33,7 +33,7 @@ def _validate(plugin: object, name: str) -> None:
             raise PluginError(
                 f"plugin {name!r} implements {attr!r}, which is not a metaopt hook."
                 + suggest(attr, specs)
-                + " The hooks are listed in docs/hooks.md."
+                + " The hooks are listed in docs/writing-plugins.md."
             )
 
 
