@@ -66,7 +66,11 @@ def backbone(
         raise ConfigError(
             "pass pretrained_path=<local file> instead of pretrained=...; metaopt never downloads weights."
         )
-    body = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs)
+    kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs)
+    try:  # models with a fixed input grid (ViT, DeiT, Swin, ...) are built for img_size
+        body = timm.create_model(name, img_size=img_size, **kwargs)
+    except TypeError:
+        body = timm.create_model(name, **kwargs)
     if pretrained_path is not None:
         load_pretrained(body, pretrained_path)
     head = nn.Linear(_feature_dim(body, in_chans, img_size), num_classes)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaopt.backend import HigherBackend
-from metaopt.errors import ConfigError, DataError, MetaOptError, PluginError
+from metaopt.errors import ConfigError, DataError, MetaOptError, PluginError, PluginHookError
 from metaopt.inner_optim import fresh_state, make_template
 from metaopt.manager import PluginHost
 from metaopt.task import Batch, Params, Task, TaskData, Trajectory
@@ -61,6 +61,21 @@ def _check_task(i: int, task: TaskData) -> None:
             f"task {i}: support inputs {tuple(task.support_x.shape[1:])} and query inputs "
             f"{tuple(task.query_x.shape[1:])} differ in shape."
         )
+
+
+def _explain_missing_double_backward(exc: PluginHookError) -> MetaOptError:
+    """Turn torch's "derivative for X is not implemented" into advice, else keep the error."""
+    cause = exc.__cause__
+    text = str(cause)
+    if not (isinstance(cause, RuntimeError) and "derivative for" in text and "not implemented" in text):
+        return exc
+    op = text.split("derivative for", 1)[1].split("is not implemented")[0].strip()
+    return ConfigError(
+        f"the model uses an operation without a double backward ({op}), which a second-order "
+        "meta-gradient needs (e.g. hard-swish/hard-sigmoid in MobileNetV3, fused attention kernels). "
+        "Use first_order=True (or the fomaml / convergent_fo plugin), or build the model without that "
+        "operation (e.g. another activation; timm attention via metaopt.integrations.timm.backbone)."
+    )
 
 
 def check_labels(task: TaskData, output: torch.Tensor, loss_fn: Callable[..., torch.Tensor]) -> None:
@@ -379,7 +394,11 @@ class MetaLearner(nn.Module):
         """
         batch = self._begin(tasks, training=True)
         self.run_tasks(batch)
-        if not self.hook.outer_step(batch=batch):
+        try:
+            done = self.hook.outer_step(batch=batch)
+        except PluginHookError as exc:
+            raise _explain_missing_double_backward(exc) from exc
+        if not done:
             raise PluginError("no outer_step implementation returned True; the meta-gradient was not computed.")
         self.sync_gradients()
         self.iteration += 1
