@@ -17,7 +17,28 @@ from metaopt.learner import MetaLearner
 SUPPORTED_PRECISION = ("no", "bf16")
 
 
-def make_accelerator(precision: str = "no", cpu: bool = False) -> Any:
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def check_trackers(names: list[str]) -> None:
+    """Each name must be an accelerate tracker whose package is installed."""
+    import accelerate.utils as utils
+
+    from metaopt.errors import suggest
+
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"unknown tracker {name!r}.{suggest(name, TRACKERS)} Known: {', '.join(TRACKERS)}.")
+        if not getattr(utils, f"is_{name}_available")():
+            extra = " (pip install 'metaopt[tensorboard]')" if name == "tensorboard" else ""
+            raise ConfigError(
+                f"tracker {name!r} is not installed; install its package{extra} or drop it from log_with."
+            )
+
+
+def make_accelerator(
+    precision: str = "no", cpu: bool = False, log_with: list[str] | None = None, project_dir: str | None = None
+) -> Any:
     """An ``Accelerator`` (one or several processes, as launched); fp16 is refused (inner grads are unscaled)."""
     from accelerate import Accelerator
 
@@ -35,7 +56,9 @@ def make_accelerator(precision: str = "no", cpu: bool = False) -> Any:
         # accelerate keeps one process-wide state; a new run with another precision replaces it
         # (the distributed PartialState is kept).
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=precision, cpu=cpu)
+    if log_with:
+        check_trackers(log_with)
+    return Accelerator(mixed_precision=precision, cpu=cpu, log_with=log_with or None, project_dir=project_dir)
 
 
 def prepare(learner: MetaLearner, accelerator: Any) -> MetaLearner:

@@ -13,7 +13,7 @@ from typing import Any
 
 from metaopt.errors import MetaOptError, TrainingInterrupted
 
-_LIST_FLAGS = {"plugins": "plugin", "test_alphabets": "test_alphabet"}
+_LIST_FLAGS = {"plugins": "plugin", "test_alphabets": "test_alphabet", "log_with": "log_with"}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 dest=f.name,
                 action="append",
                 default=argparse.SUPPRESS,
-                help=f"repeatable; {'NAME or NAME:key=value,...' if f.name == 'plugins' else 'NAME'}",
+                help=f"repeatable; {'NAME or NAME:key=value,...' if f.name == 'plugins' else 'NAME'}"
+                + (" (accelerate tracker, e.g. tensorboard)" if f.name == "log_with" else ""),
             )
         elif hint is bool:
             parser.add_argument(

@@ -47,6 +47,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     clip_grad_norm: float | None = None
     on_nonfinite: str = "raise"
+    log_with: list[str] = field(default_factory=list)
 
     @property
     def regression(self) -> bool:

@@ -397,7 +397,10 @@ class MetaLearner(nn.Module):
         try:
             done = self.hook.outer_step(batch=batch)
         except PluginHookError as exc:
-            raise _explain_missing_double_backward(exc) from exc
+            explained = _explain_missing_double_backward(exc)
+            if explained is exc:
+                raise
+            raise explained from exc
         if not done:
             raise PluginError("no outer_step implementation returned True; the meta-gradient was not computed.")
         self.sync_gradients()

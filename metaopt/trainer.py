@@ -162,7 +162,9 @@ class Trainer:
         self.run_dir = Path(run_dir)
         from metaopt.integrations.accelerate import make_accelerator, prepare
 
-        self.accelerator = make_accelerator(config.precision, cpu=config.device == "cpu")
+        self.accelerator = make_accelerator(
+            config.precision, cpu=config.device == "cpu", log_with=config.log_with, project_dir=str(self.run_dir)
+        )
         if self.is_main:  # only rank 0 reads, clears and later writes the run directory
             self._check_run_dir(resume, overwrite)
         self.accelerator.wait_for_everyone()
@@ -279,6 +281,12 @@ class Trainer:
         if self.is_main:
             with open(self.run_dir / METRICS_FILE, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+        if self.config.log_with:  # accelerate's trackers (TensorBoard, W&B, ...); numbers only
+            flat = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "iteration"}
+            for key, value in (record.get("eval") or {}).items():
+                if isinstance(value, int | float):
+                    flat[f"eval/{key}"] = value
+            self.accelerator.log(flat, step=record["iteration"])
 
     def train(self, progress: bool = True) -> dict[str, Any]:
         config = self.config
@@ -286,6 +294,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
         metrics: dict[str, Any] = {}
+        if config.log_with:
+            hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in config.to_dict().items()}
+            self.accelerator.init_trackers("metaopt", config=hparams)
         bar = tqdm(
             total=config.iterations, initial=self.iteration, disable=not (progress and self.is_main), desc="meta-train"
         )
@@ -307,6 +318,8 @@ class Trainer:
                     self.save()
             bar.close()
             self.save()
+        if config.log_with:
+            self.accelerator.end_training()
         return metrics
 
     def _step(self) -> dict[str, Any]:

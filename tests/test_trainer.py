@@ -171,3 +171,26 @@ def test_resume_drops_log_lines_written_after_the_checkpoint(tmp_path):
     trainer = Trainer(_config(iterations=4), run, resume=True)
     assert trainer.iteration == 4
     assert [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_tensorboard_tracker_gets_the_metrics(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is in the test extra; install metaopt[tensorboard]")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    Trainer(_config(iterations=3, log_with=["tensorboard"]), run).train(progress=False)
+    events = list(run.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
+    tags = set()
+    for event_file in events:
+        acc = EventAccumulator(str(event_file))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert "meta_loss" in tags and "query_loss" in tags
+
+
+def test_unknown_or_missing_tracker_is_a_config_error(tmp_path):
+    from metaopt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'tensorbord'.*'tensorboard'"):
+        Trainer(_config(log_with=["tensorbord"]), tmp_path / "r")
