@@ -75,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeatable; Omniglot alphabets of the test split (default: the run's)",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument(
+        "--lake-runs",
+        metavar="PATH",
+        help="evaluate on a folder of Omniglot one-shot runs (runNN/class_labels.txt ...); reports the error rate",
+    )
+
+    lk = sub.add_parser("lake-runs", help="write Omniglot one-shot runs (official format) from held-out alphabets")
+    lk.add_argument("--omniglot", required=True, help="an images_background*.zip archive")
+    lk.add_argument("--alphabet", dest="alphabets", action="append", required=True, help="repeatable")
+    lk.add_argument("--out", required=True)
+    lk.add_argument("--runs", type=int, default=20)
+    lk.add_argument("--ways", type=int, default=20)
+    lk.add_argument("--seed", type=int, default=0)
 
     pl = sub.add_parser("plugins", help="list available plugins")
     pl.add_argument("--json", action="store_true")
@@ -106,6 +119,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks < 1:
         raise MetaOptError(f"--tasks {args.tasks} must be >= 1.")
     config, learner = load_run(args.run_dir)
+    if args.lake_runs:
+        return _eval_lake(args, config, learner)
 
     def sampler():
         return make_eval_sampler(
@@ -125,6 +140,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{key} after {report['steps']} steps: {report[key]:.4f} ± {report['ci95']:.4f} "
             f"over {report['tasks']} tasks (unadapted: {baseline[key]:.4f})"
         )
+    return 0
+
+
+def _eval_lake(args: argparse.Namespace, config: Any, learner: Any) -> int:
+    from metaopt.data.lake import read_lake_runs
+
+    tasks = read_lake_runs(args.lake_runs, size=config.image_size)
+    wrong = total = 0
+    per_run = []
+    for task in tasks:
+        accuracy = learner.evaluate([task], steps=args.steps).metrics["accuracy"]
+        n = len(task.query_y)
+        errors = round((1 - accuracy) * n)
+        wrong, total = wrong + errors, total + n
+        per_run.append(errors / n)
+    report = {
+        "runs": len(tasks),
+        "items": total,
+        "error_rate": wrong / total,
+        "per_run_error": per_run,
+        "steps": learner.eval_inner_steps if args.steps is None else args.steps,
+        "lake_runs": args.lake_runs,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"error rate {report['error_rate']:.4f} over {len(tasks)} runs ({total} test items)")
+    return 0
+
+
+def cmd_lake_runs(args: argparse.Namespace) -> int:
+    from metaopt.data.lake import write_lake_runs
+
+    manifest = write_lake_runs(args.omniglot, args.alphabets, args.out, runs=args.runs, ways=args.ways, seed=args.seed)
+    used = sorted({r["alphabet"] for r in manifest["runs"]})
+    skipped = f"; skipped {manifest['skipped']}" if manifest["skipped"] else ""
+    print(f"wrote {len(manifest['runs'])} runs from {used} to {args.out}{skipped}")
     return 0
 
 
@@ -150,7 +202,13 @@ def cmd_hooks(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "hooks": cmd_hooks}
+    commands = {
+        "train": cmd_train,
+        "eval": cmd_eval,
+        "plugins": cmd_plugins,
+        "hooks": cmd_hooks,
+        "lake-runs": cmd_lake_runs,
+    }
     try:
         return commands[args.command](args)
     except TrainingInterrupted as exc:

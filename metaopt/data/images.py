@@ -17,7 +17,7 @@ from metaopt.errors import DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
-def _to_tensor(data: bytes | Path, size: int, channels: int, invert: bool, where: str) -> torch.Tensor:
+def image_to_tensor(data: bytes | Path, size: int, channels: int, invert: bool, where: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
             img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.LANCZOS)
@@ -69,7 +69,7 @@ def load_omniglot(
     if not files:
         raise DataError(f"no Omniglot images (alphabet/character/*.png) found in {str(path)!r}.")
     classes = {
-        cls: torch.stack([_to_tensor(data, size, 1, True, where) for where, data in items])
+        cls: torch.stack([image_to_tensor(data, size, 1, True, where) for where, data in items])
         for cls, items in sorted(files.items())
     }
     return with_rotations(classes) if rotations else classes
@@ -91,7 +91,7 @@ def load_image_folder(
         images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise DataError(f"class folder {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
-        classes[folder.name] = torch.stack([_to_tensor(p, size, channels, invert, str(p)) for p in images])
+        classes[folder.name] = torch.stack([image_to_tensor(p, size, channels, invert, str(p)) for p in images])
     if not classes:
         raise DataError(f"{str(root)!r} has no class sub-folders; expected root/<class>/<image files>.")
     return classes

@@ -1,0 +1,115 @@
+"""The Omniglot one-shot classification run format (Lake et al., 2015), written and read.
+
+A folder of runs ``runNN/``, each holding ``training/classXX.png`` (one image per class),
+``test/itemXX.png`` and ``class_labels.txt`` (lines ``runNN/test/itemXX.png runNN/training/classYY.png``).
+One run is a 20-way 1-shot task within one alphabet, the training image drawn by one person
+and the test images by another; the score is the error rate over all test items of all runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from metaopt.data.images import image_to_tensor
+from metaopt.errors import DataError
+from metaopt.task import TaskData
+
+_DRAWER = re.compile(r"_(\d+)\.png$")
+
+
+def _characters(archive: Path, alphabet: str) -> dict[str, dict[str, str]]:
+    """character -> drawer -> member name inside the zip."""
+    chars: dict[str, dict[str, str]] = defaultdict(dict)
+    with zipfile.ZipFile(archive) as zf:
+        for name in zf.namelist():
+            parts = name.split("/")
+            match = _DRAWER.search(name)
+            if len(parts) >= 3 and parts[-3] == alphabet and match:
+                chars[parts[-2]][match.group(1)] = name
+    return dict(chars)
+
+
+def write_lake_runs(
+    archive: str | Path, alphabets: list[str], out: str | Path, runs: int = 20, ways: int = 20, seed: int = 0
+) -> dict:
+    """Write ``runs`` runs in the official format from ``alphabets`` of an Omniglot zip.
+
+    Runs cycle through the alphabets that have at least ``ways`` characters (the others are
+    listed as skipped in the returned manifest, also written to ``out/runs.json``).  The
+    original 105x105 PNG bytes are copied unchanged.
+    """
+    archive, out = Path(archive), Path(out)
+    if not archive.is_file():
+        raise DataError(f"Omniglot archive {str(archive)!r} does not exist.")
+    g = torch.Generator().manual_seed(seed)
+    usable, skipped = {}, {}
+    for alphabet in alphabets:
+        chars = _characters(archive, alphabet)
+        if not chars:
+            raise DataError(f"alphabet {alphabet!r} is not in {archive.name}.")
+        if len(chars) >= ways:
+            usable[alphabet] = chars
+        else:
+            skipped[alphabet] = f"{len(chars)} characters < {ways} ways"
+    if not usable:
+        raise DataError(f"none of {alphabets} has {ways} characters for a {ways}-way run ({skipped}).")
+    manifest: dict = {"archive": archive.name, "ways": ways, "seed": seed, "skipped": skipped, "runs": []}
+    names = sorted(usable)
+    with zipfile.ZipFile(archive) as zf:
+        for r in range(runs):
+            alphabet = names[r % len(names)]
+            chars = usable[alphabet]
+            picked = [sorted(chars)[i] for i in torch.randperm(len(chars), generator=g)[:ways].tolist()]
+            drawers = sorted(set.intersection(*(set(chars[c]) for c in picked)))
+            first, second = (drawers[i] for i in torch.randperm(len(drawers), generator=g)[:2].tolist())
+            run = out / f"run{r + 1:02d}"
+            (run / "training").mkdir(parents=True, exist_ok=True)
+            (run / "test").mkdir(parents=True, exist_ok=True)
+            order = torch.randperm(ways, generator=g).tolist()  # test items in shuffled order
+            lines = []
+            for k, char in enumerate(picked):
+                (run / "training" / f"class{k + 1:02d}.png").write_bytes(zf.read(chars[char][first]))
+            for item, k in enumerate(order):
+                (run / "test" / f"item{item + 1:02d}.png").write_bytes(zf.read(chars[picked[k]][second]))
+                lines.append(f"{run.name}/test/item{item + 1:02d}.png {run.name}/training/class{k + 1:02d}.png")
+            (run / "class_labels.txt").write_text("\n".join(lines) + "\n")
+            manifest["runs"].append({"run": run.name, "alphabet": alphabet, "drawers": [first, second]})
+    (out / "runs.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_lake_runs(path: str | Path, size: int = 28) -> list[TaskData]:
+    """Each run as a task: support = the training images (label = class index), query = test items."""
+    root = Path(path)
+    runs = (
+        sorted(p for p in root.iterdir() if p.is_dir() and (p / "class_labels.txt").is_file()) if root.is_dir() else []
+    )
+    if not runs:
+        raise DataError(f"{str(root)!r} holds no runs (folders with class_labels.txt, training/ and test/).")
+    tasks = []
+    for run in runs:
+        classes = sorted((run / "training").glob("class*.png"))
+        index = {p.name: i for i, p in enumerate(classes)}
+        items, labels = [], []
+        for n, line in enumerate((run / "class_labels.txt").read_text().split("\n")):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise DataError(
+                    f"{run / 'class_labels.txt'} line {n + 1}: expected 'test/itemXX.png training/classYY.png'."
+                )
+            item, label = (Path(p).name for p in parts)
+            if label not in index:
+                raise DataError(f"{run / 'class_labels.txt'} line {n + 1}: {label!r} is not in {run / 'training'}.")
+            items.append(image_to_tensor(run / "test" / item, size, 1, True, str(run / "test" / item)))
+            labels.append(index[label])
+        support = torch.stack([image_to_tensor(p, size, 1, True, str(p)) for p in classes])
+        tasks.append(TaskData(support, torch.arange(len(classes)), torch.stack(items), torch.tensor(labels)))
+    return tasks
