@@ -27,6 +27,7 @@ from common import DOCS, device_name, write_json
 
 METAOPT_PLUGINS: dict[str, list[Any]] = {
     "metaopt maml": [],
+    "metaopt maml (torch.func backend)": [],
     "metaopt fomaml": ["fomaml"],
     "metaopt convergent_fo": ["convergent_fo"],
     "metaopt shot": ["shot"],
@@ -89,12 +90,12 @@ def make_batches(model: str, meta_batch: int, count: int):
     return batches
 
 
-def metaopt_step_fn(model, plugins, steps: int, lr: float, loss_fn):
+def metaopt_step_fn(model, plugins, steps: int, lr: float, loss_fn, backend: str = "higher"):
     from metaopt import MetaLearner
     from metaopt.registry import create_plugin
 
     made = [create_plugin(p) if isinstance(p, str) else create_plugin(p[0], **p[1]) for p in plugins]
-    learner = MetaLearner(model, made, inner_steps=steps, inner_lr=lr, loss_fn=loss_fn)
+    learner = MetaLearner(model, made, inner_steps=steps, inner_lr=lr, loss_fn=loss_fn, backend=backend)
     return learner, lambda tasks: learner.backward(tasks)
 
 
@@ -173,7 +174,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     # reference meta-gradient from metaopt's plain MAML on the first batch (checked for every contender)
     reference = None
-    if spec["check"] and contender != "metaopt maml" and contender not in METAOPT_PLUGINS:
+    if spec["check"] and contender != "metaopt maml" and (contender not in METAOPT_PLUGINS or "backend" in contender):
         ref_model = make_model(wl["model"])
         _, ref_step = metaopt_step_fn(ref_model, [], steps, wl["lr"], loss_fn)
         ref_step(batches[0])
@@ -181,7 +182,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     model = make_model(wl["model"])
     if contender in METAOPT_PLUGINS:
-        learner, step = metaopt_step_fn(model, METAOPT_PLUGINS[contender], steps, wl["lr"], loss_fn)
+        backend = "torch.func" if "torch.func backend" in contender else "higher"
+        learner, step = metaopt_step_fn(model, METAOPT_PLUGINS[contender], steps, wl["lr"], loss_fn, backend)
         params = list(learner.meta_parameters())
     elif contender == "raw higher":
         step, params = higher_step_fn(model, steps, wl["lr"], loss_fn), list(model.parameters())
@@ -289,7 +291,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
             if not ok:
                 continue
             ref = ok.get("raw higher", min(ok.values()))
-            for c in ("metaopt maml", "raw higher", "torch.func", "torchopt"):
+            for c in ("metaopt maml", "metaopt maml (torch.func backend)", "raw higher", "torch.func", "torchopt"):
                 if c in ok:
                     labels.append(f"{wl} | {c}")
                     values.append(ok[c] / ref)

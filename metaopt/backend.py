@@ -31,6 +31,9 @@ class Backend(Protocol):
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor], **kwargs: Any) -> Any:
         """``model(x, **kwargs)`` with the named parameters replaced by ``params``."""
 
+    def release(self) -> None:
+        """Called when a batch's forward passes are done (restore anything ``prepare`` changed)."""
+
 
 def _set_modes(module: nn.Module, training: bool, bn_policy: str) -> None:
     module.train(training)
@@ -71,6 +74,9 @@ class HigherBackend:
             higher.patch.buffer_sync(self.model, self._fmodel)
         _set_modes(self._fmodel, training, self.bn_policy)
 
+    def release(self) -> None:
+        pass
+
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor], **kwargs: Any) -> Any:
         if self._fmodel is None:
             self.prepare(self.model.training)
@@ -81,3 +87,52 @@ class HigherBackend:
             # higher appends every `params=` call to a history list when tracking grads;
             # clearing it keeps one patched model reusable without holding old graphs alive.
             self._fmodel._fast_params = None
+
+
+class TorchFuncBackend:
+    """``torch.func.functional_call`` on the user's module itself: no patched copy at all.
+
+    The model's train/eval modes are set for the batch and restored by ``release``; BatchNorm
+    running statistics are read from and written to per-batch copies of the buffers, so
+    adaptation never changes the model's buffers (same policies as :class:`HigherBackend`).
+    """
+
+    name = "torch.func"
+
+    def __init__(self, model: nn.Module, bn_policy: str = "transductive") -> None:
+        if bn_policy not in BN_POLICIES:
+            raise ConfigError(
+                f"bn_policy={bn_policy!r} is not known; use one of {BN_POLICIES}.{suggest(bn_policy, BN_POLICIES)}"
+            )
+        self.model = model
+        self.bn_policy = bn_policy
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._named: dict[str, torch.Tensor] = {}
+        self._modes: list[tuple[nn.Module, bool]] = []
+
+    def prepare(self, training: bool) -> None:
+        if not self._modes:
+            self._modes = [(m, m.training) for m in self.model.modules()]
+        _set_modes(self.model, training, self.bn_policy)
+        self._named = dict(self.model.named_parameters())
+        self._buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+
+    def release(self) -> None:
+        for module, mode in self._modes:
+            module.training = mode
+        self._modes = []
+
+    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+        if not self._named:
+            self.prepare(self.model.training)
+        full = {**self._named, **params, **self._buffers}
+        return torch.func.functional_call(self.model, full, (x,), kwargs, tie_weights=True, strict=False)
+
+
+BACKENDS = {"higher": HigherBackend, "torch.func": TorchFuncBackend}
+
+
+def make_backend(name: str, model: nn.Module, bn_policy: str) -> HigherBackend | TorchFuncBackend:
+    if name not in BACKENDS:
+        raise ConfigError(f"backend={name!r} is not known; use one of {sorted(BACKENDS)}.{suggest(name, BACKENDS)}")
+    return BACKENDS[name](model, bn_policy)

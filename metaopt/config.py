@@ -33,6 +33,7 @@ class TrainConfig:
     first_order: bool = False
     inner_optimizer: str = "sgd"
     bn_policy: str = "transductive"
+    backend: str = "higher"
     meta_batch: int = 4
     iterations: int = 300
     meta_lr: float = 1e-3

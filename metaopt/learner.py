@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaopt.backend import HigherBackend
+from metaopt.backend import make_backend
 from metaopt.errors import ConfigError, DataError, MetaOptError, PluginError, PluginHookError
 from metaopt.inner_optim import fresh_state, make_template
 from metaopt.manager import PluginHost
@@ -123,6 +123,8 @@ class MetaLearner(nn.Module):
         inner_optimizer: ``"sgd"`` (default), ``"adam"``, ``"rmsprop"``, ``"adagrad"``; made
             differentiable by ``higher``.
         bn_policy: ``"transductive"`` or ``"running"`` (see ``metaopt.backend.BN_POLICIES``).
+        backend: ``"higher"`` (default, the project's engine) or ``"torch.func"``; both give
+            the same meta-gradients (tested); see docs/benchmarks/speed.md for their costs.
         eval_inner_steps: inner steps at evaluation (default: ``inner_steps``).
         check_finite: raise :class:`~metaopt.errors.NumericalError` at the first NaN/inf loss
             or gradient (default on; costs one device sync per checked value).
@@ -142,6 +144,7 @@ class MetaLearner(nn.Module):
         bn_policy: str = "transductive",
         eval_inner_steps: int | None = None,
         check_finite: bool = True,
+        backend: str = "higher",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -166,7 +169,7 @@ class MetaLearner(nn.Module):
         self.first_order = bool(first_order)
         self.inner_optimizer_name = inner_optimizer
         self.inner_optimizer_kwargs = dict(inner_optimizer_kwargs or {})
-        self.backend = HigherBackend(model, bn_policy)
+        self.backend = make_backend(backend, model, bn_policy)
         self.accelerator: Any = None
         self.iteration = 0
 
@@ -300,11 +303,14 @@ class MetaLearner(nn.Module):
         batch.tasks = []
         losses = []
         grad_mode = torch.enable_grad()
-        with grad_mode, self._autocast():
-            for i, data in enumerate(batch.data):
-                task = self._make_task(i, data, batch.training)
-                batch.tasks.append(task)
-                losses.append(self.run_task(task))
+        try:
+            with grad_mode, self._autocast():
+                for i, data in enumerate(batch.data):
+                    task = self._make_task(i, data, batch.training)
+                    batch.tasks.append(task)
+                    losses.append(self.run_task(task))
+        finally:
+            self.backend.release()
         # average in at least float32 (bf16/fp16 losses are upcast; float64 stays float64)
         dtype = torch.promote_types(losses[0].dtype, torch.float32)
         batch.meta_loss = torch.stack([loss.to(dtype) for loss in losses]).mean()
@@ -428,9 +434,12 @@ class MetaLearner(nn.Module):
         _check_task(0, data)
         self.backend.prepare(False)
         t = self._make_task(0, data, training=False)
-        with torch.enable_grad(), self._autocast():
-            self.hook.task_start(task=t)
-            params = self.hook.adapt(task=t, trajectory=self.new_trajectory(t, steps))
+        try:
+            with torch.enable_grad(), self._autocast():
+                self.hook.task_start(task=t)
+                params = self.hook.adapt(task=t, trajectory=self.new_trajectory(t, steps))
+        finally:
+            self.backend.release()
         return {n: p.detach() for n, p in params.items()}
 
     # -- state ----------------------------------------------------------------------

@@ -72,6 +72,7 @@ def build_learner(config: TrainConfig, model: torch.nn.Module) -> MetaLearner:
         first_order=config.first_order,
         inner_optimizer=config.inner_optimizer,
         bn_policy=config.bn_policy,
+        backend=config.backend,
     )
 
 
