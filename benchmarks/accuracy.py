@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import DOCS, ROOT, SHARED_DATA, device_name, fmt, train_eval, write_json
+from common import DOCS, ROOT, SHARED_DATA, cli, device_name, fmt, train_eval, write_json
 
 OUTPUT = {"docs": DOCS}  # where the JSON, Markdown and plots go (--docs)
 
@@ -92,6 +92,33 @@ def omniglot_rows(args: argparse.Namespace) -> list[tuple[str, list[str], list[i
     return rows
 
 
+def lake_rows(args: argparse.Namespace) -> list[tuple[str, list[str], list[int], list[str]]]:
+    """20-way models meta-trained on small1, scored on one-shot runs written from small2's held-out alphabets."""
+    train_zip, test_zip, alphabets = CROSS_SPLITS["small1->small2"]
+    runs = Path(args.work) / "lake-runs-small2"
+    if not (runs / "runs.json").is_file():
+        write = ["lake-runs", "--omniglot", str(Path(args.omniglot) / test_zip), "--out", str(runs)]
+        for alphabet in alphabets:
+            write += ["--alphabet", alphabet]
+        cli(write + ["--runs", "20", "--seed", str(args.seed)])
+    config = Path(args.work) / "omniglot-all-alphabets.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("test_alphabets: []\n")
+    base = ["--config", str(config), "--data", f"omniglot:{Path(args.omniglot) / train_zip}", "--ways", "20"]
+    base += ["--shots", "1", "--query", "5", "--inner-steps", str(args.lake_steps), "--inner-lr", "0.1"]
+    base += ["--meta-batch", str(args.lake_meta_batch), "--iterations", str(args.omni_iters)]
+    base += ["--seed", str(args.seed), "--checkpoint-every", "0"]
+    return [
+        (
+            f"lake/small1->small2 runs/20-way-1-shot/{algo}",
+            base + algorithm_flags(algo, args.omni_iters),
+            [args.lake_steps, 10],
+            ["--lake-runs", str(runs)],
+        )
+        for algo in args.algorithms
+    ]
+
+
 def write_report(results: dict[str, Any]) -> None:
     lines = [
         "# Accuracy benchmark",
@@ -111,6 +138,9 @@ def write_report(results: dict[str, Any]) -> None:
     for group, rows in groups.items():
         first = rows[0][1]
         steps = list(first["evals"])
+        if "error_rate" in first["evals"][steps[0]]:
+            lines += lake_table(group, rows, steps)
+            continue
         metric = "accuracy" if "accuracy" in first["evals"][steps[0]] else "MSE"
         tasks = first["evals"][steps[0]]["tasks"]
         lines += [f"## {group}", "", f"Metric: {metric} over {tasks} test tasks after the given inner steps.", ""]
@@ -135,6 +165,31 @@ def write_report(results: dict[str, Any]) -> None:
         if plot:
             lines += [f"![{group}]({plot})", ""]
     (OUTPUT["docs"] / "accuracy.md").write_text("\n".join(lines))
+
+
+def lake_table(group: str, rows: list[tuple[str, dict[str, Any]]], steps: list[str]) -> list[str]:
+    first = rows[0][1]["evals"][steps[0]]
+    lines = [
+        f"## {group}",
+        "",
+        f"Error rate over {first['runs']} one-shot runs ({first['items']} test items) in the",
+        "",
+    ]
+    lines[-1] = lines[-1] + " official run format, written by `metaopt lake-runs` from the held-out alphabets."
+    lines += ["", "| algorithm | options | iterations | train wall (s) | device | "]
+    lines[-1] += " | ".join(f"error, {s} step{'s' if s != '1' else ''}" for s in steps) + " |"
+    lines += ["|" + " --- |" * (5 + len(steps))]
+    for algo, row in rows:
+        options = " ".join(row["train_args"][row["train_args"].index("--checkpoint-every") + 2 :]) or "(defaults)"
+        cells = [algo, f"`{options}`", str(row["iterations"]), str(row["train_wall_s"]), row["device"]]
+        cells += [f"{row['evals'][s]['error_rate']:.4f}" for s in steps]
+        lines.append("| " + " | ".join(cells) + " |")
+    common = [a for a in rows[0][1]["train_args"][: rows[0][1]["train_args"].index("--checkpoint-every")]]
+    at = common.index("--config")
+    common = common[:at] + common[at + 2 :]
+    lines += ["", "Meta-trained on every alphabet of small1 (`test_alphabets: []`).", ""]
+    lines += [f"Shared training flags: `{' '.join(common)}`", ""]
+    return lines
 
 
 def plot_group(group: str, rows: list[tuple[str, dict[str, Any]]], steps: str) -> str | None:
@@ -162,7 +217,10 @@ def plot_group(group: str, rows: list[tuple[str, dict[str, Any]]], steps: str) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=["sinusoid", "omniglot", "all"], default="all")
+    parser.add_argument("--section", choices=["sinusoid", "omniglot", "lake", "all"], default="all")
+    parser.add_argument("--lake-steps", type=int, default=1, help="inner steps of the 20-way Lake models")
+    parser.add_argument("--lake-meta-batch", type=int, default=4)
+    parser.add_argument("--merge", nargs="*", default=[], help="other accuracy.json files to fold in (report only)")
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--shots", nargs="+", type=int, default=[5, 10], help="sinusoid K")
     parser.add_argument("--sin-iters", type=int, default=10000)
@@ -184,11 +242,16 @@ def main() -> None:
     rows = []
     if args.section in ("sinusoid", "all"):
         rows += sinusoid_rows(args)
-    if args.section in ("omniglot", "all"):
-        if (Path(args.omniglot) / "images_background_small1.zip").is_file():
-            rows += omniglot_rows(args)
-        else:
-            print(f"Omniglot skipped: no archives in {args.omniglot}")
+    for extra in args.merge:
+        for key, row in json.loads(Path(extra).read_text()).items():
+            results.setdefault(key, row)
+    has_omniglot = (Path(args.omniglot) / "images_background_small1.zip").is_file()
+    if args.section in ("omniglot", "lake", "all") and not has_omniglot:
+        print(f"Omniglot skipped: no archives in {args.omniglot}")
+    elif args.section in ("omniglot", "all"):
+        rows += omniglot_rows(args)
+    if has_omniglot and args.section in ("lake", "all"):
+        rows += lake_rows(args)
     for key, train_args, steps, eval_args in rows:
         if key in results and not args.rerun:
             continue
@@ -198,8 +261,10 @@ def main() -> None:
         results[key] = {**row, "iterations": iterations, "device": device_name(), "started": started}
         write_json(results_file, results)
         write_report(results)
-        print(key, {s: fmt(e) for s, e in row["evals"].items()}, f"{row['train_wall_s']} s", flush=True)
+        shown = {s: (f"error {e['error_rate']:.4f}" if "error_rate" in e else fmt(e)) for s, e in row["evals"].items()}
+        print(key, shown, f"{row['train_wall_s']} s", flush=True)
     if results:
+        write_json(results_file, results)
         write_report(results)
 
 
