@@ -88,7 +88,7 @@ def omniglot_rows(args: argparse.Namespace) -> list[tuple[str, list[str], list[i
                 eval_args += ["--test-alphabet", alphabet]
             for algo in args.algorithms:
                 key = f"omniglot/{direction}/{ways}-way-1-shot/{algo}"
-                rows.append((key, base + algorithm_flags(algo, args.omni_iters), [steps, 10], eval_args))
+                rows.append((key, base + algorithm_flags(algo, args.omni_iters), [steps, *args.eval_steps], eval_args))
     return rows
 
 
@@ -218,6 +218,7 @@ def plot_group(group: str, rows: list[tuple[str, dict[str, Any]]], steps: str) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--section", choices=["sinusoid", "omniglot", "lake", "all"], default="all")
+    parser.add_argument("--eval-steps", type=int, nargs="+", default=[10], help="Omniglot/Lake extra test steps")
     parser.add_argument("--lake-steps", type=int, default=1, help="inner steps of the 20-way Lake models")
     parser.add_argument("--lake-meta-batch", type=int, default=4)
     parser.add_argument("--merge", nargs="*", default=[], help="other accuracy.json files to fold in (report only)")
