@@ -19,7 +19,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "omniglot"
 def cli(args: list[str]) -> str:
     """Run ``metaopt ARGS`` in a fresh interpreter; return its stdout (raise with stderr on failure)."""
     cmd = [sys.executable, "-m", "metaopt.cli", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # PYTHONSAFEPATH: do not put the current folder first on sys.path, where a source checkout's
+    # metaopt/ would shadow the installed package
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc.stdout

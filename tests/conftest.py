@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Subprocesses run `python -m metaopt.cli` from here: from the repository root, the source
+# folder `metaopt/` would shadow the installed package (whose plugins/integrations live elsewhere).
+OUTSIDE = tempfile.gettempdir()
 OMNIGLOT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 
 

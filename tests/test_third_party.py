@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import OUTSIDE
 
 PLUGIN_SOURCE = '''
 import torch
@@ -69,7 +70,8 @@ def _metaopt(site: Path, *args: str, disable: bool = False) -> subprocess.Comple
     env.pop("METAOPT_DISABLE_ENTRY_POINTS", None)
     if disable:
         env["METAOPT_DISABLE_ENTRY_POINTS"] = "1"
-    return subprocess.run([sys.executable, "-m", "metaopt.cli", *args], capture_output=True, text=True, env=env)
+    cmd = [sys.executable, "-m", "metaopt.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=OUTSIDE)
 
 
 def test_installed_plugin_is_listed_and_can_be_disabled(site):

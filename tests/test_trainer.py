@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import OUTSIDE
 
 from metaopt.checkpoint import load_safe
 from metaopt.config import TrainConfig
@@ -59,7 +60,9 @@ def _lines(path: Path) -> int:
 
 
 def _start_and_signal(out: Path, sig: int, after: int) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(_cli(out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cli(out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=OUTSIDE
+    )
     deadline = time.time() + 120
     while _lines(out / "metrics.jsonl") < after and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -71,7 +74,7 @@ def _start_and_signal(out: Path, sig: int, after: int) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("straight") / "run"
-    subprocess.run(_cli(out), env=_env(), check=True, capture_output=True)
+    subprocess.run(_cli(out), env=_env(), check=True, capture_output=True, cwd=OUTSIDE)
     return _final_state(out)
 
 
@@ -82,7 +85,7 @@ def test_sigkill_at_a_random_iteration_then_resume_is_bit_identical(tmp_path, un
     killed = _start_and_signal(out, signal.SIGKILL, after)
     assert killed.returncode == -signal.SIGKILL, f"seed {seed}: the run ended before the kill"
     assert _final_state(out)["iteration"] < ITERATIONS
-    subprocess.run(_cli(out, "--resume"), env=_env(), check=True, capture_output=True)
+    subprocess.run(_cli(out, "--resume"), env=_env(), check=True, capture_output=True, cwd=OUTSIDE)
     _assert_bit_identical(_final_state(out), uninterrupted)
     logged = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, ITERATIONS + 1)), "metrics after the checkpoint must not be duplicated"
@@ -96,7 +99,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_nonzero_then_resumes(tmp_path, un
     state = _final_state(out)
     assert 5 <= state["iteration"] < ITERATIONS
     assert _lines(out / "metrics.jsonl") == state["iteration"]  # the checkpoint covers every logged step
-    subprocess.run(_cli(out, "--resume"), env=_env(), check=True, capture_output=True)
+    subprocess.run(_cli(out, "--resume"), env=_env(), check=True, capture_output=True, cwd=OUTSIDE)
     _assert_bit_identical(_final_state(out), uninterrupted)
 
 

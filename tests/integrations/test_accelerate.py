@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import regression_tasks
+from conftest import OUTSIDE, regression_tasks
 
 from metaopt import MetaLearner, hookimpl
 from metaopt.errors import ConfigError
@@ -59,9 +59,11 @@ def _train_eval(tmp_path, precision: str) -> float:
     train = [sys.executable, "-m", "metaopt.cli", "train", "--data", "sinusoid", "--shots", "10", "--query", "10"]
     train += ["--inner-lr", "0.01", "--meta-batch", "10", "--iterations", "300", "--checkpoint-every", "0"]
     train += ["--precision", precision, "--device", "cpu", "--no-progress", "--out", str(out)]
-    subprocess.run(train, check=True, capture_output=True, env=env)
+    subprocess.run(train, check=True, capture_output=True, env=env, cwd=OUTSIDE)
     ev = [sys.executable, "-m", "metaopt.cli", "eval", str(out), "--tasks", "300", "--json"]
-    return json.loads(subprocess.run(ev, check=True, capture_output=True, text=True, env=env).stdout)["mse"]
+    return json.loads(subprocess.run(ev, check=True, capture_output=True, text=True, env=env, cwd=OUTSIDE).stdout)[
+        "mse"
+    ]
 
 
 def test_bf16_training_matches_fp32_sinusoid_mse_within_ten_percent(tmp_path):
