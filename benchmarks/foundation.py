@@ -10,6 +10,7 @@ Markdown comes from this run.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from common import DOCS, ROOT, SHARED_DATA, device_name, fmt, train_eval, write_json
@@ -35,7 +36,7 @@ def main() -> None:
     lines = [
         "# Foundation acceptance runs",
         "",
-        f"Produced by `python benchmarks/foundation.py` on {device_name()}. 600 test tasks each",
+        f"Produced by `python benchmarks/foundation.py {' '.join(sys.argv[1:])}` on {device_name()}. 600 test tasks each",
         "(sinusoid: fresh functions from another seed; Omniglot: the held-out alphabets of small1,",
         "the last fifth in sorted order). ± is the 95% confidence half-width. 'unadapted' is the",
         "meta-learned initialisation with 0 inner steps on the same test tasks.",
