@@ -1,0 +1,53 @@
+"""Smoke runs of the benchmark harnesses with tiny settings (the real runs are in docs/benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import OUTSIDE
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env, cwd=OUTSIDE
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_accuracy_harness_writes_json_and_table(tmp_path):
+    args = ["--section", "sinusoid", "--shots", "5", "--sin-iters", "2", "--tasks", "4"]
+    _run("accuracy.py", *args, "--algorithms", "maml", "fomaml", "--docs", str(tmp_path), "--work", str(tmp_path / "w"))
+    results = json.loads((tmp_path / "accuracy.json").read_text())
+    assert set(results) == {"sinusoid/5-shot/maml", "sinusoid/5-shot/fomaml"}
+    assert results["sinusoid/5-shot/maml"]["evals"]["10"]["tasks"] == 4
+    table = (tmp_path / "accuracy.md").read_text()
+    assert "| fomaml | `--plugin fomaml` | 2 |" in table
+
+
+def test_speed_harness_times_and_checks_gradients(tmp_path):
+    _run(
+        "speed.py",
+        "--workloads",
+        "sinusoid mlp, 10-shot, mb 25, K=1",
+        "--contenders",
+        "metaopt maml",
+        "raw higher",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--no-memory",
+        "--docs",
+        str(tmp_path),
+    )
+    result = json.loads((tmp_path / "speed.json").read_text())["speed"]["sinusoid mlp, 10-shot, mb 25, K=1"]
+    assert result["metaopt maml"]["median_s"] > 0
+    assert result["raw higher"]["max_rel_grad_diff_vs_metaopt"] < 1e-4
+    assert "| raw higher |" in (tmp_path / "speed.md").read_text()
