@@ -39,7 +39,10 @@ class HyperMAML:
     """HyperMAML: a hypernetwork maps the support set to the head update (with a MAML warm-up)."""
 
     name = "hypermaml"
-    incompatible_with = {"shot": "SHOT regularises an inner gradient trajectory, which HyperMAML does not have."}
+    incompatible_with = {
+        "shot": "SHOT regularises an inner gradient trajectory, which HyperMAML does not have. Drop one of them: "
+        "SHOT with MAML or another gradient-based learner, or HyperMAML without SHOT."
+    }
 
     def __init__(
         self,
