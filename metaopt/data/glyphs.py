@@ -24,15 +24,16 @@ def glyph_prototype(index: int, split: str = "train") -> torch.Tensor:
     return (torch.rand(strokes, 3, 2, generator=g) * 1.5 - 0.75).to(torch.float32)
 
 
-def render(controls: torch.Tensor, size: int, width: float) -> torch.Tensor:
-    """Rasterise Bezier strokes [S, 3, 2] to an image [1, size, size] in [0, 1]."""
-    t = torch.linspace(0, 1, _POINTS_PER_STROKE).view(1, -1, 1)
-    p0, p1, p2 = controls[:, 0:1], controls[:, 1:2], controls[:, 2:3]
-    pts = ((1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2).reshape(-1, 2)
+def render(controls: torch.Tensor, size: int, width: torch.Tensor) -> torch.Tensor:
+    """Rasterise n glyphs of Bezier strokes [n, S, 3, 2] with widths [n] to images [n, 1, size, size]."""
+    n = controls.shape[0]
+    t = torch.linspace(0, 1, _POINTS_PER_STROKE).view(1, 1, -1, 1)
+    p0, p1, p2 = controls[:, :, 0:1], controls[:, :, 1:2], controls[:, :, 2:3]
+    pts = ((1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2).reshape(n, -1, 2)
     axis = torch.linspace(-1, 1, size)
-    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), dim=-1).reshape(-1, 1, 2)
-    d2 = ((grid - pts.unsqueeze(0)) ** 2).sum(-1).min(dim=1).values
-    return torch.exp(-d2 / (2 * width**2)).clamp(0, 1).reshape(1, size, size)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), dim=-1).reshape(1, -1, 2).expand(n, -1, -1)
+    d2 = torch.cdist(grid, pts).min(dim=2).values ** 2
+    return torch.exp(-d2 / (2 * width.view(n, 1) ** 2)).clamp(0, 1).reshape(n, 1, size, size)
 
 
 class GlyphTasks(TaskSampler):
@@ -66,21 +67,18 @@ class GlyphTasks(TaskSampler):
         return self._prototypes[index]
 
     def draw(self, index: int, n: int) -> torch.Tensor:
-        """``n`` jittered samples [n, 1, size, size] of class ``index``."""
+        """``n`` jittered samples [n, 1, size, size] of class ``index`` (drawn in one batch)."""
         g, j = self.generator, self.jitter
         base = self._prototype(index)
-        out = []
-        for _ in range(n):
-            angle = (torch.rand(1, generator=g) * 2 - 1) * 0.25 * j
-            scale = 1 + (torch.rand(1, generator=g) * 2 - 1) * 0.12 * j
-            shift = (torch.rand(2, generator=g) * 2 - 1) * 0.1 * j
-            c, s = torch.cos(angle), torch.sin(angle)
-            rot = torch.stack([torch.cat([c, -s]), torch.cat([s, c])]) * scale
-            noise = (torch.rand(base.shape, generator=g) * 2 - 1) * 0.05 * j
-            controls = (base + noise) @ rot.T + shift
-            width = 0.07 * (1 + (float(torch.rand(1, generator=g)) * 2 - 1) * 0.25 * j)
-            out.append(render(controls, self.size, width))
-        return torch.stack(out)
+        angle = (torch.rand(n, generator=g) * 2 - 1) * 0.25 * j
+        scale = 1 + (torch.rand(n, generator=g) * 2 - 1) * 0.12 * j
+        shift = (torch.rand(n, 2, generator=g) * 2 - 1) * 0.1 * j
+        noise = (torch.rand(n, *base.shape, generator=g) * 2 - 1) * 0.05 * j
+        width = 0.07 * (1 + (torch.rand(n, generator=g) * 2 - 1) * 0.25 * j)
+        c, s = torch.cos(angle), torch.sin(angle)
+        rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2) * scale.view(n, 1, 1)
+        controls = torch.einsum("nskd,ned->nske", base + noise, rot) + shift.view(n, 1, 1, 2)
+        return render(controls, self.size, width)
 
     def sample_task(self) -> TaskData:
         chosen = torch.randperm(self.num_classes, generator=self.generator)[: self.ways].tolist()
