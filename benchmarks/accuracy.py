@@ -112,7 +112,7 @@ def lake_rows(args: argparse.Namespace) -> list[tuple[str, list[str], list[int],
         (
             f"lake/small1->small2 runs/20-way-1-shot/{algo}",
             base + algorithm_flags(algo, args.omni_iters),
-            [args.lake_steps, 10],
+            [args.lake_steps, *args.eval_steps],
             ["--lake-runs", str(runs)],
         )
         for algo in args.algorithms
