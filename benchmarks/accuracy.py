@@ -172,10 +172,9 @@ def lake_table(group: str, rows: list[tuple[str, dict[str, Any]]], steps: list[s
     lines = [
         f"## {group}",
         "",
-        f"Error rate over {first['runs']} one-shot runs ({first['items']} test items) in the",
-        "",
+        f"Error rate over {first['runs']} one-shot runs ({first['items']} test items) in the official run format,",
+        "written by `metaopt lake-runs` from the held-out alphabets (`runs.json` in the run folder lists them).",
     ]
-    lines[-1] = lines[-1] + " official run format, written by `metaopt lake-runs` from the held-out alphabets."
     lines += ["", "| algorithm | options | iterations | train wall (s) | device | "]
     lines[-1] += " | ".join(f"error, {s} step{'s' if s != '1' else ''}" for s in steps) + " |"
     lines += ["|" + " --- |" * (5 + len(steps))]
