@@ -35,6 +35,13 @@ class Backend(Protocol):
         """Called when a batch's forward passes are done (restore anything ``prepare`` changed)."""
 
 
+def check_bn_policy(bn_policy: str) -> None:
+    if bn_policy not in BN_POLICIES:
+        raise ConfigError(
+            f"bn_policy={bn_policy!r} is not known; use one of {BN_POLICIES}.{suggest(bn_policy, BN_POLICIES)}"
+        )
+
+
 def _set_modes(module: nn.Module, training: bool, bn_policy: str) -> None:
     module.train(training)
     for sub in module.modules():
@@ -48,10 +55,7 @@ class HigherBackend:
     name = "higher"
 
     def __init__(self, model: nn.Module, bn_policy: str = "transductive") -> None:
-        if bn_policy not in BN_POLICIES:
-            raise ConfigError(
-                f"bn_policy={bn_policy!r} is not known; use one of {BN_POLICIES}.{suggest(bn_policy, BN_POLICIES)}"
-            )
+        check_bn_policy(bn_policy)
         self.model = model
         self.bn_policy = bn_policy
         self._fmodel: Any = None
@@ -100,10 +104,7 @@ class TorchFuncBackend:
     name = "torch.func"
 
     def __init__(self, model: nn.Module, bn_policy: str = "transductive") -> None:
-        if bn_policy not in BN_POLICIES:
-            raise ConfigError(
-                f"bn_policy={bn_policy!r} is not known; use one of {BN_POLICIES}.{suggest(bn_policy, BN_POLICIES)}"
-            )
+        check_bn_policy(bn_policy)
         self.model = model
         self.bn_policy = bn_policy
         self._buffers: dict[str, torch.Tensor] = {}

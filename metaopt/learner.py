@@ -63,12 +63,12 @@ def _check_task(i: int, task: TaskData) -> None:
         )
 
 
-def _explain_missing_double_backward(exc: PluginHookError) -> MetaOptError:
-    """Turn torch's "derivative for X is not implemented" into advice, else keep the error."""
+def _explain_missing_double_backward(exc: PluginHookError) -> ConfigError | None:
+    """Advice for torch's "derivative for X is not implemented"; None for any other error."""
     cause = exc.__cause__
     text = str(cause)
     if not (isinstance(cause, RuntimeError) and "derivative for" in text and "not implemented" in text):
-        return exc
+        return None
     op = text.split("derivative for", 1)[1].split("is not implemented")[0].strip()
     return ConfigError(
         f"the model uses an operation without a double backward ({op}), which a second-order "
@@ -403,10 +403,10 @@ class MetaLearner(nn.Module):
         try:
             done = self.hook.outer_step(batch=batch)
         except PluginHookError as exc:
-            explained = _explain_missing_double_backward(exc)
-            if explained is exc:
+            advice = _explain_missing_double_backward(exc)
+            if advice is None:
                 raise
-            raise explained from exc
+            raise advice from exc
         if not done:
             raise PluginError("no outer_step implementation returned True; the meta-gradient was not computed.")
         self.sync_gradients()

@@ -25,6 +25,13 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding a NaN/inf (empty when all are finite; one device sync)."""
+    if all_finite(tensors.values()):
+        return []
+    return [n for n, t in tensors.items() if not all_finite([t])]
+
+
 def _value(t: torch.Tensor) -> str:
     return f" = {float(t.detach())}" if t.numel() == 1 else ""
 
@@ -59,8 +66,8 @@ class FiniteCheck:
     @hookimpl(wrapper=True, tryfirst=True)
     def inner_grad(self, task: Task, params: Params, loss: torch.Tensor):
         grads = yield
-        if grads is not None and not all_finite(grads.values()):
-            bad = [n for n, g in grads.items() if not all_finite([g])]
+        bad = nonfinite_names(grads) if grads is not None else []
+        if bad:
             self._fail(task.learner, "inner_grad", f"inner gradient (in {bad[:3]})", task)
         return grads
 
@@ -83,9 +90,8 @@ class FiniteCheck:
     @hookimpl(wrapper=True, tryfirst=True)
     def outer_step(self, batch: Batch):
         done = yield
-        params = dict(batch.learner.named_parameters())
-        grads = {n: p.grad for n, p in params.items() if p.grad is not None}
-        if not all_finite(grads.values()):
-            bad = [n for n, g in grads.items() if not all_finite([g])]
+        grads = {n: p.grad for n, p in batch.learner.named_parameters() if p.grad is not None}
+        bad = nonfinite_names(grads)
+        if bad:
             self._fail(batch.learner, "outer_step", f"meta-gradient (in {bad[:3]})", None)
         return done

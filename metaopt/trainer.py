@@ -32,6 +32,11 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 
 
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first (names carry the zero-padded iteration)."""
+    return sorted((run_dir / CHECKPOINT_DIR).glob("ckpt-*.pt"))
+
+
 def versions() -> dict[str, str]:
     import accelerate
     import higher
@@ -218,7 +223,7 @@ class Trainer:
                 f"{str(self.run_dir)!r} already holds a run; pass --resume to continue it or --overwrite to replace it."
             )
         if overwrite:
-            for old in (self.run_dir / CHECKPOINT_DIR).glob("ckpt-*.pt"):
+            for old in checkpoint_files(self.run_dir):
                 old.unlink()
             (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
 
@@ -227,7 +232,7 @@ class Trainer:
         return bool(self.accelerator.is_main_process)
 
     def latest_checkpoint(self) -> Path:
-        found = sorted((self.run_dir / CHECKPOINT_DIR).glob("ckpt-*.pt"))
+        found = checkpoint_files(self.run_dir)
         if not found:
             raise CheckpointError(f"no checkpoint in {str(self.run_dir / CHECKPOINT_DIR)!r} to resume from.")
         return found[-1]
@@ -250,7 +255,7 @@ class Trainer:
         if not self.is_main:
             return None
         path = save_atomic(self.state(), self.run_dir / CHECKPOINT_DIR / f"ckpt-{self.iteration:08d}.pt")
-        for old in sorted((self.run_dir / CHECKPOINT_DIR).glob("ckpt-*.pt"))[: -self.config.keep_checkpoints]:
+        for old in checkpoint_files(self.run_dir)[: -self.config.keep_checkpoints]:
             old.unlink()
         self.last_checkpoint = path
         return path
@@ -379,7 +384,7 @@ def load_run(run_dir: str | Path) -> tuple[TrainConfig, MetaLearner]:
     config = TrainConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
     torch.manual_seed(config.seed)
     learner = build_learner(config, build_model(config))
-    found = sorted((run_dir / CHECKPOINT_DIR).glob("ckpt-*.pt"))
+    found = checkpoint_files(run_dir)
     if not found:
         raise CheckpointError(f"run {str(run_dir)!r} has no checkpoint yet.")
     restore_learner(learner, load_safe(found[-1]), found[-1])

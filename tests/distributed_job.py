@@ -31,7 +31,7 @@ def batches() -> list[list[tuple[torch.Tensor, ...]]]:
     ]
 
 
-def train(name: str, accelerator=None) -> dict[str, torch.Tensor]:
+def train(name: str, accelerator=None, steps: int = STEPS) -> dict[str, torch.Tensor]:
     from metaopt.integrations.accelerate import prepare
     from metaopt.registry import create_plugin
 
@@ -44,7 +44,7 @@ def train(name: str, accelerator=None) -> dict[str, torch.Tensor]:
         learner = prepare(learner, accelerator)
         rank, world = accelerator.process_index, accelerator.num_processes
     optimizer = torch.optim.Adam(learner.meta_parameters(), lr=1e-2)
-    for batch in batches():
+    for batch in batches()[:steps]:
         optimizer.zero_grad(set_to_none=True)
         learner.backward(batch[rank::world])
         optimizer.step()
