@@ -110,6 +110,7 @@ class TorchFuncBackend:
         self._buffers: dict[str, torch.Tensor] = {}
         self._named: dict[str, torch.Tensor] = {}
         self._modes: list[tuple[nn.Module, bool]] = []
+        self._tied = True
 
     def prepare(self, training: bool) -> None:
         if not self._modes:
@@ -117,6 +118,11 @@ class TorchFuncBackend:
         _set_modes(self.model, training, self.bn_policy)
         self._named = dict(self.model.named_parameters())
         self._buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        # functional_call's weight-tying pass walks every module on every call; run it only
+        # when some parameter or buffer really is registered under two names
+        every = len(list(self.model.named_parameters(remove_duplicate=False)))
+        every += len(list(self.model.named_buffers(remove_duplicate=False)))
+        self._tied = every != len(self._named) + len(self._buffers)
 
     def release(self) -> None:
         for module, mode in self._modes:
@@ -127,7 +133,7 @@ class TorchFuncBackend:
         if not self._named:
             self.prepare(self.model.training)
         full = {**self._named, **params, **self._buffers}
-        return torch.func.functional_call(self.model, full, (x,), kwargs, tie_weights=True, strict=False)
+        return torch.func.functional_call(self.model, full, (x,), kwargs, tie_weights=self._tied, strict=False)
 
 
 BACKENDS = {"higher": HigherBackend, "torch.func": TorchFuncBackend}

@@ -120,7 +120,7 @@ def inner_grad(task: Task, params: Params, loss: torch.Tensor) -> Params | None:
 def inner_step(task: Task, trajectory: Trajectory, params: Params, grads: Params) -> Params | None:
     """Take one inner step (index ``trajectory.k``) and return the new parameters.   (replace)
 
-    Default: the trajectory's differentiable ``higher`` optimizer (SGD unless configured)
+    Default: ``p - lr * g`` for plain SGD, else the trajectory's differentiable ``higher`` optimizer
     with learning rate ``trajectory.lrs[trajectory.k]``.
     """
 

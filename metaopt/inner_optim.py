@@ -31,24 +31,39 @@ def make_template(name: str, params: Sequence[torch.Tensor], **kwargs: Any) -> t
         raise ConfigError(f"inner_optimizer_kwargs={kwargs!r} do not fit {name!r}: {exc}") from exc
 
 
+def is_plain_sgd(template: torch.optim.Optimizer) -> bool:
+    """SGD without momentum, weight decay or maximize: ``p - lr * g``, no optimizer state needed."""
+    return isinstance(template, torch.optim.SGD) and all(
+        not g["momentum"] and not g["weight_decay"] and not g.get("maximize", False) for g in template.param_groups
+    )
+
+
 def fresh_state(
     template: torch.optim.Optimizer, reference: Sequence[torch.Tensor]
-) -> higher.optim.DifferentiableOptimizer:
-    """A differentiable optimizer with empty state (one per inner trajectory)."""
+) -> higher.optim.DifferentiableOptimizer | None:
+    """A differentiable optimizer with empty state (one per inner trajectory).
+
+    ``None`` for plain SGD, which :func:`diff_step` applies directly (the same maths as
+    ``higher``'s SGD, without building a per-trajectory optimizer; it dominated small models).
+    """
+    if is_plain_sgd(template):
+        return None
     return higher.optim.get_diff_optim(template, list(reference), track_higher_grads=True)
 
 
 def diff_step(
-    opt: higher.optim.DifferentiableOptimizer,
+    opt: higher.optim.DifferentiableOptimizer | None,
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     lr: float,
 ) -> list[torch.Tensor]:
     """One differentiable update with *given* gradients (``higher``'s ``step`` recomputes them).
 
-    Mirrors ``DifferentiableOptimizer.step`` after its ``autograd.grad`` call; ``higher`` is
-    archived, so these internals are stable.
+    ``opt=None`` is plain SGD.  Otherwise mirrors ``DifferentiableOptimizer.step`` after its
+    ``autograd.grad`` call; ``higher`` is archived, so these internals are stable.
     """
+    if opt is None:
+        return [p if g is None else p - lr * g for p, g in zip(params, grads, strict=True)]
     grouped = []
     for group, mapping in zip(opt.param_groups, opt._group_to_param_list, strict=True):
         group["lr"] = lr

@@ -224,8 +224,8 @@ class MetaLearner(nn.Module):
             return self.accelerator.autocast()
         return contextlib.nullcontext()
 
-    def start_params(self, training: bool) -> Params:
-        named = dict(self.model.named_parameters())
+    def start_params(self, training: bool, named: Params | None = None) -> Params:
+        named = dict(self.model.named_parameters()) if named is None else named
         if training:
             return {n: named[n] for n in self.adapted_names}
         # evaluation: adapt from detached copies so no meta-graph is built
@@ -265,8 +265,15 @@ class MetaLearner(nn.Module):
             return p.device
         return torch.device("cpu")
 
-    def _make_task(self, index: int, data: TaskData, training: bool) -> Task:
-        device = self._device()
+    def _make_task(
+        self,
+        index: int,
+        data: TaskData,
+        training: bool,
+        device: torch.device | None = None,
+        named: Params | None = None,
+    ) -> Task:
+        device = self._device() if device is None else device
         sx, sy, qx, qy = (t.to(device, non_blocking=True) for t in data)
         return Task(
             learner=self,
@@ -275,7 +282,7 @@ class MetaLearner(nn.Module):
             support_y=sy,
             query_x=qx,
             query_y=qy,
-            start=self.start_params(training),
+            start=self.start_params(training, named),
             training=training,
             second_order=not self.first_order,
         )
@@ -305,8 +312,9 @@ class MetaLearner(nn.Module):
         grad_mode = torch.enable_grad()
         try:
             with grad_mode, self._autocast():
+                device, named = self._device(), dict(self.model.named_parameters())  # once per batch
                 for i, data in enumerate(batch.data):
-                    task = self._make_task(i, data, batch.training)
+                    task = self._make_task(i, data, batch.training, device, named)
                     batch.tasks.append(task)
                     losses.append(self.run_task(task))
         finally:
@@ -433,6 +441,8 @@ class MetaLearner(nn.Module):
         data = TaskData(*task)
         _check_task(0, data)
         self.backend.prepare(False)
+        if self.host.finite_check is not None:
+            self.host.finite_check.reset(self.iteration + 1)
         t = self._make_task(0, data, training=False)
         try:
             with torch.enable_grad(), self._autocast():
@@ -440,6 +450,8 @@ class MetaLearner(nn.Module):
                 params = self.hook.adapt(task=t, trajectory=self.new_trajectory(t, steps))
         finally:
             self.backend.release()
+        if self.host.finite_check is not None:
+            self.host.finite_check.flush(self)  # no batch_end here: read this task's flags now
         return {n: p.detach() for n, p in params.items()}
 
     # -- state ----------------------------------------------------------------------

@@ -87,10 +87,12 @@ class PluginHost:
         self.pm = pluggy.PluginManager("metaopt")
         self.pm.add_hookspecs(hookspecs)
         self.builtins: list[object] = [MAMLDefaults()]
+        self.finite_check = None
         if check_finite:
             from metaopt.numerics import FiniteCheck
 
-            self.builtins.append(FiniteCheck())
+            self.finite_check = FiniteCheck()
+            self.builtins.append(self.finite_check)
         for builtin in self.builtins:
             self.pm.register(builtin, name=plugin_name(builtin))
         self.plugins = list(plugins)

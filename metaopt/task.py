@@ -46,7 +46,7 @@ class Trajectory:
 
     steps: int
     lrs: list[float]
-    optimizer: DifferentiableOptimizer
+    optimizer: DifferentiableOptimizer | None  # None: plain SGD (see inner_optim.diff_step)
     iterates: list[Params]
     main: bool = True
     k: int = 0

@@ -70,6 +70,35 @@ def test_backends_agree_for_every_plugin(name):
         assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-10
 
 
+class TiedWeights(torch.nn.Module):
+    """Two Linear layers sharing one weight Parameter (as tied embeddings do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(1, 1)
+        self.b = torch.nn.Linear(1, 1)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_tied_weights_see_the_fast_weight_in_both_places():
+    results = []
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        model = TiedWeights().double()
+        learner = MetaLearner(model, inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss, backend=backend)
+        learner.backward(regression_tasks(2))
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.manual_seed(0)
+    model = TiedWeights().double()
+    ref = maml_meta_grad(model, regression_tasks(2), 2, 0.3, F.mse_loss)
+    for grads in results:
+        assert grads.keys() == ref.keys() == {"a.weight", "a.bias", "b.bias"}
+        assert max((grads[n] - ref[n]).abs().max().item() for n in ref) < 1e-10
+
+
 def test_unknown_backend_is_named():
     with pytest.raises(ConfigError, match="'torchfunc'.*'torch.func'"):
         MetaLearner(mlp(), backend="torchfunc")

@@ -53,3 +53,54 @@ def test_check_can_be_switched_off():
     learner = MetaLearner(mlp().double(), loss_fn=F.mse_loss, check_finite=False)
     result = learner.backward(_with_nan_support(2, bad=1))
     assert torch.isnan(result.loss)
+
+
+class NaNInnerGrad:
+    """Replaces the inner gradient with one whose 'head.bias' entry is NaN."""
+
+    name = "nan_inner_grad"
+
+    @hookimpl
+    def inner_grad(self, task, params, loss):
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), create_graph=True), strict=True))
+        if task.index == 1:
+            grads["head.bias"] = grads["head.bias"] * float("nan")
+        return grads
+
+
+def test_non_finite_inner_gradient_names_the_parameter_task_and_plugin():
+    learner = MetaLearner(mlp().double(), [NaNInnerGrad()], loss_fn=F.mse_loss)
+    with pytest.raises(NumericalError, match=r"inner gradient \(in \['head.bias'\]\) at iteration 1, task 1") as info:
+        learner.backward(regression_tasks(3))
+    assert info.value.hook == "inner_grad" and "nan_inner_grad" in str(info.value)
+
+
+def test_the_first_non_finite_value_is_reported_not_a_later_one():
+    """Task 1's support loss is NaN and so, downstream, are its query loss and the meta-gradient."""
+    learner = MetaLearner(mlp().double(), loss_fn=F.mse_loss)
+    with pytest.raises(NumericalError) as info:
+        learner.backward(_with_nan_support(3, bad=1))
+    assert (info.value.hook, info.value.task) == ("inner_loss", 1)
+
+
+def test_evaluation_and_single_task_adaptation_are_checked_too():
+    learner = MetaLearner(mlp().double(), loss_fn=F.mse_loss)
+    with pytest.raises(NumericalError, match=r"task 1 \(evaluation\), in hook 'inner_loss'"):
+        learner.evaluate(_with_nan_support(2, bad=1))
+    with pytest.raises(NumericalError, match=r"support loss = nan .* task 0 \(evaluation\)"):
+        learner.adapt(_with_nan_support(1, bad=0)[0])
+    learner.adapt(regression_tasks(1)[0])  # nothing left pending from the failed call
+
+
+def test_max_abs_is_finite_exactly_where_the_tensor_is():
+    from metaopt.numerics import max_abs
+
+    tensors = [
+        torch.tensor([1.0, -3.0]),
+        torch.zeros(0),
+        torch.tensor([float("inf")]),
+        torch.tensor([0.5, float("nan")]),
+    ]
+    values = torch.stack(max_abs(tensors))
+    assert values[:2].tolist() == [3.0, 0.0]
+    assert torch.isfinite(values).tolist() == [True, True, False, False]
