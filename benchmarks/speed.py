@@ -28,6 +28,7 @@ from common import DOCS, device_name, write_json
 METAOPT_PLUGINS: dict[str, list[Any]] = {
     "metaopt maml": [],
     "metaopt maml (torch.func backend)": [],
+    "metaopt maml (torch.func, check_finite=False)": [],
     "metaopt fomaml": ["fomaml"],
     "metaopt convergent_fo": ["convergent_fo"],
     "metaopt shot": ["shot"],
@@ -90,12 +91,14 @@ def make_batches(model: str, meta_batch: int, count: int):
     return batches
 
 
-def metaopt_step_fn(model, plugins, steps: int, lr: float, loss_fn, backend: str = "higher"):
+def metaopt_step_fn(model, plugins, steps: int, lr: float, loss_fn, backend: str = "higher", check: bool = True):
     from metaopt import MetaLearner
     from metaopt.registry import create_plugin
 
     made = [create_plugin(p) if isinstance(p, str) else create_plugin(p[0], **p[1]) for p in plugins]
-    learner = MetaLearner(model, made, inner_steps=steps, inner_lr=lr, loss_fn=loss_fn, backend=backend)
+    learner = MetaLearner(
+        model, made, inner_steps=steps, inner_lr=lr, loss_fn=loss_fn, backend=backend, check_finite=check
+    )
     return learner, lambda tasks: learner.backward(tasks)
 
 
@@ -174,7 +177,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     # reference meta-gradient from metaopt's plain MAML on the first batch (checked for every contender)
     reference = None
-    if spec["check"] and contender != "metaopt maml" and (contender not in METAOPT_PLUGINS or "backend" in contender):
+    if (
+        spec["check"]
+        and contender != "metaopt maml"
+        and (contender not in METAOPT_PLUGINS or "torch.func" in contender)
+    ):
         ref_model = make_model(wl["model"])
         _, ref_step = metaopt_step_fn(ref_model, [], steps, wl["lr"], loss_fn)
         ref_step(batches[0])
@@ -182,8 +189,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     model = make_model(wl["model"])
     if contender in METAOPT_PLUGINS:
-        backend = "torch.func" if "torch.func backend" in contender else "higher"
-        learner, step = metaopt_step_fn(model, METAOPT_PLUGINS[contender], steps, wl["lr"], loss_fn, backend)
+        backend = "torch.func" if "torch.func" in contender else "higher"
+        check = "check_finite=False" not in contender
+        learner, step = metaopt_step_fn(model, METAOPT_PLUGINS[contender], steps, wl["lr"], loss_fn, backend, check)
         params = list(learner.meta_parameters())
     elif contender == "raw higher":
         step, params = higher_step_fn(model, steps, wl["lr"], loss_fn), list(model.parameters())
@@ -251,8 +259,13 @@ def run_worker(spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def ratio_table(title: str, rows: dict[str, dict[str, Any]], contenders: list[str]) -> list[str]:
-    lines = [f"### {title}", "", "| contender | median s/iter | × fastest | peak MiB | × smallest | meta-grad check |"]
+def ratio_table(title: str, rows: dict[str, dict[str, Any]], contenders: list[str], note: list[str]) -> list[str]:
+    lines = [
+        f"### {title}",
+        "",
+        *note,
+        "| contender | median s/iter | × fastest | peak MiB | × smallest | meta-grad check |",
+    ]
     lines.append("| --- | --- | --- | --- | --- | --- |")
     ok = {c: r for c, r in rows.items() if "median_s" in r}
     fastest = min((r["median_s"] for r in ok.values()), default=1.0)
@@ -320,12 +333,12 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:
-    s = results["settings"]
     lines = [
         "# Speed and memory benchmark",
         "",
-        f"Produced by `python benchmarks/speed.py {s['argv']}` on {results['device']}.",
-        f"Median of {s['iters']} timed meta-iterations after {s['warmup']} warm-up ones; each row in its own",
+        "Produced by `python benchmarks/speed.py` (the command and device of each table are given with it;",
+        "`--update` adds or replaces workloads in an existing speed.json and keeps the rest).",
+        "Median of the timed meta-iterations after the warm-up ones; each row in its own",
         "process; peak memory = peak resident set of that process during the timed iterations (CPU) or",
         "`torch.cuda.max_memory_allocated` (GPU). 5-way 1-shot tasks have 15 query images per class.",
         "Ratios are to the fastest / smallest contender of the same workload. 'meta-grad check' is the",
@@ -337,12 +350,22 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "",
     ]
     for wl, rows in results["speed"].items():
-        lines += ratio_table(wl, rows, CONTENDERS)
+        meta = results.get("workload_runs", {}).get(wl)
+        note = []
+        if meta:
+            note = [
+                f"Run {meta['started']} on {meta['device']}: `python benchmarks/speed.py {meta['argv']}`, "
+                f"{meta['iters']} timed after {meta['warmup']} warm-up; 1-min load average at start "
+                f"{meta['load_at_start']:.2f} on {meta['cpus']} CPUs.",
+                "",
+            ]
+        lines += ratio_table(wl, rows, CONTENDERS, note)
     if results["memory"]:
-        wl = results["settings"]["memory_workload"]
+        run = results["memory_run"]
         lines += ["## Peak memory versus inner steps K", ""]
         lines += [
-            f"Workload: {wl}, K varied. Memory here is the growth of the resident set during a",
+            f"Run {run['started']} on {run['device']}: `python benchmarks/speed.py {run['argv']}`.",
+            f"Workload: {run['workload']}, K varied. Memory here is the growth of the resident set during a",
             "meta-iteration above what the process held before it (model, optimizer state, data), run with",
             "`MALLOC_MMAP_THRESHOLD_=65536` so that freed blocks leave the resident set at once.",
             "",
@@ -375,6 +398,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip memory versus K")
     parser.add_argument("--docs", default=str(DOCS))
+    parser.add_argument("--update", action="store_true", help="keep the other workloads of an existing speed.json")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -386,23 +410,41 @@ def main() -> None:
     out = Path(args.docs)
     results: dict[str, Any] = {
         "device": device_name(),
-        "settings": {
-            "iters": args.iters,
-            "warmup": args.warmup,
-            "argv": " ".join(sys.argv[1:]),
-            "memory_workload": memory_workload,
-        },
         "speed": {},
         "memory": {},
+        "workload_runs": {},
     }
+    if args.update and (out / "speed.json").is_file():
+        previous = json.loads((out / "speed.json").read_text())
+        results["speed"] = previous["speed"]
+        results["workload_runs"] = previous.get("workload_runs", {})
+        if args.no_memory:
+            results["memory"] = previous["memory"]
+            results["memory_run"] = previous.get("memory_run", {})
     for wl in workloads:
         results["speed"][wl] = {}
+        results["workload_runs"][wl] = {
+            "started": time.strftime("%Y-%m-%d %H:%M"),
+            "device": device_name(),
+            "argv": " ".join(sys.argv[1:]),
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "load_at_start": os.getloadavg()[0],
+            "cpus": os.cpu_count(),
+        }
         for c in args.contenders:
             spec = {"workload": wl, "contender": c, "iters": args.iters, "warmup": args.warmup, "check": True}
             results["speed"][wl][c] = run_worker(spec)
             print(wl, c, {k: v for k, v in results["speed"][wl][c].items() if k != "times"}, flush=True)
             write_json(out / "speed.json", results)
     if not args.no_memory:
+        results["memory_run"] = {
+            "workload": memory_workload,
+            "started": time.strftime("%Y-%m-%d %H:%M"),
+            "device": device_name(),
+            "argv": " ".join(sys.argv[1:]),
+            "load_at_start": os.getloadavg()[0],
+        }
         ks = [1, 3] if args.smoke else MEMORY_K
         for k in ks:
             results["memory"][str(k)] = {}
