@@ -48,8 +48,9 @@ CROSS_SPLITS = {
         ["Balinese", "Early_Aramaic", "Korean"],
     ),
 }
-# MAML paper settings per way count: inner steps, inner lr, meta-batch (meta-batch smaller on CPU by flag)
-OMNI_SETTINGS = {5: (1, 0.4, 32), 20: (5, 0.1, 16)}
+# MAML paper settings per way count: inner steps, inner lr, meta-batch, query per class (flags override
+# steps, meta-batch and query for CPU budgets)
+OMNI_SETTINGS = {5: (1, 0.4, 32, 15), 20: (5, 0.1, 16, 15)}
 
 
 def algorithm_flags(name: str, iterations: int) -> list[str]:
@@ -75,12 +76,13 @@ def omniglot_rows(args: argparse.Namespace) -> list[tuple[str, list[str], list[i
         if direction not in args.directions:
             continue
         for ways in args.ways:
-            steps, lr, batch = OMNI_SETTINGS[ways]
+            steps, lr, batch, query = OMNI_SETTINGS[ways]
+            steps, query = (args.omni_steps or steps), (args.omni_query or query)
             config = Path(args.work) / f"omniglot-{direction}.yaml"
             config.parent.mkdir(parents=True, exist_ok=True)
             config.write_text("test_alphabets: []\n")  # meta-train on every alphabet of the train archive
             base = ["--config", str(config), "--data", f"omniglot:{Path(args.omniglot) / train_zip}"]
-            base += ["--ways", str(ways), "--shots", "1", "--query", "15", "--inner-steps", str(steps)]
+            base += ["--ways", str(ways), "--shots", "1", "--query", str(query), "--inner-steps", str(steps)]
             base += ["--inner-lr", str(lr), "--meta-batch", str(args.omni_meta_batch or batch)]
             base += ["--iterations", str(args.omni_iters), "--seed", str(args.seed), "--checkpoint-every", "0"]
             eval_args = ["--data", f"omniglot:{Path(args.omniglot) / test_zip}", "--split", "test"]
@@ -119,6 +121,27 @@ def lake_rows(args: argparse.Namespace) -> list[tuple[str, list[str], list[int],
     ]
 
 
+def _without_config(train_args: list[str]) -> list[str]:
+    """Training flags minus the ``--config`` path (every generated config holds `test_alphabets: []`)."""
+    if "--config" not in train_args:
+        return list(train_args)
+    at = train_args.index("--config")
+    return train_args[:at] + train_args[at + 2 :]
+
+
+def trained_twin(results: dict[str, Any], train_args: list[str], folders: list[Path]) -> tuple[str, Path] | None:
+    """An earlier row trained with the same flags whose run folder still exists: (its key, its run)."""
+    wanted = _without_config(train_args)
+    for key, row in results.items():
+        if _without_config(row["train_args"]) != wanted or "model_of" in row:
+            continue
+        for folder in folders:
+            run = folder / key.replace("/", "_")
+            if (run / "config.json").is_file() and any((run / "checkpoints").glob("*.pt")):
+                return key, run
+    return None
+
+
 def write_report(results: dict[str, Any]) -> None:
     lines = [
         "# Accuracy benchmark",
@@ -151,7 +174,8 @@ def write_report(results: dict[str, Any]) -> None:
             evals = row["evals"]
             e0 = evals[steps[0]]
             options = " ".join(row["train_args"][row["train_args"].index("--checkpoint-every") + 2 :]) or "(defaults)"
-            cells = [algo, f"`{options}`", str(row["iterations"]), str(row["train_wall_s"]), row["device"]]
+            wall = str(row["train_wall_s"]) + (f" (model of `{row['model_of']}`)" if "model_of" in row else "")
+            cells = [algo, f"`{options}`", str(row["iterations"]), wall, row["device"]]
             cells.append(f"{e0['unadapted'][list(e0['unadapted'])[0]]:.4f} ± {e0['unadapted']['ci95']:.4f}")
             cells += [fmt(evals[s]) for s in steps]
             lines.append("| " + " | ".join(cells) + " |")
@@ -229,6 +253,14 @@ def main() -> None:
     parser.add_argument("--ways", nargs="+", type=int, default=[5, 20], choices=list(OMNI_SETTINGS))
     parser.add_argument("--omni-iters", type=int, default=2000)
     parser.add_argument("--omni-meta-batch", type=int, default=None, help="default: the MAML paper's")
+    parser.add_argument("--omni-steps", type=int, default=None, help="inner steps (default: the MAML paper's)")
+    parser.add_argument("--omni-query", type=int, default=None, help="query images per class (default 15)")
+    parser.add_argument(
+        "--runs-from",
+        nargs="*",
+        default=[],
+        help="earlier --work folders: a row whose training flags equal an earlier row's reuses that trained run",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", type=int, default=600)
     parser.add_argument("--work", default=str(ROOT / "runs" / "accuracy"))
@@ -256,9 +288,17 @@ def main() -> None:
         if key in results and not args.rerun:
             continue
         started = time.strftime("%Y-%m-%d %H:%M")
-        row = train_eval(Path(args.work) / key.replace("/", "_"), train_args, steps, args.tasks, eval_args)
+        shared = trained_twin(results, train_args, [Path(args.work), *map(Path, args.runs_from)])
+        if shared is None:
+            row = train_eval(Path(args.work) / key.replace("/", "_"), train_args, steps, args.tasks, eval_args)
+            extra = {}
+        else:
+            twin, run = shared
+            row = train_eval(run, train_args, steps, args.tasks, eval_args, train=False)
+            row["train_wall_s"] = results[twin]["train_wall_s"]
+            extra = {} if twin == key else {"model_of": twin, "device": results[twin]["device"]}
         iterations = int(train_args[train_args.index("--iterations") + 1])
-        results[key] = {**row, "iterations": iterations, "device": device_name(), "started": started}
+        results[key] = {**row, "iterations": iterations, "device": device_name(), "started": started, **extra}
         write_json(results_file, results)
         write_report(results)
         shown = {s: (f"error {e['error_rate']:.4f}" if "error_rate" in e else fmt(e)) for s, e in row["evals"].items()}

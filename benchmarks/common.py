@@ -28,11 +28,18 @@ def cli(args: list[str]) -> str:
 
 
 def train_eval(
-    out: Path, train_args: list[str], eval_steps: list[int], tasks: int = 600, eval_args: list[str] | None = None
+    out: Path,
+    train_args: list[str],
+    eval_steps: list[int],
+    tasks: int = 600,
+    eval_args: list[str] | None = None,
+    train: bool = True,
 ) -> dict[str, Any]:
-    """Train a run through the CLI, then evaluate it at each number of inner steps."""
+    """Train a run through the CLI (unless ``train=False``: ``out`` is trained already), then
+    evaluate it at each number of inner steps."""
     start = time.perf_counter()
-    cli(["train", "--out", str(out), "--overwrite", "--no-progress", *train_args])
+    if train:
+        cli(["train", "--out", str(out), "--overwrite", "--no-progress", *train_args])
     wall = time.perf_counter() - start
     evals = {}
     for steps in eval_steps:

@@ -128,6 +128,8 @@ class HyperMAML:
     @hookimpl
     def adapt(self, task: Task, trajectory: Trajectory) -> Params:
         start = trajectory.iterates[0]
+        if trajectory.steps == 0:  # "0 inner steps" (e.g. the unadapted baseline): no update at all
+            return start
         w = self.blend()
         parts: list[tuple[float, Params]] = []
         if w < 1.0:

@@ -61,6 +61,21 @@ def test_after_warmup_no_inner_backward_and_hypernet_learns():
     assert learner.model.body[0][0].weight.grad.abs().sum() > 0  # the backbone learns through the query loss
 
 
+def test_zero_steps_means_no_update_at_all():
+    """The 'unadapted' baseline of an evaluation (steps=0) must not apply the hypernetwork."""
+    model = _model()
+    learner = MetaLearner(model, [HyperMAML(hidden=16, warmup_iters=0, blend_iters=0)])
+    with torch.no_grad():  # a non-zero hypernetwork output, so adaptation does change the head
+        for p in learner.plugin_modules.parameters():
+            p.normal_(0.0, 0.5)
+    tasks = image_tasks(2)
+    unadapted = learner.evaluate(tasks, steps=0).metrics["query_loss"]
+    adapted = learner.evaluate(tasks, steps=1).metrics["query_loss"]
+    with torch.no_grad():  # BatchNorm on batch statistics, as the default transductive policy does
+        plain = torch.stack([torch.nn.functional.cross_entropy(model(qx), qy) for _, _, qx, qy in tasks]).mean()
+    assert unadapted == pytest.approx(float(plain), rel=1e-6) and adapted != pytest.approx(unadapted, rel=1e-3)
+
+
 def test_blend_schedule_and_state_round_trip():
     plugin = HyperMAML(warmup_iters=2, blend_iters=4)
     assert [plugin.blend() for plugin.iteration in range(8)] == [0, 0, 0, 0.25, 0.5, 0.75, 1, 1]
