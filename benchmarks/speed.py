@@ -399,9 +399,13 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip memory versus K")
     parser.add_argument("--docs", default=str(DOCS))
     parser.add_argument("--update", action="store_true", help="keep the other workloads of an existing speed.json")
+    parser.add_argument("--report-only", action="store_true", help="rewrite speed.md and plots from speed.json")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.report_only:
+        write_report(json.loads((Path(args.docs) / "speed.json").read_text()), Path(args.docs))
         return
     workloads = args.workloads or (QUICK if args.quick else list(WORKLOADS))
     if args.smoke:
