@@ -56,7 +56,7 @@ class _Record:
 
     values: list[torch.Tensor]
     hook: str
-    describe: Callable[[list[bool]], str]
+    describe: Callable[[list[bool], list[torch.Tensor]], str]  # (finite flags, values) -> what failed
     task: Task | None
 
 
@@ -80,8 +80,9 @@ class FiniteCheck:
         self._records: list[_Record] = []
         self._iteration = 0
 
-    def _record(self, values: list[torch.Tensor], hook: str, describe: Callable[[list[bool]], str], task: Task) -> None:
-        self._records.append(_Record(values, hook, describe, task))
+    def _record(self, values: list[torch.Tensor], hook: str, describe: Callable[..., str], task: Task) -> None:
+        # detached: a record must not keep a task's graph alive until the batch ends
+        self._records.append(_Record([v.detach() for v in values], hook, describe, task))
 
     def reset(self, iteration: int) -> None:
         """Drop pending flags (a new batch, or a new ``learner.adapt`` call, begins)."""
@@ -101,7 +102,7 @@ class FiniteCheck:
         for record in records:
             finite = [bool(torch.isfinite(v).all()) for v in record.values]
             if not all(finite):
-                self._fail(learner, record.hook, record.describe(finite), record.task)
+                self._fail(learner, record.hook, record.describe(finite, record.values), record.task)
 
     def _fail(self, learner: Any, hook: str, what: str, task: Task | None) -> None:
         impls = getattr(learner.hook, hook).get_hookimpls()
@@ -125,7 +126,7 @@ class FiniteCheck:
     @hookimpl(wrapper=True, tryfirst=True)
     def inner_loss(self, task: Task, params: Params):
         loss = yield
-        self._record([loss], "inner_loss", lambda _: f"support loss{_value(loss)}", task)
+        self._record([loss], "inner_loss", lambda _, v: f"support loss{_value(v[0])}", task)
         return loss
 
     @hookimpl(wrapper=True, tryfirst=True)
@@ -133,14 +134,14 @@ class FiniteCheck:
         grads = yield
         if grads:
             names = list(grads)
-            bad = lambda finite: [n for n, ok in zip(names, finite, strict=True) if not ok][:3]  # noqa: E731
-            self._record(max_abs(list(grads.values())), "inner_grad", lambda f: f"inner gradient (in {bad(f)})", task)
+            bad = lambda finite, _: [n for n, ok in zip(names, finite, strict=True) if not ok][:3]  # noqa: E731
+            self._record(max_abs(list(grads.values())), "inner_grad", lambda *a: f"inner gradient (in {bad(*a)})", task)
         return grads
 
     @hookimpl(wrapper=True, tryfirst=True)
     def outer_loss(self, task: Task, params: Params):
         loss = yield
-        self._record([loss], "outer_loss", lambda _: f"query loss{_value(loss)}", task)
+        self._record([loss], "outer_loss", lambda _, v: f"query loss{_value(v[0])}", task)
         return loss
 
     @hookimpl(wrapper=True, tryfirst=True)
@@ -148,7 +149,7 @@ class FiniteCheck:
         results = yield
         for terms in results:
             for name, term in (terms or {}).items():
-                self._record([term], "loss_modification", lambda _, n=name, t=term: f"loss term {n!r}{_value(t)}", task)
+                self._record([term], "loss_modification", lambda _, v, n=name: f"loss term {n!r}{_value(v[0])}", task)
         return results
 
     @hookimpl(wrapper=True, tryfirst=True)
@@ -158,8 +159,10 @@ class FiniteCheck:
         names = list(grads)
         extra = None
         if grads:
-            bad = lambda finite: [n for n, ok in zip(names, finite, strict=True) if not ok][:3]  # noqa: E731
-            extra = _Record(max_abs(list(grads.values())), "outer_step", lambda f: f"meta-gradient (in {bad(f)})", None)
+            bad = lambda finite, _: [n for n, ok in zip(names, finite, strict=True) if not ok][:3]  # noqa: E731
+            extra = _Record(
+                max_abs(list(grads.values())), "outer_step", lambda *a: f"meta-gradient (in {bad(*a)})", None
+            )
         self.flush(batch.learner, extra)
         return done
 
