@@ -181,8 +181,7 @@ def write_report(results: dict[str, Any]) -> None:
             lines.append("| " + " | ".join(cells) + " |")
         common = first["train_args"][: first["train_args"].index("--checkpoint-every")]
         if "--config" in common:  # a generated file holding only `test_alphabets: []`
-            at = common.index("--config")
-            common = common[:at] + common[at + 2 :]
+            common = _without_config(common)
             lines += ["", "Meta-trained on every alphabet of the train archive (`test_alphabets: []`)."]
         lines += ["", f"Shared training flags: `{' '.join(common)}`", ""]
         plot = plot_group(group, rows, steps[-1])
@@ -207,9 +206,7 @@ def lake_table(group: str, rows: list[tuple[str, dict[str, Any]]], steps: list[s
         cells = [algo, f"`{options}`", str(row["iterations"]), str(row["train_wall_s"]), row["device"]]
         cells += [f"{row['evals'][s]['error_rate']:.4f}" for s in steps]
         lines.append("| " + " | ".join(cells) + " |")
-    common = [a for a in rows[0][1]["train_args"][: rows[0][1]["train_args"].index("--checkpoint-every")]]
-    at = common.index("--config")
-    common = common[:at] + common[at + 2 :]
+    common = _without_config(rows[0][1]["train_args"][: rows[0][1]["train_args"].index("--checkpoint-every")])
     lines += ["", "Meta-trained on every alphabet of small1 (`test_alphabets: []`).", ""]
     lines += [f"Shared training flags: `{' '.join(common)}`", ""]
     return lines

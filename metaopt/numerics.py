@@ -60,6 +60,16 @@ class _Record:
     task: Task | None
 
 
+def _grads_record(grads: Params, hook: str, what: str, task: Task | None) -> _Record:
+    """A record of named gradients; a failure names (up to three of) the non-finite ones."""
+    names = list(grads)
+
+    def describe(finite: list[bool], _: list[torch.Tensor]) -> str:
+        return f"{what} (in {[n for n, ok in zip(names, finite, strict=True) if not ok][:3]})"
+
+    return _Record(max_abs(list(grads.values())), hook, describe, task)
+
+
 def _as_scalar(t: torch.Tensor) -> torch.Tensor:
     """A 0-dim tensor that is finite iff every entry of ``t`` is."""
     if t.dim() == 0:
@@ -133,9 +143,7 @@ class FiniteCheck:
     def inner_grad(self, task: Task, params: Params, loss: torch.Tensor):
         grads = yield
         if grads:
-            names = list(grads)
-            bad = lambda finite, _: [n for n, ok in zip(names, finite, strict=True) if not ok][:3]  # noqa: E731
-            self._record(max_abs(list(grads.values())), "inner_grad", lambda *a: f"inner gradient (in {bad(*a)})", task)
+            self._records.append(_grads_record(grads, "inner_grad", "inner gradient", task))
         return grads
 
     @hookimpl(wrapper=True, tryfirst=True)
@@ -156,13 +164,7 @@ class FiniteCheck:
     def outer_step(self, batch: Batch):
         done = yield
         grads = {n: p.grad for n, p in batch.learner.named_parameters() if p.grad is not None}
-        names = list(grads)
-        extra = None
-        if grads:
-            bad = lambda finite, _: [n for n, ok in zip(names, finite, strict=True) if not ok][:3]  # noqa: E731
-            extra = _Record(
-                max_abs(list(grads.values())), "outer_step", lambda *a: f"meta-gradient (in {bad(*a)})", None
-            )
+        extra = _grads_record(grads, "outer_step", "meta-gradient", None) if grads else None
         self.flush(batch.learner, extra)
         return done
 
