@@ -73,6 +73,7 @@ class MAMLDefaults:
 
     @hookimpl(trylast=True)
     def outer_step(self, batch: Batch) -> bool:
-        assert batch.meta_loss is not None
-        batch.backward(batch.meta_loss)
+        if not batch.backward_per_task:  # else run_tasks already backpropagated every task
+            assert batch.meta_loss is not None
+            batch.backward(batch.meta_loss)
         return True

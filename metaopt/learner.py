@@ -29,6 +29,11 @@ class BatchResult:
     per_task: dict[str, list[float]]
 
 
+def _upcast(loss: torch.Tensor) -> torch.Tensor:
+    """A loss in at least float32 for averaging (bf16/fp16 upcast; float64 stays float64)."""
+    return loss.to(torch.promote_types(loss.dtype, torch.float32))
+
+
 def as_tasks(batch: BatchInput) -> list[TaskData]:
     """Accept a list of ``(sx, sy, qx, qy)`` tuples, or four tensors stacked over tasks."""
     items = list(batch)
@@ -63,9 +68,9 @@ def _check_task(i: int, task: TaskData) -> None:
         )
 
 
-def _explain_missing_double_backward(exc: PluginHookError) -> ConfigError | None:
+def _explain_missing_double_backward(exc: BaseException) -> ConfigError | None:
     """Advice for torch's "derivative for X is not implemented"; None for any other error."""
-    cause = exc.__cause__
+    cause = exc.__cause__ if isinstance(exc, PluginHookError) else exc
     text = str(cause)
     if not (isinstance(cause, RuntimeError) and "derivative for" in text and "not implemented" in text):
         return None
@@ -311,17 +316,20 @@ class MetaLearner(nn.Module):
         losses = []
         grad_mode = torch.enable_grad()
         try:
-            with grad_mode, self._autocast():
+            with grad_mode:
                 device, named = self._device(), dict(self.model.named_parameters())  # once per batch
                 for i, data in enumerate(batch.data):
                     task = self._make_task(i, data, batch.training, device, named)
                     batch.tasks.append(task)
-                    losses.append(self.run_task(task))
+                    with self._autocast():
+                        loss = self.run_task(task)
+                    if batch.backward_per_task:  # outside autocast, as torch.amp advises
+                        batch.backward(_upcast(loss) / len(batch.data))
+                        loss = loss.detach()
+                    losses.append(loss)
         finally:
             self.backend.release()
-        # average in at least float32 (bf16/fp16 losses are upcast; float64 stays float64)
-        dtype = torch.promote_types(losses[0].dtype, torch.float32)
-        batch.meta_loss = torch.stack([loss.to(dtype) for loss in losses]).mean()
+        batch.meta_loss = torch.stack([_upcast(loss) for loss in losses]).mean()
         return batch.meta_loss
 
     def _begin(self, tasks: BatchInput, training: bool) -> Batch:
@@ -405,18 +413,31 @@ class MetaLearner(nn.Module):
 
         Runs every task's inner loop, then the ``outer_step`` hook, which accumulates the
         meta-gradient into ``.grad`` of ``learner.parameters()``.  Step your optimizer after.
+        Unless a plugin replaces ``outer_step``, each task's loss is backpropagated as soon as
+        the task ends, so only one task's graph is in memory (the returned loss is detached).
         """
         batch = self._begin(tasks, training=True)
-        self.run_tasks(batch)
+        # the default outer step needs no batch graph: free each task's graph after its backward
+        batch.backward_per_task = not self.host.replaced("outer_step")
+        params = list(self.meta_parameters())
+        earlier = [p.grad for p in params]  # this batch accumulates apart: a failure leaves .grad as it was
+        for p in params:
+            p.grad = None
         try:
+            self.run_tasks(batch)
             done = self.hook.outer_step(batch=batch)
-        except PluginHookError as exc:
+            if not done:
+                raise PluginError("no outer_step implementation returned True; the meta-gradient was not computed.")
+        except BaseException as exc:
+            for p, before in zip(params, earlier, strict=True):
+                p.grad = before
             advice = _explain_missing_double_backward(exc)
             if advice is None:
                 raise
             raise advice from exc
-        if not done:
-            raise PluginError("no outer_step implementation returned True; the meta-gradient was not computed.")
+        for p, before in zip(params, earlier, strict=True):
+            if before is not None:
+                p.grad = before if p.grad is None else p.grad.add_(before)
         self.sync_gradients()
         self.iteration += 1
         return self._finish(batch)

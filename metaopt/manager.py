@@ -122,6 +122,10 @@ class PluginHost:
     def hook(self) -> Any:
         return self.pm.hook
 
+    def replaced(self, hook_name: str) -> bool:
+        """True when a registered (non-built-in) plugin implements ``hook_name`` itself."""
+        return bool(self._owners(hook_name))
+
     def _owners(self, hook_name: str) -> list[str]:
         impls = getattr(self.pm.hook, hook_name).get_hookimpls()
         return [

@@ -120,6 +120,9 @@ class Batch:
     metrics: dict[str, float] = field(default_factory=dict)
     stash: Stash = field(default_factory=Stash)
     reruns: int = 0
+    #: the default outer step: each task's loss is backpropagated as soon as it is computed
+    #: (one task graph alive at a time; ``meta_loss`` is then detached)
+    backward_per_task: bool = False
 
     def rerun(self) -> torch.Tensor:
         """Recompute the whole meta-loss (every inner loop) from the current meta-parameters."""

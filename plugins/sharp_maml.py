@@ -33,6 +33,8 @@ class SharpMAML:
             raise ConfigError(f"rho_inner={rho_inner} and rho_outer={rho_outer} must be >= 0.")
         self.rho_inner, self.rho_outer = rho_inner, rho_outer
         self.differentiate_epsilon, self.at_eval = differentiate_epsilon, at_eval
+        if rho_outer == 0:  # hide the hook: the default outer step then backpropagates task by task
+            self.outer_step = None
 
     @hookimpl
     def configure(self, learner) -> None:
@@ -59,9 +61,7 @@ class SharpMAML:
         return grad_dict(task.support_loss(perturbed), perturbed, create_graph=task.create_graph)
 
     @hookimpl
-    def outer_step(self, batch: Batch) -> bool | None:
-        if self.rho_outer == 0:
-            return None
+    def outer_step(self, batch: Batch) -> bool:
         params = list(batch.learner.meta_parameters())
         earlier = [p.grad for p in params]
         for p in params:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import image_tasks, regression_tasks
 from reference import maml_meta_grad
 
-from metaopt import MetaLearner
+from metaopt import MetaLearner, hookimpl
 from metaopt.models import conv4, mlp
 
 
@@ -170,3 +170,70 @@ def test_adapt_returns_detached_adapted_params():
     assert set(params) == set(learner.adapted_names)
     assert not any(p.requires_grad for p in params.values())
     assert not torch.equal(params["head.weight"], model.head.weight)
+
+
+class _GraphProbe:
+    """Records, at each task's start, whether the previous task's graph was already freed."""
+
+    name = "graph_probe"
+
+    def __init__(self) -> None:
+        self.previous = None
+        self.freed: list[bool] = []
+
+    @hookimpl
+    def task_start(self, task) -> None:
+        if self.previous is not None and task.training:
+            try:
+                _ = self.previous.loss.grad_fn._saved_self  # MSE keeps its input until backward frees it
+                self.freed.append(False)
+            except RuntimeError:
+                self.freed.append(True)
+
+    @hookimpl
+    def task_end(self, task) -> None:
+        self.previous = task
+
+
+class _BatchOuterStep:
+    """Replaces outer_step with the batch-graph backward (what a replacing plugin sees)."""
+
+    name = "batch_outer_step"
+
+    @hookimpl
+    def outer_step(self, batch) -> bool:
+        batch.backward(batch.meta_loss)
+        return True
+
+
+def test_default_outer_step_backpropagates_task_by_task_with_the_same_gradient():
+    torch.manual_seed(0)
+    model = mlp().double()
+    tasks = regression_tasks(3)
+    per_task = MetaLearner(model, [_GraphProbe()], inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss)
+    probe = per_task.get_plugin("graph_probe")
+    result = per_task.backward(tasks)
+    assert probe.freed == [True, True] and not result.loss.requires_grad
+    streamed = _grads(model)
+    model.zero_grad(set_to_none=True)
+    whole = MetaLearner(model, [_GraphProbe(), _BatchOuterStep()], inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss)
+    whole.backward(tasks)
+    assert whole.get_plugin("graph_probe").freed == [False, False]  # the replacing plugin needs every graph
+    assert _max_diff(streamed, _grads(model)) < 1e-12
+    assert _max_diff(streamed, maml_meta_grad(model, tasks, 2, 0.05, F.mse_loss)) < 1e-8
+    model.zero_grad(set_to_none=True)
+    kept = MetaLearner(model, inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss).forward(tasks)
+    kept.loss.backward()  # forward() keeps the batch graph for the caller's own backward
+    assert _max_diff(streamed, _grads(model)) < 1e-12
+
+
+def test_successive_backward_calls_accumulate_like_loss_backward():
+    torch.manual_seed(0)
+    model = mlp().double()
+    first, second = regression_tasks(2, seed=1), regression_tasks(2, seed=2)
+    learner = MetaLearner(model, inner_steps=1, inner_lr=0.05, loss_fn=F.mse_loss)
+    learner.backward(first)
+    learner.backward(second)
+    expected = maml_meta_grad(model, first, 1, 0.05, F.mse_loss)
+    expected = {n: g + maml_meta_grad(model, second, 1, 0.05, F.mse_loss)[n] for n, g in expected.items()}
+    assert _max_diff(_grads(model), expected) < 1e-10
