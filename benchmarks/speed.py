@@ -3,11 +3,13 @@
     python benchmarks/speed.py                    # all workloads, all contenders, memory vs K
     python benchmarks/speed.py --quick            # smaller workload list (CI-sized smoke: --smoke)
 
-Every (workload, contender) pair runs in its own fresh process: median seconds per
-meta-iteration (zero_grad + meta-gradient + Adam step) over --iters timed iterations after
---warmup, and the peak resident memory of that process during the timed iterations (Linux
-VmHWM, reset after warm-up; on CUDA, torch.cuda.max_memory_allocated).  Before timing, each
-contender's meta-gradient on the first batch is compared with metaopt's (same maths).
+Every (workload, contender) pair runs in fresh processes, in --rounds interleaved rounds (every
+contender once per round, the order reversed on odd rounds, so a machine that slows down for a
+few minutes slows every contender alike): median seconds per meta-iteration (zero_grad +
+meta-gradient + Adam step) over the --iters timed iterations of every round (after --warmup
+untimed ones per process), and the peak resident memory during the timed iterations (Linux VmHWM,
+reset after warm-up; on CUDA, torch.cuda.max_memory_allocated).  Before timing (first round),
+each contender's meta-gradient on the first batch is compared with metaopt's (same maths).
 Writes docs/benchmarks/speed.{json,md} and PNG plots.
 """
 
@@ -259,12 +261,26 @@ def run_worker(spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def combine_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One contender's result from its rounds: median over all timed iterations, worst memory."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    times = [t for r in runs for t in r["times"]]
+    combined = {**runs[0], "times": times, "median_s": statistics.median(times)}
+    combined["round_medians"] = [r["median_s"] for r in runs]
+    for key in ("peak_mib", "extra_mib"):
+        if key in runs[0]:
+            combined[key] = max(r[key] for r in runs)
+    return combined
+
+
 def ratio_table(title: str, rows: dict[str, dict[str, Any]], contenders: list[str], note: list[str]) -> list[str]:
     lines = [
         f"### {title}",
         "",
         *note,
-        "| contender | median s/iter | × fastest | peak MiB | × smallest | meta-grad check |",
+        "| contender | median s/iter (rounds' medians) | × fastest | peak MiB | × smallest | meta-grad check |",
     ]
     lines.append("| --- | --- | --- | --- | --- | --- |")
     ok = {c: r for c, r in rows.items() if "median_s" in r}
@@ -279,8 +295,10 @@ def ratio_table(title: str, rows: dict[str, dict[str, Any]], contenders: list[st
             continue
         check = r.get("max_rel_grad_diff_vs_metaopt")
         check_text = "reference" if c == "metaopt maml" else ("—" if check is None else f"max rel diff {check:.1e}")
+        spread = r.get("round_medians", [])
+        spread_text = f" ({min(spread):.4f}–{max(spread):.4f})" if len(spread) > 1 else ""
         lines.append(
-            f"| {c} | {r['median_s']:.4f} | {r['median_s'] / fastest:.2f} | {r['peak_mib']:.0f} | "
+            f"| {c} | {r['median_s']:.4f}{spread_text} | {r['median_s'] / fastest:.2f} | {r['peak_mib']:.0f} | "
             f"{r['peak_mib'] / smallest:.2f} | {check_text} |"
         )
     return lines + [""]
@@ -355,7 +373,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         if meta:
             note = [
                 f"Run {meta['started']} on {meta['device']}: `python benchmarks/speed.py {meta['argv']}`, "
-                f"{meta['iters']} timed after {meta['warmup']} warm-up; 1-min load average at start "
+                f"{meta.get('rounds', 1)} interleaved round(s) of {meta['iters']} timed iterations after "
+                f"{meta['warmup']} warm-up; 1-min load average at start "
                 f"{meta['load_at_start']:.2f} on {meta['cpus']} CPUs.",
                 "",
             ]
@@ -394,8 +413,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny settings to check the harness runs")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS))
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=CONTENDERS)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every contender")
+    parser.add_argument("--iters", type=int, default=4, help="timed iterations per contender and round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per process")
     parser.add_argument("--no-memory", action="store_true", help="skip memory versus K")
     parser.add_argument("--docs", default=str(DOCS))
     parser.add_argument("--update", action="store_true", help="keep the other workloads of an existing speed.json")
@@ -409,7 +429,7 @@ def main() -> None:
         return
     workloads = args.workloads or (QUICK if args.quick else list(WORKLOADS))
     if args.smoke:
-        workloads, args.iters, args.warmup = ["sinusoid mlp, 10-shot, mb 25, K=1"], 2, 1
+        workloads, args.rounds, args.iters, args.warmup = ["sinusoid mlp, 10-shot, mb 25, K=1"], 1, 2, 1
     memory_workload = "conv4 28px 5w1s, mb 8, K=1"
     out = Path(args.docs)
     results: dict[str, Any] = {
@@ -431,15 +451,19 @@ def main() -> None:
             "started": time.strftime("%Y-%m-%d %H:%M"),
             "device": device_name(),
             "argv": " ".join(sys.argv[1:]),
+            "rounds": args.rounds,
             "iters": args.iters,
             "warmup": args.warmup,
             "load_at_start": os.getloadavg()[0],
             "cpus": os.cpu_count(),
         }
-        for c in args.contenders:
-            spec = {"workload": wl, "contender": c, "iters": args.iters, "warmup": args.warmup, "check": True}
-            results["speed"][wl][c] = run_worker(spec)
-            print(wl, c, {k: v for k, v in results["speed"][wl][c].items() if k != "times"}, flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {c: [] for c in args.contenders}
+        for r in range(args.rounds):
+            for c in args.contenders if r % 2 == 0 else args.contenders[::-1]:
+                spec = {"workload": wl, "contender": c, "iters": args.iters, "warmup": args.warmup, "check": r == 0}
+                runs[c].append(run_worker(spec))
+                print(wl, f"round {r}", c, {k: v for k, v in runs[c][-1].items() if k != "times"}, flush=True)
+            results["speed"][wl] = {c: combine_rounds(done) for c, done in runs.items()}
             write_json(out / "speed.json", results)
     if not args.no_memory:
         results["memory_run"] = {

@@ -181,6 +181,16 @@ def test_plugin_exception_names_plugin_hook_and_task_and_keeps_the_cause():
     assert all(torch.equal(before[n], p) and p.grad is None for n, p in model.named_parameters())
 
 
+def test_failed_backward_leaves_accumulated_gradients_untouched():
+    model = mlp().double()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    learner = MetaLearner(model, [Raising(ValueError("bad value"))], loss_fn=F.mse_loss)
+    with pytest.raises(PluginHookError):
+        learner.backward(regression_tasks(2))  # task 0 was already backpropagated when task 1 failed
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+
+
 def test_wrapper_exceptions_are_named_once_and_own_errors_pass_through():
     learner = MetaLearner(mlp().double(), [Raising(KeyError("k"))], loss_fn=F.mse_loss, inner_steps=0)
     with pytest.raises(PluginHookError, match=r"^plugin 'raising' raised in hook 'outer_loss' \(task 0\): KeyError"):
