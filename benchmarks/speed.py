@@ -31,6 +31,7 @@ METAOPT_PLUGINS: dict[str, list[Any]] = {
     "metaopt maml": [],
     "metaopt maml (torch.func backend)": [],
     "metaopt maml (torch.func, check_finite=False)": [],
+    "metaopt maml (per_task_backward=False)": [],
     "metaopt fomaml": ["fomaml"],
     "metaopt convergent_fo": ["convergent_fo"],
     "metaopt shot": ["shot"],
@@ -49,7 +50,12 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 QUICK = ["sinusoid mlp, 10-shot, mb 25, K=1", "conv4 28px 5w1s, mb 8, K=1", "conv4 28px 5w1s, mb 8, K=5"]
 MEMORY_K = [1, 3, 5, 10]
-MEMORY_CONTENDERS = ["metaopt maml", "metaopt fomaml", "metaopt convergent_fo"]
+MEMORY_CONTENDERS = [
+    "metaopt maml",
+    "metaopt fomaml",
+    "metaopt convergent_fo",
+    "metaopt maml (per_task_backward=False)",
+]
 # glibc: a fixed mmap threshold returns every large freed block to the OS at once, so the
 # resident set follows live memory and "peak - resident before the timed steps" is the step's need.
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -93,14 +99,12 @@ def make_batches(model: str, meta_batch: int, count: int):
     return batches
 
 
-def metaopt_step_fn(model, plugins, steps: int, lr: float, loss_fn, backend: str = "higher", check: bool = True):
+def metaopt_step_fn(model, plugins, steps: int, lr: float, loss_fn, **options: Any):
     from metaopt import MetaLearner
     from metaopt.registry import create_plugin
 
     made = [create_plugin(p) if isinstance(p, str) else create_plugin(p[0], **p[1]) for p in plugins]
-    learner = MetaLearner(
-        model, made, inner_steps=steps, inner_lr=lr, loss_fn=loss_fn, backend=backend, check_finite=check
-    )
+    learner = MetaLearner(model, made, inner_steps=steps, inner_lr=lr, loss_fn=loss_fn, **options)
     return learner, lambda tasks: learner.backward(tasks)
 
 
@@ -182,7 +186,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if (
         spec["check"]
         and contender != "metaopt maml"
-        and (contender not in METAOPT_PLUGINS or "torch.func" in contender)
+        and (contender not in METAOPT_PLUGINS or contender.startswith("metaopt maml ("))
     ):
         ref_model = make_model(wl["model"])
         _, ref_step = metaopt_step_fn(ref_model, [], steps, wl["lr"], loss_fn)
@@ -191,9 +195,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     model = make_model(wl["model"])
     if contender in METAOPT_PLUGINS:
-        backend = "torch.func" if "torch.func" in contender else "higher"
-        check = "check_finite=False" not in contender
-        learner, step = metaopt_step_fn(model, METAOPT_PLUGINS[contender], steps, wl["lr"], loss_fn, backend, check)
+        options = {
+            "backend": "torch.func" if "torch.func" in contender else "higher",
+            "check_finite": "check_finite=False" not in contender,
+            "per_task_backward": "per_task_backward=False" not in contender,
+        }
+        learner, step = metaopt_step_fn(model, METAOPT_PLUGINS[contender], steps, wl["lr"], loss_fn, **options)
         params = list(learner.meta_parameters())
     elif contender == "raw higher":
         step, params = higher_step_fn(model, steps, wl["lr"], loss_fn), list(model.parameters())
@@ -322,7 +329,14 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
             if not ok:
                 continue
             ref = ok.get("raw higher", min(ok.values()))
-            for c in ("metaopt maml", "metaopt maml (torch.func backend)", "raw higher", "torch.func", "torchopt"):
+            for c in (
+                "metaopt maml",
+                "metaopt maml (per_task_backward=False)",
+                "metaopt maml (torch.func backend)",
+                "raw higher",
+                "torch.func",
+                "torchopt",
+            ):
                 if c in ok:
                     labels.append(f"{wl} | {c}")
                     values.append(ok[c] / ref)

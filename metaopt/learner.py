@@ -133,6 +133,10 @@ class MetaLearner(nn.Module):
         eval_inner_steps: inner steps at evaluation (default: ``inner_steps``).
         check_finite: raise :class:`~metaopt.errors.NumericalError` at the first NaN/inf loss
             or gradient (default on; costs one device sync per checked value).
+        per_task_backward: in ``backward``, backpropagate each task's loss as soon as the task
+            ends (default: one task's graph in memory at a time); False: one backward of the
+            batch mean (fewer autograd calls, every task's graph in memory until the end).
+            Same gradient either way; a plugin that replaces ``outer_step`` always gets the batch graph.
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class MetaLearner(nn.Module):
         eval_inner_steps: int | None = None,
         check_finite: bool = True,
         backend: str = "higher",
+        per_task_backward: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -177,6 +182,7 @@ class MetaLearner(nn.Module):
         self.backend = make_backend(backend, model, bn_policy)
         self.accelerator: Any = None
         self.iteration = 0
+        self.per_task_backward = bool(per_task_backward)
 
         from metaopt.registry import create_plugin
 
@@ -413,12 +419,13 @@ class MetaLearner(nn.Module):
 
         Runs every task's inner loop, then the ``outer_step`` hook, which accumulates the
         meta-gradient into ``.grad`` of ``learner.parameters()``.  Step your optimizer after.
-        Unless a plugin replaces ``outer_step``, each task's loss is backpropagated as soon as
-        the task ends, so only one task's graph is in memory (the returned loss is detached).
+        Unless a plugin replaces ``outer_step`` (or ``per_task_backward=False``), each task's loss
+        is backpropagated as soon as the task ends, so only one task's graph is in memory (the
+        returned loss is then detached).
         """
         batch = self._begin(tasks, training=True)
         # the default outer step needs no batch graph: free each task's graph after its backward
-        batch.backward_per_task = not self.host.replaced("outer_step")
+        batch.backward_per_task = self.per_task_backward and not self.host.replaced("outer_step")
         params = list(self.meta_parameters())
         earlier = [p.grad for p in params]  # this batch accumulates apart: a failure leaves .grad as it was
         for p in params:

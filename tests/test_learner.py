@@ -222,6 +222,13 @@ def test_default_outer_step_backpropagates_task_by_task_with_the_same_gradient()
     assert _max_diff(streamed, _grads(model)) < 1e-12
     assert _max_diff(streamed, maml_meta_grad(model, tasks, 2, 0.05, F.mse_loss)) < 1e-8
     model.zero_grad(set_to_none=True)
+    batched = MetaLearner(
+        model, [_GraphProbe()], inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss, per_task_backward=False
+    )
+    batched.backward(tasks)
+    assert batched.get_plugin("graph_probe").freed == [False, False]
+    assert _max_diff(streamed, _grads(model)) < 1e-12
+    model.zero_grad(set_to_none=True)
     kept = MetaLearner(model, inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss).forward(tasks)
     kept.loss.backward()  # forward() keeps the batch graph for the caller's own backward
     assert _max_diff(streamed, _grads(model)) < 1e-12
