@@ -235,7 +235,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         step(tasks)
         optimizer.step()
 
-    cuda = torch.cuda.is_available()
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
