@@ -41,13 +41,18 @@ def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
 def max_abs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per-tensor max |x| as 0-dim tensors, finite exactly where the tensor is (no sync).
 
-    Two ``_foreach`` calls for the whole list (``abs`` then ``max``; the fastest exact form
-    measured, an L2 norm could overflow); empty tensors count as 0.
+    On CUDA, two ``_foreach`` calls for the whole list (``abs`` then ``max``: few kernel
+    launches); elsewhere one ``aminmax`` reduction per tensor, which reads each tensor once
+    without writing an ``abs`` copy (8x faster on a CPU for resnet18's gradients).  Exact: an
+    L2 norm could overflow.  Empty tensors count as 0.
     """
     full = [t for t in tensors if t.numel()]
     with torch.no_grad():
-        norms = iter(torch._foreach_max(torch._foreach_abs(full)) if full else [])
-    return [next(norms) if t.numel() else t.new_zeros(()) for t in tensors]
+        if full and full[0].is_cuda:
+            norms = iter(torch._foreach_max(torch._foreach_abs(full)))
+        else:
+            norms = iter(torch.maximum(hi, -lo) for lo, hi in map(torch.aminmax, full))
+        return [next(norms) if t.numel() else t.new_zeros(()) for t in tensors]
 
 
 @dataclass
