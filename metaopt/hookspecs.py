@@ -165,11 +165,12 @@ def outer_step(batch: Batch) -> bool | None:
 
     Default: ``batch.backward(batch.meta_loss)``; when no plugin implements this hook (and
     ``per_task_backward`` is on, the default), each task's loss was already backpropagated
-    when the task ended (same gradient, one task's graph in memory at a time).  An implementation gets ``batch.meta_loss`` with
-    the graph of the whole batch; a plugin that replaces this hook only under some options
-    hides it otherwise (``self.outer_step = None`` in ``__init__``, as ``sharp_maml`` does
-    with ``rho_outer=0``).  ``batch.rerun()`` recomputes the whole meta-loss (all
-    inner loops included) from the current meta-parameters.  Return True.
+    when the task ended (same gradient, one task's graph in memory at a time).  An
+    implementation gets ``batch.meta_loss`` with the graph of the whole batch; a plugin that
+    replaces this hook only under some options hides it otherwise (``self.outer_step = None``
+    in ``__init__``, as ``sharp_maml`` does with ``rho_outer=0``).  ``batch.rerun()``
+    recomputes the whole meta-loss (all inner loops included) from the current
+    meta-parameters.  Return True.
     The user's optimizer steps afterwards; this hook never changes parameter values for
     good.
     """

@@ -63,11 +63,11 @@ def diff_step(
     ``autograd.grad`` call; ``higher`` is archived, so these internals are stable.
     """
     if opt is None:
-        # one fused op per tensor, and its backward is one scaling (``p - lr * g`` costs a
-        # temporary in the forward and a negation in the backward)
+        # a float lr: one fused op per tensor, whose backward is one scaling (``p - lr * g``
+        # costs a temporary in the forward and a negation in the backward); alpha takes no tensor
         if isinstance(lr, torch.Tensor):
             return [p if g is None else p - lr * g for p, g in zip(params, grads, strict=True)]
-        return [p if g is None else torch.add(p, g, alpha=-lr) for p, g in zip(params, grads, strict=True)]
+        return [p if g is None else p.add(g, alpha=-lr) for p, g in zip(params, grads, strict=True)]
     grouped = []
     for group, mapping in zip(opt.param_groups, opt._group_to_param_list, strict=True):
         group["lr"] = lr
