@@ -49,5 +49,13 @@ def test_speed_harness_times_and_checks_gradients(tmp_path):
     )
     result = json.loads((tmp_path / "speed.json").read_text())["speed"]["sinusoid mlp, 10-shot, mb 25, K=1"]
     assert result["metaopt maml"]["median_s"] > 0
-    assert result["raw higher"]["max_rel_grad_diff_vs_metaopt"] < 1e-4
+    # float32 against the float64 reference: rounding only, and never exactly equal
+    for contender in ("metaopt maml", "raw higher"):
+        assert 0 < result[contender]["rel_err_vs_float64"] < 1e-4
     assert "| raw higher |" in (tmp_path / "speed.md").read_text()
+    # the checks alone can be redone on an existing result file; the timings stay as they were
+    _run("speed.py", "--check-only", "--workloads", "sinusoid mlp, 10-shot, mb 25, K=1", "--docs", str(tmp_path))
+    again = json.loads((tmp_path / "speed.json").read_text())
+    assert again["speed"]["sinusoid mlp, 10-shot, mb 25, K=1"]["raw higher"]["times"] == result["raw higher"]["times"]
+    assert "sinusoid mlp, 10-shot, mb 25, K=1" in again["check_runs"]
+    assert "Float64 checks redone" in (tmp_path / "speed.md").read_text()
