@@ -158,6 +158,7 @@ def write_report(results: dict[str, Any]) -> None:
     for key, row in results.items():
         group, algo = key.rsplit("/", 1)
         groups.setdefault(group, []).append((algo, row))
+    lines += summary_tables(groups)
     for group, rows in groups.items():
         first = rows[0][1]
         steps = list(first["evals"])
@@ -188,6 +189,41 @@ def write_report(results: dict[str, Any]) -> None:
         if plot:
             lines += [f"![{group}]({plot})", ""]
     (OUTPUT["docs"] / "accuracy.md").write_text("\n".join(lines))
+
+
+def summary_tables(groups: dict[str, list[tuple[str, dict[str, Any]]]]) -> list[str]:
+    """Side-by-side tables (algorithm x setting) of the per-group results below: sinusoid MSE per
+    shot count, Omniglot accuracy (%) per direction for each way count; first / last eval steps."""
+    families: dict[str, list[str]] = {}  # summary title -> its groups
+    for group, rows in groups.items():
+        evals = rows[0][1]["evals"]
+        if "error_rate" in next(iter(evals.values())):
+            continue
+        section, *rest = group.split("/")
+        title = f"{section}, {rest[-1]}" if section == "omniglot" else section
+        families.setdefault(title, []).append(group)
+    lines = []
+    for title, members in families.items():
+        first_steps = list(groups[members[0]][0][1]["evals"])
+        cross = title.startswith("omniglot")
+        unit = "accuracy (%)" if cross else "MSE"
+        columns = [m.split("/")[1] for m in members]
+        lines += [f"## Summary: {title}", "", f"{unit} after {first_steps[0]} / {first_steps[-1]} inner steps, "]
+        lines[-1] += "from the tables below (± there); — = not run."
+        lines += ["", "| algorithm | " + " | ".join(columns) + " |", "|" + " --- |" * (1 + len(columns))]
+        for algo in ALGORITHMS:
+            cells = []
+            for member in members:
+                row = dict(groups[member]).get(algo)
+                if row is None:
+                    cells.append("—")
+                    continue
+                ends = [row["evals"][s] for s in (list(row["evals"])[0], list(row["evals"])[-1])]
+                cells.append(" / ".join(f"{100 * e['accuracy']:.1f}" if cross else f"{e['mse']:.3f}" for e in ends))
+            if any(c != "—" for c in cells):
+                lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def lake_table(group: str, rows: list[tuple[str, dict[str, Any]]], steps: list[str]) -> list[str]:

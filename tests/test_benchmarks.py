@@ -29,6 +29,8 @@ def test_accuracy_harness_writes_json_and_table(tmp_path):
     assert results["sinusoid/5-shot/maml"]["evals"]["10"]["tasks"] == 4
     table = (tmp_path / "accuracy.md").read_text()
     assert "| fomaml | `--plugin fomaml` | 2 |" in table
+    summary = table[table.index("## Summary: sinusoid") : table.index("## sinusoid/5-shot")]
+    assert "| maml |" in summary and "| fomaml |" in summary and "| reptile |" not in summary
 
 
 def test_speed_harness_times_and_checks_gradients(tmp_path):
