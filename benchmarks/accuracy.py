@@ -239,7 +239,8 @@ def lake_table(group: str, rows: list[tuple[str, dict[str, Any]]], steps: list[s
     lines += ["|" + " --- |" * (5 + len(steps))]
     for algo, row in rows:
         options = " ".join(row["train_args"][row["train_args"].index("--checkpoint-every") + 2 :]) or "(defaults)"
-        cells = [algo, f"`{options}`", str(row["iterations"]), str(row["train_wall_s"]), row["device"]]
+        wall = str(row["train_wall_s"]) + (f" (model of `{row['model_of']}`)" if "model_of" in row else "")
+        cells = [algo, f"`{options}`", str(row["iterations"]), wall, row["device"]]
         cells += [f"{row['evals'][s]['error_rate']:.4f}" for s in steps]
         lines.append("| " + " | ".join(cells) + " |")
     common = _without_config(rows[0][1]["train_args"][: rows[0][1]["train_args"].index("--checkpoint-every")])
