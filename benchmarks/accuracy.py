@@ -175,7 +175,7 @@ def write_report(results: dict[str, Any]) -> None:
             evals = row["evals"]
             e0 = evals[steps[0]]
             options = " ".join(row["train_args"][row["train_args"].index("--checkpoint-every") + 2 :]) or "(defaults)"
-            wall = str(row["train_wall_s"]) + (f" (model of `{row['model_of']}`)" if "model_of" in row else "")
+            wall = _train_wall(row)
             cells = [algo, f"`{options}`", str(row["iterations"]), wall, row["device"]]
             cells.append(f"{e0['unadapted'][list(e0['unadapted'])[0]]:.4f} ± {e0['unadapted']['ci95']:.4f}")
             cells += [fmt(evals[s]) for s in steps]
@@ -189,6 +189,11 @@ def write_report(results: dict[str, Any]) -> None:
         if plot:
             lines += [f"![{group}]({plot})", ""]
     (OUTPUT["docs"] / "accuracy.md").write_text("\n".join(lines))
+
+
+def _train_wall(row: dict[str, Any]) -> str:
+    """The row's training wall time, naming the row whose trained model it reuses."""
+    return str(row["train_wall_s"]) + (f" (model of `{row['model_of']}`)" if "model_of" in row else "")
 
 
 def summary_tables(groups: dict[str, list[tuple[str, dict[str, Any]]]]) -> list[str]:
@@ -211,14 +216,15 @@ def summary_tables(groups: dict[str, list[tuple[str, dict[str, Any]]]]) -> list[
         lines += [f"## Summary: {title}", "", f"{unit} after {first_steps[0]} / {first_steps[-1]} inner steps, "]
         lines[-1] += "from the tables below (± there); — = not run."
         lines += ["", "| algorithm | " + " | ".join(columns) + " |", "|" + " --- |" * (1 + len(columns))]
+        by_algo = [dict(groups[member]) for member in members]
         for algo in ALGORITHMS:
             cells = []
-            for member in members:
-                row = dict(groups[member]).get(algo)
-                if row is None:
+            for rows in by_algo:
+                if algo not in rows:
                     cells.append("—")
                     continue
-                ends = [row["evals"][s] for s in (list(row["evals"])[0], list(row["evals"])[-1])]
+                evals = list(rows[algo]["evals"].values())
+                ends = (evals[0], evals[-1])
                 cells.append(" / ".join(f"{100 * e['accuracy']:.1f}" if cross else f"{e['mse']:.3f}" for e in ends))
             if any(c != "—" for c in cells):
                 lines.append(f"| {algo} | " + " | ".join(cells) + " |")
@@ -239,7 +245,7 @@ def lake_table(group: str, rows: list[tuple[str, dict[str, Any]]], steps: list[s
     lines += ["|" + " --- |" * (5 + len(steps))]
     for algo, row in rows:
         options = " ".join(row["train_args"][row["train_args"].index("--checkpoint-every") + 2 :]) or "(defaults)"
-        wall = str(row["train_wall_s"]) + (f" (model of `{row['model_of']}`)" if "model_of" in row else "")
+        wall = _train_wall(row)
         cells = [algo, f"`{options}`", str(row["iterations"]), wall, row["device"]]
         cells += [f"{row['evals'][s]['error_rate']:.4f}" for s in steps]
         lines.append("| " + " | ".join(cells) + " |")

@@ -177,6 +177,13 @@ def grads_of(model) -> list:
     return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
 
 
+def loss_of(model: str):
+    """The workload's loss: MSE for the sinusoid MLP, cross-entropy for the classifiers."""
+    import torch.nn.functional as F
+
+    return F.mse_loss if model == "mlp" else F.cross_entropy
+
+
 def computes_maml_gradient(contender: str) -> bool:
     """The contenders checked against the float64 reference (the plugins change the maths)."""
     return contender not in METAOPT_PLUGINS or contender == "metaopt maml" or contender.startswith("metaopt maml (")
@@ -185,7 +192,6 @@ def computes_maml_gradient(contender: str) -> bool:
 def float64_reference(spec: dict[str, Any]) -> dict[str, Any]:
     """Worker: the hand torch.func loop's meta-gradient on the first batch in float64, saved to a file."""
     import torch
-    import torch.nn.functional as F
 
     wl = WORKLOADS[spec["workload"]]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -194,8 +200,7 @@ def float64_reference(spec: dict[str, Any]) -> dict[str, Any]:
         tuple(t.to(device, torch.float64) if t.is_floating_point() else t.to(device) for t in task)
         for task in make_batches(wl["model"], wl["meta_batch"], 1)[0]
     ]
-    loss_fn = F.mse_loss if wl["model"] == "mlp" else F.cross_entropy
-    func_step_fn(model, wl["steps"], wl["lr"], loss_fn)(tasks)
+    func_step_fn(model, wl["steps"], wl["lr"], loss_of(wl["model"]))(tasks)
     torch.save([g.cpu() for g in grads_of(model)], spec["reference_file"])
     return {"saved": spec["reference_file"]}
 
@@ -215,13 +220,12 @@ def error_vs_reference(model, reference_file: str) -> float:
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
-    import torch.nn.functional as F
 
     if spec.get("float64_reference"):
         return float64_reference(spec)
     wl = WORKLOADS.get(spec["workload"]) or spec["workload_spec"]
     steps = spec.get("steps", wl["steps"])
-    loss_fn = F.mse_loss if wl["model"] == "mlp" else F.cross_entropy
+    loss_fn = loss_of(wl["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     count = 1 if spec.get("check_only") else spec["warmup"] + spec["iters"]
     batches = make_batches(wl["model"], wl["meta_batch"], count)
@@ -518,12 +522,13 @@ def time_workloads(
             "load_at_start": os.getloadavg()[0],
             "cpus": os.cpu_count(),
         }
-        reference = make_reference(wl, scratch)
+        checked = any(computes_maml_gradient(c) for c in args.contenders)
+        reference = make_reference(wl, scratch) if checked else None
         runs: dict[str, list[dict[str, Any]]] = {c: [] for c in args.contenders}
         for r in range(args.rounds):
             for c in args.contenders if r % 2 == 0 else args.contenders[::-1]:
                 spec = {"workload": wl, "contender": c, "iters": args.iters, "warmup": args.warmup}
-                runs[c].append(run_worker({**spec, "reference_file": reference} if r == 0 else spec))
+                runs[c].append(run_worker({**spec, "reference_file": reference} if r == 0 and reference else spec))
                 print(wl, f"round {r}", c, {k: v for k, v in runs[c][-1].items() if k != "times"}, flush=True)
             results["speed"][wl] = {c: combine_rounds(done) for c, done in runs.items()}
             write_json(out / "speed.json", results)

@@ -43,8 +43,8 @@ def max_abs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
     On CUDA, two ``_foreach`` calls for the whole list (``abs`` then ``max``: few kernel
     launches); elsewhere one ``aminmax`` reduction per tensor, which reads each tensor once
-    without writing an ``abs`` copy.  Exact: an
-    L2 norm could overflow.  Empty tensors count as 0.
+    without writing an ``abs`` copy.  Exact: an L2 norm could overflow.  Empty tensors count
+    as 0.
     """
     full = [t for t in tensors if t.numel()]
     with torch.no_grad():

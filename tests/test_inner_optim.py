@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import torch
+import copy
 
+import torch
+import torch.nn.functional as F
+from conftest import image_tasks
+from reference import maml_meta_grad
+
+from metaopt import MetaLearner
 from metaopt.inner_optim import diff_step
+from metaopt.models import conv4
 
 
 def test_plain_sgd_step_matches_the_update_and_its_second_order_gradient():
@@ -31,15 +38,6 @@ def test_a_parameter_without_gradient_is_returned_unchanged():
 def test_fused_float32_step_is_as_accurate_as_the_textbook_loop():
     """Five second-order steps in float32 drift from the float64 answer by float rounding times the
     conditioning; the fused step must drift no more than the textbook ``p - lr * g`` loop does."""
-    import copy
-
-    import torch.nn.functional as F
-    from conftest import image_tasks
-    from reference import maml_meta_grad
-
-    from metaopt import MetaLearner
-    from metaopt.models import conv4
-
     torch.manual_seed(0)
     model = conv4(num_classes=5, hidden=16)
     tasks64 = image_tasks(2, query=3, seed=1)
