@@ -11,8 +11,7 @@ import torch
 from metaopt.stash import Stash
 
 if TYPE_CHECKING:
-    from higher.optim import DifferentiableOptimizer
-
+    from metaopt.inner_optim import InnerOptimizer
     from metaopt.learner import MetaLearner
 
 Params = dict[str, torch.Tensor]
@@ -46,7 +45,7 @@ class Trajectory:
 
     steps: int
     lrs: list[float]
-    optimizer: DifferentiableOptimizer | None  # None: plain SGD (see inner_optim.diff_step)
+    optimizer: InnerOptimizer  # None: plain SGD (see inner_optim.diff_step)
     iterates: list[Params]
     main: bool = True
     k: int = 0

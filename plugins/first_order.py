@@ -8,11 +8,15 @@ second-order graph is built, so memory stays flat in the number of inner steps.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 
 from metaopt.builtin import query_loss
-from metaopt.errors import ConfigError
+from metaopt.errors import ConfigError, PluginConflictError
 from metaopt.hookspecs import hookimpl
+from metaopt.piecewise import FrozenPieces
 from metaopt.task import Params, Task, global_norm, grad_dict
 
 
@@ -27,6 +31,11 @@ class FOMAML:
 
     name = "fomaml"
     forces_first_order = True
+    incompatible_with = {
+        "reptile": "Reptile defines its own first-order meta-gradient and replaces FOMAML's; list only one of them.",
+        "convergent_fo": "convergent_fo is a first-order estimator of the full MAML meta-gradient and replaces "
+        "FOMAML's grad L_Q(theta_K); list only one of them.",
+    }
 
     @hookimpl
     def task_start(self, task: Task) -> None:
@@ -59,24 +68,47 @@ class Reptile:
         return zero_valued(loss, task.start, direction)
 
 
-def fd_hvp(task: Task, point: Params, vector: Params, delta: float, symmetric: bool) -> Params:
-    """H_S(point) @ vector by finite differences of support gradients, step delta * v / |v|."""
+def fd_hvp(
+    task: Task,
+    point: Params,
+    vector: Params,
+    delta: float,
+    symmetric: bool,
+    others: Params | None = None,
+    pieces: FrozenPieces | None = None,
+) -> tuple[Params, Params]:
+    """H_S(point) @ vector by finite differences of support gradients, step delta * v / |v|.
+
+    Also returns the mixed block d/d(others) of <grad L_S, vector> for the trainable parameters
+    that are not adapted (``others``), from the same perturbed gradients.  With ``pieces``,
+    ReLU masks and max-pool winners are those of ``point`` at every perturbed point.
+    """
+    others = others or {}
     norm = float(global_norm(vector))
     if norm == 0.0:
-        return {n: torch.zeros_like(v) for n, v in vector.items()}
+        return {n: torch.zeros_like(v) for n, v in vector.items()}, {n: torch.zeros_like(p) for n, p in others.items()}
     r = delta / norm
+    fixed = {n: p.detach() for n, p in point.items()}
 
-    def grad_at(sign: float) -> Params:
-        shifted = {n: (point[n].detach() + sign * r * vector[n]).requires_grad_() for n in point}
-        with torch.enable_grad():
-            return grad_dict(task.support_loss(shifted), shifted, create_graph=False)
+    def grad_at(sign: float, mode: contextlib.AbstractContextManager[Any]) -> Params:
+        shifted = {n: (fixed[n] + sign * r * vector[n]).requires_grad_() for n in point}
+        with torch.enable_grad(), mode:
+            loss = task.support_loss(shifted)
+        return grad_dict(loss, {**shifted, **others}, create_graph=False)
 
-    plus = grad_at(1.0)
+    def replay() -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext() if pieces is None else pieces.replaying()
+
     if symmetric:
-        minus = grad_at(-1.0)
-        return {n: (plus[n] - minus[n]) / (2 * r) for n in plus}
-    base = grad_at(0.0)
-    return {n: (plus[n] - base[n]) / r for n in plus}
+        if pieces is not None:
+            with torch.no_grad(), pieces.recording():
+                task.support_loss(fixed)
+        plus, minus, scale = grad_at(1.0, replay()), grad_at(-1.0, replay()), 2 * r
+    else:
+        minus = grad_at(0.0, contextlib.nullcontext() if pieces is None else pieces.recording())
+        plus, scale = grad_at(1.0, replay()), r
+    diff = {n: (plus[n] - minus[n]) / scale for n in plus}
+    return {n: diff[n] for n in point}, {n: diff[n] for n in others}
 
 
 class ConvergentFO:
@@ -85,16 +117,25 @@ class ConvergentFO:
     name = "convergent_fo"
     forces_first_order = True
 
-    def __init__(self, delta: float = 1e-3, estimator: str = "symmetric") -> None:
+    def __init__(self, delta: float = 1e-3, estimator: str = "symmetric", freeze_activations: bool = True) -> None:
         if delta <= 0:
             raise ConfigError(f"delta={delta} must be > 0 (a relative perturbation size, e.g. 1e-3).")
         if estimator not in ("symmetric", "forward"):
             raise ConfigError(f"estimator={estimator!r} must be 'symmetric' or 'forward'.")
         self.delta = delta
         self.symmetric = estimator == "symmetric"
+        self.freeze_activations = bool(freeze_activations)
 
     @hookimpl
     def configure(self, learner) -> None:
+        sharp = learner.get_plugin("sharp_maml")
+        if sharp is not None and getattr(sharp, "rho_inner", 0) > 0:
+            raise PluginConflictError(
+                "plugins 'convergent_fo' and 'sharp_maml' cannot be combined with rho_inner > 0: the estimator's "
+                "recursion assumes plain SGD inner steps, and inner SAM steps along grad L_S(theta_k + eps_k), so "
+                "its Hessian-vector products would be taken at the wrong points. Use sharp_maml with rho_outer only "
+                "(outer SAM works with convergent_fo), or second-order MAML with inner SAM."
+            )
         if learner.inner_optimizer_name != "sgd" or learner.inner_optimizer_kwargs:
             raise ConfigError(
                 f"convergent_fo assumes plain SGD inner steps; got inner_optimizer={learner.inner_optimizer_name!r} "
@@ -113,9 +154,18 @@ class ConvergentFO:
         assert task.trajectory is not None
         g = grad_dict(loss, params, create_graph=False, retain_graph=True)
         v = dict(g)
+        learner = task.learner
+        others = {n: p for n, p in learner.model.named_parameters() if p.requires_grad and n not in params}
+        mixed = {n: torch.zeros_like(p) for n, p in others.items()}
+        pieces = FrozenPieces() if self.freeze_activations else None
         for k in reversed(range(task.trajectory.steps)):
-            hv = fd_hvp(task, task.trajectory.iterates[k], v, self.delta, self.symmetric)
-            v = {n: v[n] - task.trajectory.lrs[k] * hv[n] for n in v}
+            hv, hm = fd_hvp(task, task.trajectory.iterates[k], v, self.delta, self.symmetric, others, pieces)
+            lr = task.trajectory.lrs[k]
+            mixed = {n: mixed[n] - lr * hm[n] for n in mixed}
+            v = {n: v[n] - lr * hv[n] for n in v}
         # theta_K depends on theta with identity Jacobian (first-order trajectory), so the
-        # query loss already contributes g; the zero-valued term turns g into v.
-        return zero_valued(loss, params, {n: v[n] - g[n] for n in v})
+        # query loss already contributes g; the zero-valued term turns g into v.  Parameters
+        # that are not adapted get, beside their direct query gradient, the mixed terms
+        # -sum_k a_k d/dphi <grad_theta L_S(theta_k, phi), v_{k+1}> (FOMAML drops them).
+        loss = zero_valued(loss, params, {n: v[n] - g[n] for n in v})
+        return zero_valued(loss, others, mixed) if others else loss

@@ -21,6 +21,10 @@ from metaopt.hookspecs import hookimpl
 from metaopt.task import Batch, Params, Task, Trajectory
 
 HEAD = ("head.weight", "head.bias")
+#: evaluation: "auto" = the pure hypernetwork once training has left the MAML warm-up (the
+#: authors' final test), pure MAML before; "schedule" = the training blend of this iteration;
+#: "hyper" = always the hypernetwork
+EVAL_MODES = ("auto", "schedule", "hyper")
 
 
 def hypernetwork(in_dim: int, out_dim: int, hidden: int, layers: int) -> nn.Sequential:
@@ -41,7 +45,13 @@ class HyperMAML:
     name = "hypermaml"
     incompatible_with = {
         "shot": "SHOT regularises an inner gradient trajectory, which HyperMAML does not have. Drop one of them: "
-        "SHOT with MAML or another gradient-based learner, or HyperMAML without SHOT."
+        "SHOT with MAML or another gradient-based learner, or HyperMAML without SHOT.",
+        "reptile": "Reptile's meta-gradient (theta - theta_K) ignores the query loss, the only path by which the "
+        "hypernetwork and the backbone get a gradient, so neither would ever train. Use HyperMAML alone "
+        "(or with fomaml for a first-order warm-up).",
+        "convergent_fo": "the convergent estimator walks back over plain SGD inner steps; the hypernetwork update "
+        "is not one, so its estimate would be wrong (and it fails when the step counts differ). Use HyperMAML alone "
+        "(or with fomaml for a first-order warm-up).",
     }
 
     def __init__(
@@ -52,7 +62,10 @@ class HyperMAML:
         blend_iters: int = 0,
         maml_steps: int = 5,
         maml_lr: float = 0.01,
+        eval_mode: str = "auto",
     ) -> None:
+        if eval_mode not in EVAL_MODES:
+            raise ConfigError(f"eval_mode={eval_mode!r} must be one of {EVAL_MODES}.")
         if hidden < 1 or layers < 1 or warmup_iters < 0 or blend_iters < 0 or maml_steps < 0 or maml_lr <= 0:
             raise ConfigError(
                 f"hypermaml options out of range: hidden={hidden}, layers={layers}, warmup_iters={warmup_iters}, "
@@ -61,6 +74,7 @@ class HyperMAML:
         self.hidden, self.layers = hidden, layers
         self.warmup_iters, self.blend_iters = warmup_iters, blend_iters
         self.maml_steps, self.maml_lr = maml_steps, maml_lr
+        self.eval_mode = eval_mode
         self.iteration = 0
         self.net: nn.Module | None = None
 
@@ -90,12 +104,22 @@ class HyperMAML:
 
     # -- schedule -------------------------------------------------------------------
     def blend(self) -> float:
-        """Weight of the hypernetwork update (0: pure MAML, 1: pure hypernetwork)."""
+        """Training weight of the hypernetwork update (0: pure MAML, 1: pure hypernetwork).
+
+        Iterations ``0 .. warmup_iters-1`` are pure MAML, the next ``blend_iters`` blend with
+        weights ``1/(b+1) .. b/(b+1)`` (strictly between 0 and 1), then pure hypernetwork.
+        """
         if self.iteration < self.warmup_iters:
             return 0.0
-        if self.blend_iters == 0:
+        return min(1.0, (self.iteration - self.warmup_iters + 1) / (self.blend_iters + 1))
+
+    def eval_blend(self) -> float:
+        """Weight of the hypernetwork update at evaluation (see ``EVAL_MODES``)."""
+        if self.eval_mode == "hyper":
             return 1.0
-        return min(1.0, (self.iteration - self.warmup_iters) / self.blend_iters)
+        if self.eval_mode == "schedule":
+            return self.blend()
+        return 0.0 if self.iteration < self.warmup_iters else 1.0
 
     @hookimpl
     def batch_end(self, batch: Batch) -> None:
@@ -130,7 +154,7 @@ class HyperMAML:
         start = trajectory.iterates[0]
         if trajectory.steps == 0:  # "0 inner steps" (e.g. the unadapted baseline): no update at all
             return start
-        w = self.blend()
+        w = self.blend() if task.training else self.eval_blend()
         parts: list[tuple[float, Params]] = []
         if w < 1.0:
             maml = task.learner.new_trajectory(

@@ -15,26 +15,48 @@ from metaopt.hookspecs import hookimpl
 from metaopt.task import Batch, Params, Task, global_norm, grad_dict
 
 EPS = 1e-12
+DEFAULT_RHO = 0.05
 
 
 class SharpMAML:
-    """Sharp-MAML: SAM in the inner loop (rho_inner), the outer loop (rho_outer), or both."""
+    """Sharp-MAML: SAM in the inner loop (rho_inner), the outer loop (rho_outer), or both.
+
+    A radius that is not given is off: ``rho_inner`` alone is "inner", ``rho_outer`` alone is
+    "outer", both is "both"; with neither, "inner" at 0.05 (the authors' radius).
+    """
 
     name = "sharp_maml"
 
     def __init__(
         self,
-        rho_inner: float = 0.05,
-        rho_outer: float = 0.0,
+        rho_inner: float | None = None,
+        rho_outer: float | None = None,
         differentiate_epsilon: bool = False,
         at_eval: bool = False,
     ) -> None:
+        if rho_inner is None and rho_outer is None:
+            rho_inner = DEFAULT_RHO  # neither radius given: inner SAM at the authors' radius
+        rho_inner, rho_outer = float(rho_inner or 0.0), float(rho_outer or 0.0)
         if rho_inner < 0 or rho_outer < 0:
             raise ConfigError(f"rho_inner={rho_inner} and rho_outer={rho_outer} must be >= 0.")
+        if rho_inner == 0 and rho_outer == 0:
+            raise ConfigError(
+                "sharp_maml with rho_inner=0 and rho_outer=0 is plain MAML. Set rho_inner (inner SAM), rho_outer "
+                f"(outer SAM) or both, e.g. sharp_maml:rho_outer={DEFAULT_RHO} (the authors' radius)."
+            )
         self.rho_inner, self.rho_outer = rho_inner, rho_outer
         self.differentiate_epsilon, self.at_eval = differentiate_epsilon, at_eval
-        if rho_outer == 0:  # hide the hook: the default outer step then backpropagates task by task
+        # a radius of 0 hides its hook, so that path does not run at all (no wasted loss
+        # evaluations; the default outer step then backpropagates task by task)
+        if rho_inner == 0:
+            self.inner_grad = None
+        if rho_outer == 0:
             self.outer_step = None
+
+    @property
+    def mode(self) -> str:
+        """``"inner"``, ``"outer"`` or ``"both"``: which radii are on."""
+        return "both" if self.rho_inner and self.rho_outer else ("inner" if self.rho_inner else "outer")
 
     @hookimpl
     def configure(self, learner) -> None:
@@ -51,7 +73,7 @@ class SharpMAML:
     @hookimpl
     def inner_grad(self, task: Task, params: Params, loss: torch.Tensor) -> Params | None:
         if not task.training and not self.at_eval:
-            return None  # rho_inner == 0 still runs the SAM path (eps = 0): equal to MAML by construction
+            return None
         keep = task.create_graph and self.differentiate_epsilon
         g = grad_dict(loss, params, create_graph=keep)
         eps = self.perturbation(g)
