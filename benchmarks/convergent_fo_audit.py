@@ -27,7 +27,7 @@ from common import DOCS, device_name, write_json  # noqa: E402
 
 from metaopt import MetaLearner  # noqa: E402
 from metaopt.data import SinusoidTasks  # noqa: E402
-from metaopt.models import mlp  # noqa: E402
+from metaopt.models import conv4, mlp  # noqa: E402
 from metaopt.plugins import ConvergentFO  # noqa: E402
 
 
@@ -107,11 +107,58 @@ def audit(name: str, model: nn.Module, tasks, steps: int, lr: float, loss_fn, de
     return rows
 
 
-def render(rows: list[dict], argv: list[str], wall: float) -> str:
+def time_step(model: nn.Module, tasks, steps: int, lr: float, loss_fn, freeze: bool, repeats: int) -> float:
+    """Median seconds of one ``backward`` (a meta-batch) with convergent_fo, float32."""
+    model = copy.deepcopy(model).float()
+    data = [[t.float() if t.is_floating_point() else t for t in task] for task in tasks]
+    learner = MetaLearner(
+        model, [ConvergentFO(freeze_activations=freeze)], inner_steps=steps, inner_lr=lr, loss_fn=loss_fn
+    )
+    times = []
+    for i in range(repeats + 1):
+        model.zero_grad()
+        start = time.perf_counter()
+        learner.backward(data)
+        if i:  # the first is a warm-up
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def cost_rows(repeats: int) -> list[dict]:
+    """Time per meta-iteration without and with frozen pieces, interleaved."""
+    torch.manual_seed(0)
+    conv = conv4(num_classes=5, hidden=32)
+    g = torch.Generator().manual_seed(0)
+    omni = [
+        (
+            torch.randn(5, 1, 28, 28, generator=g),
+            torch.arange(5),
+            torch.randn(75, 1, 28, 28, generator=g),
+            torch.arange(5).repeat(15),
+        )
+        for _ in range(4)
+    ]
+    sinusoid = SinusoidTasks(shots=10, query=10, seed=0).sample(25)
+    workloads = [
+        ("sinusoid MLP, meta-batch 25, K=5", mlp(), sinusoid, 5, 0.01, F.mse_loss),
+        ("conv4 (32 ch, BN) 5-way 1-shot 15 query, meta-batch 4, K=1", conv, omni, 1, 0.4, F.cross_entropy),
+    ]
+    rows = []
+    for name, model, tasks, steps, lr, loss_fn in workloads:
+        off = on = 0.0
+        for _ in range(3):  # interleaved rounds
+            off += time_step(model, tasks, steps, lr, loss_fn, False, repeats)
+            on += time_step(model, tasks, steps, lr, loss_fn, True, repeats)
+        rows.append({"workload": name, "off_s": off / 3, "on_s": on / 3, "ratio": on / off})
+        print(rows[-1])
+    return rows
+
+
+def render(rows: list[dict], argv: list[str], wall: float, cost: list[dict] | None = None) -> str:
     lines = [
         "# Convergent FO on piecewise-linear nets",
         "",
-        f"Produced by `python benchmarks/convergent_fo_audit.py {' '.join(argv)}` on {device_name()}, "
+        f"Produced by `{' '.join(['python benchmarks/convergent_fo_audit.py', *argv])}` on {device_name()}, "
         f"{time.strftime('%Y-%m-%d')}, {wall:.0f} s.",
         "",
         "Each task's `convergent_fo` estimate (symmetric, δ relative) against that task's exact second-order",
@@ -128,6 +175,20 @@ def render(rows: list[dict], argv: list[str], wall: float) -> str:
             f"| {r['net']} | {r['K']} | {r['dtype']} | {r['delta']:g} | {r['freeze_activations']} | "
             f"{r['cos_below_0.99']}/{r['tasks']} | {r['min_cos']:.4f} | {1 - r['min_cos']:.1e} | {r['max_norm_ratio']:.3f} |"
         )
+    if cost:
+        lines += [
+            "",
+            "## Cost of the frozen pieces",
+            "",
+            "Seconds per meta-iteration (`learner.backward`, float32, convergent_fo symmetric), median of the",
+            "repeats in each of 3 interleaved rounds, averaged; the frozen estimator runs one more support forward",
+            "per inner step (the recording pass) and routes every torch call through a `TorchFunctionMode`.",
+            "",
+            "| workload | freeze off (s) | freeze on (s) | on / off |",
+            "| --- | --- | --- | --- |",
+        ]
+        for c in cost:
+            lines.append(f"| {c['workload']} | {c['off_s']:.4f} | {c['on_s']:.4f} | {c['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -136,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", type=int, default=20)
     parser.add_argument("--delta", type=float, default=1e-3)
     parser.add_argument("--docs", type=Path, default=DOCS)
+    parser.add_argument("--repeats", type=int, default=5, help="timed meta-iterations per round (0: no timing)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -151,10 +213,11 @@ def main(argv: list[str] | None = None) -> None:
         rows += audit("sinusoid MLP 1-40-40-1 ReLU (α=0.01)", sinusoid, sin_tasks, steps, 0.01, F.mse_loss, args.delta)
     for steps in (1, 3):
         rows += audit("conv-ReLU-maxpool ×2 (α=0.1)", conv, conv_tasks, steps, 0.1, F.cross_entropy, args.delta)
+    cost = cost_rows(args.repeats) if args.repeats else []
     wall = time.perf_counter() - start
-    write_json(args.docs / "convergent_fo.json", {"rows": rows, "device": device_name()})
+    write_json(args.docs / "convergent_fo.json", {"rows": rows, "cost": cost, "device": device_name()})
     shown = list(argv if argv is not None else sys.argv[1:])
-    (args.docs / "convergent_fo.md").write_text(render(rows, shown, wall))
+    (args.docs / "convergent_fo.md").write_text(render(rows, shown, wall, cost))
 
 
 if __name__ == "__main__":

@@ -125,8 +125,8 @@ class MetaLearner(nn.Module):
         inner_lr: inner learning rate, or one per step.
         loss_fn: ``loss_fn(output, target)``; default cross-entropy.
         first_order: drop the second-order terms (FOMAML-style meta-gradient).
-        inner_optimizer: ``"sgd"`` (default), ``"adam"``, ``"rmsprop"``, ``"adagrad"``; made
-            differentiable by ``higher``.
+        inner_optimizer: ``"sgd"`` (default), ``"adam"`` (``torch.optim.Adam``'s update exactly),
+            ``"higher_adam"``, ``"rmsprop"``, ``"adagrad"``; all differentiable.
         bn_policy: ``"transductive"`` or ``"running"`` (see ``metaopt.backend.BN_POLICIES``).
         backend: ``"higher"`` (default, the project's engine) or ``"torch.func"``; both give
             the same meta-gradients (tested); see docs/benchmarks/speed.md for their costs.

@@ -1,4 +1,4 @@
-"""SHOT: suppress the Hessian along the inner trajectory (Lee et al., NeurIPS 2022).
+"""SHOT: suppress the Hessian along the inner trajectory (Lee et al., NeurIPS 2023, arXiv 2310.02751).
 
 Two inner trajectories from the same start with the same total step length end at the same
 point when the support-loss Hessian along the path is zero; their disagreement on the query

@@ -26,3 +26,99 @@ def maml_meta_grad(model, tasks, steps, lr, loss_fn, first_order=False, names=No
     meta = total / len(tasks)
     grads = torch.autograd.grad(meta, list(params.values()), allow_unused=True)
     return {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(params.items(), grads)}
+
+
+def _kl(target_logits, logits):
+    p_log = torch.log_softmax(target_logits, dim=-1)
+    return (p_log.exp() * (p_log - torch.log_softmax(logits, dim=-1))).sum(-1).mean()
+
+
+def combo_meta_grad(
+    model,
+    tasks,
+    steps,
+    lr,
+    *,
+    query_second_order=True,
+    reptile=False,
+    shot_weight=0.0,
+    shot_second_order=True,
+    rho_inner=0.0,
+    rho_outer=0.0,
+    hypernet=None,
+):
+    """Mean meta-gradient over classification tasks for a combination of the algorithms, by hand.
+
+    MAML / first-order MAML (``query_second_order``), Reptile, SHOT's big-step term (K >= 2,
+    KL, branch first order when ``shot_second_order`` is False), Sharp-MAML inner SAM (eps a
+    constant) and outer SAM (whole meta-gradient recomputed at theta + rho G/|G|), HyperMAML
+    (pure hypernetwork on the head, no warm-up).  Returns (model grads, hypernet grads).
+    """
+    import torch.nn.functional as F
+
+    names = [n for n, _ in model.named_parameters()]
+    adapted = [n for n in names if n.startswith("head.")] if hypernet is not None else names
+
+    def out(p, x, **kw):
+        return functional_call(model, p, (x,), kw)
+
+    def support_grads(p, sx, sy, second_order):
+        loss = F.cross_entropy(out(p, sx), sy)
+        g = torch.autograd.grad(loss, [p[n] for n in adapted], create_graph=second_order)
+        if rho_inner:
+            flat = [x.detach() for x in g]
+            norm = torch.sqrt(sum((x**2).sum() for x in flat))
+            shifted = dict(p)
+            for n, x in zip(adapted, flat):
+                shifted[n] = p[n] + rho_inner * x / (norm + 1e-12)
+            loss = F.cross_entropy(out(shifted, sx), sy)
+            g = torch.autograd.grad(loss, [shifted[n] for n in adapted], create_graph=second_order)
+        return g if second_order else [x.detach() for x in g]
+
+    def trajectory(p, sx, sy, k, step_lr, second_order):
+        p = dict(p)
+        for _ in range(k):
+            g = support_grads(p, sx, sy, second_order)
+            p.update({n: p[n] - step_lr * gi for n, gi in zip(adapted, g)})
+        return p
+
+    def hyper(p, h, sx, sy):
+        feats, logits = out(p, sx, return_features=True)
+        n_out, dim = p["head.weight"].shape
+        onehot = F.one_hot(sy, n_out).to(feats.dtype)
+        rows = torch.cat([feats, torch.softmax(logits.detach(), -1), onehot], 1)
+        delta = functional_call(hypernet, h, ((onehot.T @ rows) / onehot.sum(0).unsqueeze(1),))
+        return {**p, "head.weight": p["head.weight"] + delta[:, :dim], "head.bias": p["head.bias"] + delta[:, dim]}
+
+    def meta_grad(p, h):
+        total = 0
+        for sx, sy, qx, qy in tasks:
+            if hypernet is not None:
+                adapted_p = hyper(p, h, sx, sy)
+            else:
+                adapted_p = trajectory(p, sx, sy, steps, lr, query_second_order and not reptile)
+            if reptile:
+                direction = {n: (p[n] - adapted_p[n]).detach() / (steps * lr) for n in adapted}
+                objective = sum((p[n] * direction[n]).sum() for n in adapted)
+            else:
+                objective = F.cross_entropy(out(adapted_p, qx), qy)
+            if shot_weight:
+                big = trajectory(p, sx, sy, 1, steps * lr, shot_second_order)
+                objective = objective + shot_weight * _kl(out(adapted_p, qx).detach(), out(big, qx))
+            total = total + objective
+        leaves = list(p.values()) + list(h.values())
+        grads = torch.autograd.grad(total / len(tasks), leaves, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+        return dict(zip(names, grads[: len(names)])), dict(zip(list(h), grads[len(names) :]))
+
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    hparams = (
+        {} if hypernet is None else {n: p.detach().clone().requires_grad_() for n, p in hypernet.named_parameters()}
+    )
+    g, gh = meta_grad(params, hparams)
+    if not rho_outer:
+        return g, gh
+    norm = torch.sqrt(sum((x**2).sum() for x in [*g.values(), *gh.values()]))
+    shift = {n: (params[n] + rho_outer * g[n] / norm).detach().requires_grad_() for n in params}
+    hshift = {n: (hparams[n] + rho_outer * gh[n] / norm).detach().requires_grad_() for n in hparams}
+    return meta_grad(shift, hshift)

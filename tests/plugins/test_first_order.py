@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from conftest import regression_tasks
 from reference import maml_meta_grad
 
-from metaopt import MetaLearner
+from metaopt import MetaLearner, hookimpl
+from metaopt.data import SinusoidTasks
 from metaopt.models import mlp
 from metaopt.optim import NormalizedSGD
 from metaopt.plugins import FOMAML, ConvergentFO, Reptile
@@ -72,3 +73,70 @@ def test_normalized_sgd_steps_have_fixed_norm_and_clip_mode_caps():
     v.grad = torch.tensor([0.3, 0.4])
     clip.step()  # norm 0.5 < clip: plain SGD step
     assert torch.allclose(v.detach(), torch.tensor([-0.3, -0.4]))
+
+
+def _per_task_cosines(model, tasks, steps, lr, loss_fn, freeze):
+    cos = []
+    for task in tasks:
+        exact = torch.cat([g.flatten() for g in maml_meta_grad(model, [task], steps, lr, loss_fn).values()])
+        model.zero_grad()
+        plugin = ConvergentFO(delta=1e-3, freeze_activations=freeze)
+        MetaLearner(model, [plugin], inner_steps=steps, inner_lr=lr, loss_fn=loss_fn).backward([task])
+        cos.append(F.cosine_similarity(_flat(model), exact, 0).item())
+    return cos
+
+
+def _conv_pool_net():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 4, 5),
+    ).double()
+
+
+def test_convergent_fo_on_relu_and_max_pool_nets_matches_every_task():
+    """ReLUs that flip (max-pool winners that change) inside the stencil added a 1/delta term;
+    with the activation pieces frozen at the stencil's centre every task's estimate is right."""
+    torch.manual_seed(0)
+    mlp_tasks = [tuple(t.double() for t in task) for task in SinusoidTasks(shots=10, seed=0).sample(20)]
+    sinusoid = mlp().double()
+    g = torch.Generator().manual_seed(0)
+    conv_tasks = [
+        (torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(5))
+        + (torch.randn(10, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(5).repeat(2))
+        for _ in range(8)
+    ]
+    conv = _conv_pool_net()
+    for model, tasks, steps, lr, loss_fn in (
+        (sinusoid, mlp_tasks, 5, 0.01, F.mse_loss),
+        (conv, conv_tasks, 3, 0.1, F.cross_entropy),
+    ):
+        frozen = _per_task_cosines(model, tasks, steps, lr, loss_fn, freeze=True)
+        assert min(frozen) > 1 - 1e-8, frozen
+        unfrozen = _per_task_cosines(model, tasks, steps, lr, loss_fn, freeze=False)
+        assert min(unfrozen) < 0.99, unfrozen  # the failure the freeze removes is really there
+
+
+def test_convergent_fo_gives_non_adapted_parameters_their_second_order_terms():
+    """Head-only adaptation: the body gets d L_Q / d body through the inner steps too."""
+
+    class HeadOnly:
+        name = "head_only"
+
+        @hookimpl
+        def adapted_params(self, learner, candidates):
+            return [n for n in candidates if n.startswith("head.")]
+
+    torch.manual_seed(0)
+    model = mlp(hidden=(16, 16)).double()
+    tasks = regression_tasks(2, shots=8)
+    head = ["head.weight", "head.bias"]
+    exact = torch.cat([g.flatten() for g in maml_meta_grad(model, tasks, 3, 0.1, F.mse_loss, names=head).values()])
+    errors = {}
+    for plugin in (ConvergentFO(delta=1e-4), FOMAML()):
+        model.zero_grad()
+        MetaLearner(model, [HeadOnly(), plugin], inner_steps=3, inner_lr=0.1, loss_fn=F.mse_loss).backward(tasks)
+        errors[plugin.name] = ((_flat(model) - exact).norm() / exact.norm()).item()
+    assert errors["convergent_fo"] < 1e-6 and errors["fomaml"] > 1e-2, errors

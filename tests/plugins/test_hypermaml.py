@@ -6,7 +6,7 @@ from conftest import image_tasks
 
 from metaopt import MetaLearner, PluginConflictError, hookimpl
 from metaopt.models import conv4
-from metaopt.plugins import SHOT, HyperMAML, SharpMAML
+from metaopt.plugins import SHOT, ConvergentFO, HyperMAML, Reptile, SharpMAML
 
 
 class HeadOnly:
@@ -78,7 +78,8 @@ def test_zero_steps_means_no_update_at_all():
 
 def test_blend_schedule_and_state_round_trip():
     plugin = HyperMAML(warmup_iters=2, blend_iters=4)
-    assert [plugin.blend() for plugin.iteration in range(8)] == [0, 0, 0, 0.25, 0.5, 0.75, 1, 1]
+    # exactly warmup_iters pure-MAML iterations, then blend_iters strictly between 0 and 1
+    assert [plugin.blend() for plugin.iteration in range(8)] == pytest.approx([0, 0, 0.2, 0.4, 0.6, 0.8, 1, 1])
     model = _model()
     learner = MetaLearner(model, [HyperMAML(hidden=16)])
     learner.backward(image_tasks(1))
@@ -92,9 +93,31 @@ def test_blend_schedule_and_state_round_trip():
         assert torch.equal(a, b), n
 
 
+def test_evaluation_uses_the_pure_hypernetwork_once_training_has_left_warm_up():
+    tasks = image_tasks(2)
+    results = {}
+    for mode in ("auto", "schedule", "hyper"):
+        model = _model()
+        learner = MetaLearner(model, [HyperMAML(hidden=16, warmup_iters=2, blend_iters=4, eval_mode=mode)])
+        with torch.no_grad():
+            for p in learner.plugin_modules.parameters():
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+        plugin = learner.get_plugin("hypermaml")
+        plugin.iteration = 3  # mid-blend
+        results[mode] = learner.evaluate(tasks).metrics["query_loss"]
+        plugin.iteration = 1  # still in warm-up: MAML, also for "auto"
+        results[mode + "_warmup"] = learner.evaluate(tasks).metrics["query_loss"]
+    assert results["auto"] == results["hyper"] != pytest.approx(results["schedule"], rel=1e-6)
+    assert results["auto_warmup"] == results["schedule_warmup"] != pytest.approx(results["hyper_warmup"], rel=1e-6)
+
+
 def test_rejected_combinations_say_what_to_do():
     with pytest.raises(PluginConflictError, match="hypermaml"):
         MetaLearner(_model(), [HyperMAML(), SHOT()])
+    with pytest.raises(PluginConflictError, match="would ever train"):
+        MetaLearner(_model(), [HyperMAML(), Reptile()])
+    with pytest.raises(PluginConflictError, match="plain SGD inner steps"):
+        MetaLearner(_model(), [ConvergentFO(), HyperMAML()], inner_steps=3)
     with pytest.raises(PluginConflictError, match="rho_outer"):
         MetaLearner(_model(), [HyperMAML(), SharpMAML(rho_inner=0.05)])
-    MetaLearner(_model(), [HyperMAML(), SharpMAML(rho_inner=0.0, rho_outer=0.05)]).backward(image_tasks(1))
+    MetaLearner(_model(), [HyperMAML(), SharpMAML(rho_outer=0.05)]).backward(image_tasks(1))

@@ -7,7 +7,7 @@ from conftest import regression_tasks
 from reference import maml_meta_grad
 
 from metaopt import MetaLearner, hookimpl
-from metaopt.errors import PluginHookError
+from metaopt.errors import ConfigError, PluginHookError
 from metaopt.models import mlp
 from metaopt.plugins import SharpMAML
 
@@ -36,15 +36,35 @@ class GradSpy:
         return grads
 
 
-def test_rho_zero_equals_plain_maml_exactly():
-    torch.manual_seed(0)
-    model = mlp().double()
-    tasks = regression_tasks(2)
-    MetaLearner(model, [SharpMAML(rho_inner=0.0)], inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss).backward(tasks)
-    sharp = _grads(model)
-    model.zero_grad()
-    MetaLearner(model, inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss).backward(tasks)
-    assert all(torch.equal(sharp[n], p.grad) for n, p in model.named_parameters())
+class CountSupportLosses:
+    name = "count_support_losses"
+
+    def __init__(self):
+        self.calls = 0
+
+    @hookimpl(wrapper=True)
+    def inner_loss(self, task, params):
+        self.calls += 1
+        return (yield)
+
+
+def test_radii_that_are_not_given_are_off():
+    assert (SharpMAML().rho_inner, SharpMAML().rho_outer, SharpMAML().mode) == (0.05, 0.0, "inner")
+    outer = SharpMAML(rho_outer=0.05)
+    assert (outer.rho_inner, outer.rho_outer, outer.mode) == (0.0, 0.05, "outer")
+    assert SharpMAML(rho_inner=0.01, rho_outer=0.02).mode == "both"
+    with pytest.raises(ConfigError, match="plain MAML"):
+        SharpMAML(rho_inner=0.0, rho_outer=0.0)
+
+
+def test_outer_only_runs_no_inner_sam_path():
+    """2 tasks x 2 inner steps, outer SAM re-runs them once: 8 support losses, as for MAML twice."""
+    counter = CountSupportLosses()
+    learner = MetaLearner(
+        mlp().double(), [counter, SharpMAML(rho_outer=0.05)], inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss
+    )
+    learner.backward(regression_tasks(2))
+    assert counter.calls == 8
 
 
 def test_inner_gradient_is_taken_at_the_perturbed_point():
@@ -73,9 +93,7 @@ def test_outer_sam_restores_theta_bitwise_and_leaves_gradient_at_perturbed_point
     tasks = regression_tasks(2)
     rho = 0.1
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    MetaLearner(
-        model, [SharpMAML(rho_inner=0.0, rho_outer=rho)], inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss
-    ).backward(tasks)
+    MetaLearner(model, [SharpMAML(rho_outer=rho)], inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss).backward(tasks)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     got = _grads(model)
     g = maml_meta_grad(model, tasks, 2, 0.05, F.mse_loss)
@@ -102,7 +120,7 @@ def test_a_plugin_failing_inside_the_rerun_leaves_theta_exactly():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     learner = MetaLearner(
         model,
-        [SharpMAML(rho_inner=0.0, rho_outer=0.5), FailOnRerun()],
+        [SharpMAML(rho_outer=0.5), FailOnRerun()],
         inner_steps=1,
         inner_lr=0.05,
         loss_fn=F.mse_loss,

@@ -1,0 +1,101 @@
+"""Every pair of built-in plugins: refused when the learner is built, or equal to its float64 reference."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from reference import combo_meta_grad
+from torch import nn
+
+from metaopt import HeadedModel, MetaLearner, PluginConflictError
+from metaopt.plugins import FOMAML, SHOT, ConvergentFO, HyperMAML, Reptile, SharpMAML
+
+STEPS, LR, RHO, SHOT_WEIGHT = 2, 0.3, 0.05, 0.5
+
+#: name -> (plugin factory, reference options)
+ENTRIES = {
+    "fomaml": (FOMAML, {"query_second_order": False, "shot_second_order": False}),
+    "reptile": (Reptile, {"reptile": True, "shot_second_order": False}),
+    "convergent_fo": (lambda: ConvergentFO(delta=1e-4), {"shot_second_order": False}),
+    "shot": (lambda: SHOT(weight=SHOT_WEIGHT), {"shot_weight": SHOT_WEIGHT}),
+    "sharp_inner": (lambda: SharpMAML(rho_inner=RHO), {"rho_inner": RHO}),
+    "sharp_outer": (lambda: SharpMAML(rho_outer=RHO), {"rho_outer": RHO}),
+    "sharp_both": (lambda: SharpMAML(rho_inner=RHO, rho_outer=RHO), {"rho_inner": RHO, "rho_outer": RHO}),
+    "hypermaml": (lambda: HyperMAML(hidden=8, layers=2), {"hyper": True}),
+}
+
+REFUSED = {
+    frozenset(pair)
+    for pair in [
+        ("fomaml", "reptile"),
+        ("fomaml", "convergent_fo"),
+        ("reptile", "convergent_fo"),
+        ("reptile", "hypermaml"),
+        ("convergent_fo", "hypermaml"),
+        ("convergent_fo", "sharp_inner"),
+        ("convergent_fo", "sharp_both"),
+        ("shot", "hypermaml"),
+        ("sharp_inner", "hypermaml"),
+        ("sharp_both", "hypermaml"),
+    ]
+}
+
+PAIRS = [p for p in itertools.combinations(ENTRIES, 2) if not all(n.startswith("sharp") for n in p)]
+
+
+def _tasks():
+    g = torch.Generator().manual_seed(0)
+    return [
+        (
+            torch.randn(6, 4, generator=g, dtype=torch.float64),
+            torch.arange(3).repeat(2),
+            torch.randn(9, 4, generator=g, dtype=torch.float64),
+            torch.arange(3).repeat(3),
+        )
+        for _ in range(2)
+    ]
+
+
+def _model():
+    torch.manual_seed(0)
+    return HeadedModel(nn.Sequential(nn.Linear(4, 6), nn.Tanh()), nn.Linear(6, 3)).double()
+
+
+def _build(pair):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SHOT with a first-order learner warns
+        return MetaLearner(_model(), [ENTRIES[n][0]() for n in pair], inner_steps=STEPS, inner_lr=LR)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids="+".join)
+def test_pair_is_refused_at_build_or_matches_its_reference(pair):
+    if frozenset(pair) in REFUSED:
+        with pytest.raises(PluginConflictError) as info:
+            _build(pair)
+        names = {"sharp_inner": "sharp_maml", "sharp_both": "sharp_maml"}
+        assert all(names.get(n, n) in str(info.value) for n in pair), str(info.value)
+        return
+    learner = _build(pair)
+    options = {}
+    for name in pair:
+        options.update(ENTRIES[name][1])
+    if options.pop("hyper", False):
+        hypernet = learner.plugin_modules["hypernet"]
+        with torch.no_grad():  # a hypernetwork that really changes the head (its last layer starts at 0)
+            for p in hypernet.parameters():
+                p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+        options["hypernet"] = hypernet
+    tasks = _tasks()
+    expected, expected_hyper = combo_meta_grad(learner.model, tasks, STEPS, LR, **options)
+    learner.backward(tasks)
+    got = torch.cat([p.grad.flatten() for p in learner.model.parameters()])
+    ref = torch.cat([expected[n].flatten() for n, _ in learner.model.named_parameters()])
+    if "hypernet" in options:
+        got = torch.cat([got, *[p.grad.flatten() for p in options["hypernet"].parameters()]])
+        ref = torch.cat([ref, *[g.flatten() for g in expected_hyper.values()]])
+    # convergent_fo is a finite-difference estimate of the exact value (error O(delta^2))
+    tolerance = 1e-6 if "convergent_fo" in pair else 1e-10
+    assert ref.norm() > 0 and ((got - ref).norm() / ref.norm()).item() < tolerance
