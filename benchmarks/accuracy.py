@@ -33,6 +33,9 @@ ALGORITHMS: dict[str, list[str]] = {
     "sharp_both": ["--plugin", "sharp_maml:rho_inner=0.05,rho_outer=0.05"],
     "shot+sharp_both": ["--plugin", "shot", "--plugin", "sharp_maml:rho_inner=0.05,rho_outer=0.05"],
     "hypermaml": ["--plugin", "hypermaml:warmup_iters={warm},blend_iters={warm}"],
+    "anil": ["--plugin", "anil"],
+    "meta_sgd": ["--plugin", "meta_sgd"],
+    "maml_pp": ["--plugin", "maml_pp:msl_iters={warm},first_order_iters={warm}"],
 }
 
 # cross-split Omniglot: (train archive, test archive, alphabets of the test archive not in the train one)

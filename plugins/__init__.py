@@ -1,7 +1,10 @@
 """The algorithm plugins shipped with metaopt (importable as ``metaopt.plugins``)."""
 
+from metaopt.plugins.anil import ANIL
 from metaopt.plugins.first_order import FOMAML, ConvergentFO, Reptile
 from metaopt.plugins.hypermaml import HyperMAML
+from metaopt.plugins.maml_pp import MAMLPlusPlus
+from metaopt.plugins.meta_sgd import MetaSGD
 from metaopt.plugins.sharp_maml import SharpMAML
 from metaopt.plugins.shot import SHOT
 from metaopt.registry import register_plugin
@@ -12,5 +15,8 @@ register_plugin("convergent_fo", ConvergentFO)
 register_plugin("shot", SHOT)
 register_plugin("sharp_maml", SharpMAML)
 register_plugin("hypermaml", HyperMAML)
+register_plugin("anil", ANIL)
+register_plugin("meta_sgd", MetaSGD)
+register_plugin("maml_pp", MAMLPlusPlus)
 
-__all__ = ["FOMAML", "SHOT", "ConvergentFO", "HyperMAML", "Reptile", "SharpMAML"]
+__all__ = ["ANIL", "FOMAML", "SHOT", "ConvergentFO", "HyperMAML", "MAMLPlusPlus", "MetaSGD", "Reptile", "SharpMAML"]

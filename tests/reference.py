@@ -46,18 +46,27 @@ def combo_meta_grad(
     rho_inner=0.0,
     rho_outer=0.0,
     hypernet=None,
+    adapted=None,
+    learned_lrs=None,
+    per_step=False,
+    msl_weights=None,
 ):
     """Mean meta-gradient over classification tasks for a combination of the algorithms, by hand.
 
     MAML / first-order MAML (``query_second_order``), Reptile, SHOT's big-step term (K >= 2,
     KL, branch first order when ``shot_second_order`` is False), Sharp-MAML inner SAM (eps a
-    constant) and outer SAM (whole meta-gradient recomputed at theta + rho G/|G|), HyperMAML
-    (pure hypernetwork on the head, no warm-up).  Returns (model grads, hypernet grads).
+    constant) and outer SAM (whole meta-gradient recomputed at theta + rho G/|G| over every
+    meta-parameter), HyperMAML (pure hypernetwork on the head, no warm-up), ANIL (``adapted``
+    names), Meta-SGD / MAML++ learned rates (``learned_lrs``: name -> tensor, one per step when
+    ``per_step``; a step of size s uses s / lr times the learned rate) and MAML++'s multi-step
+    loss (``msl_weights`` for the query losses after steps 1..K).
+    Returns (model grads, extra grads: ``hyper.NAME`` and ``lr.NAME``).
     """
     import torch.nn.functional as F
 
     names = [n for n, _ in model.named_parameters()]
-    adapted = [n for n in names if n.startswith("head.")] if hypernet is not None else names
+    if adapted is None:
+        adapted = [n for n in names if n.startswith("head.")] if hypernet is not None else names
 
     def out(p, x, **kw):
         return functional_call(model, p, (x,), kw)
@@ -75,14 +84,23 @@ def combo_meta_grad(
             g = torch.autograd.grad(loss, [shifted[n] for n in adapted], create_graph=second_order)
         return g if second_order else [x.detach() for x in g]
 
-    def trajectory(p, sx, sy, k, step_lr, second_order):
-        p = dict(p)
-        for _ in range(k):
-            g = support_grads(p, sx, sy, second_order)
-            p.update({n: p[n] - step_lr * gi for n, gi in zip(adapted, g)})
-        return p
+    def step_size(extra, n, k, step_lr):
+        if learned_lrs is None:
+            return step_lr
+        rate = extra["lr." + n]
+        return (step_lr / lr) * (rate[min(k, steps - 1)] if per_step else rate)
 
-    def hyper(p, h, sx, sy):
+    def trajectory(p, extra, sx, sy, k, step_lr, second_order):
+        points = [dict(p)]
+        for i in range(k):
+            p = dict(p)
+            g = support_grads(p, sx, sy, second_order)
+            p.update({n: p[n] - step_size(extra, n, i, step_lr) * gi for n, gi in zip(adapted, g)})
+            points.append(p)
+        return points
+
+    def hyper(p, extra, sx, sy):
+        h = {n[len("hyper.") :]: t for n, t in extra.items() if n.startswith("hyper.")}
         feats, logits = out(p, sx, return_features=True)
         n_out, dim = p["head.weight"].shape
         onehot = F.one_hot(sy, n_out).to(feats.dtype)
@@ -90,35 +108,40 @@ def combo_meta_grad(
         delta = functional_call(hypernet, h, ((onehot.T @ rows) / onehot.sum(0).unsqueeze(1),))
         return {**p, "head.weight": p["head.weight"] + delta[:, :dim], "head.bias": p["head.bias"] + delta[:, dim]}
 
-    def meta_grad(p, h):
+    def meta_grad(p, extra):
         total = 0
         for sx, sy, qx, qy in tasks:
             if hypernet is not None:
-                adapted_p = hyper(p, h, sx, sy)
+                points = [p, hyper(p, extra, sx, sy)]
             else:
-                adapted_p = trajectory(p, sx, sy, steps, lr, query_second_order and not reptile)
+                points = trajectory(p, extra, sx, sy, steps, lr, query_second_order and not reptile)
+            adapted_p = points[-1]
             if reptile:
                 direction = {n: (p[n] - adapted_p[n]).detach() / (steps * lr) for n in adapted}
                 objective = sum((p[n] * direction[n]).sum() for n in adapted)
+            elif msl_weights is not None:
+                objective = sum(w * F.cross_entropy(out(q, qx), qy) for w, q in zip(msl_weights, points[1:]))
             else:
                 objective = F.cross_entropy(out(adapted_p, qx), qy)
             if shot_weight:
-                big = trajectory(p, sx, sy, 1, steps * lr, shot_second_order)
+                big = trajectory(p, extra, sx, sy, 1, steps * lr, shot_second_order)[-1]
                 objective = objective + shot_weight * _kl(out(adapted_p, qx).detach(), out(big, qx))
             total = total + objective
-        leaves = list(p.values()) + list(h.values())
+        leaves = list(p.values()) + list(extra.values())
         grads = torch.autograd.grad(total / len(tasks), leaves, allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
-        return dict(zip(names, grads[: len(names)])), dict(zip(list(h), grads[len(names) :]))
+        return dict(zip(names, grads[: len(names)])), dict(zip(list(extra), grads[len(names) :]))
 
     params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    hparams = (
-        {} if hypernet is None else {n: p.detach().clone().requires_grad_() for n, p in hypernet.named_parameters()}
-    )
-    g, gh = meta_grad(params, hparams)
+    extra = {}
+    if hypernet is not None:
+        extra.update({"hyper." + n: p.detach().clone().requires_grad_() for n, p in hypernet.named_parameters()})
+    for n, t in (learned_lrs or {}).items():
+        extra["lr." + n] = t.detach().clone().requires_grad_()
+    g, ge = meta_grad(params, extra)
     if not rho_outer:
-        return g, gh
-    norm = torch.sqrt(sum((x**2).sum() for x in [*g.values(), *gh.values()]))
+        return g, ge
+    norm = torch.sqrt(sum((x**2).sum() for x in [*g.values(), *ge.values()]))
     shift = {n: (params[n] + rho_outer * g[n] / norm).detach().requires_grad_() for n in params}
-    hshift = {n: (hparams[n] + rho_outer * gh[n] / norm).detach().requires_grad_() for n in hparams}
-    return meta_grad(shift, hshift)
+    eshift = {n: (extra[n] + rho_outer * ge[n] / norm).detach().requires_grad_() for n in extra}
+    return meta_grad(shift, eshift)

@@ -11,7 +11,7 @@ from reference import combo_meta_grad
 from torch import nn
 
 from metaopt import HeadedModel, MetaLearner, PluginConflictError
-from metaopt.plugins import FOMAML, SHOT, ConvergentFO, HyperMAML, Reptile, SharpMAML
+from metaopt.plugins import ANIL, FOMAML, SHOT, ConvergentFO, HyperMAML, MAMLPlusPlus, MetaSGD, Reptile, SharpMAML
 
 STEPS, LR, RHO, SHOT_WEIGHT = 2, 0.3, 0.05, 0.5
 
@@ -25,6 +25,9 @@ ENTRIES = {
     "sharp_outer": (lambda: SharpMAML(rho_outer=RHO), {"rho_outer": RHO}),
     "sharp_both": (lambda: SharpMAML(rho_inner=RHO, rho_outer=RHO), {"rho_inner": RHO, "rho_outer": RHO}),
     "hypermaml": (lambda: HyperMAML(hidden=8, layers=2), {"hyper": True}),
+    "anil": (ANIL, {"adapted": ["head.weight", "head.bias"]}),
+    "meta_sgd": (MetaSGD, {"learned": "meta_sgd_lr"}),
+    "maml_pp": (lambda: MAMLPlusPlus(msl_iters=10), {"learned": "maml_pp_lr", "per_step": True}),
 }
 
 REFUSED = {
@@ -40,6 +43,10 @@ REFUSED = {
         ("shot", "hypermaml"),
         ("sharp_inner", "hypermaml"),
         ("sharp_both", "hypermaml"),
+        ("anil", "hypermaml"),
+        ("anil", "reptile"),
+        ("meta_sgd", "maml_pp"),
+        *[(a, b) for a in ("meta_sgd", "maml_pp") for b in ("reptile", "convergent_fo", "hypermaml")],
     ]
 }
 
@@ -88,14 +95,32 @@ def test_pair_is_refused_at_build_or_matches_its_reference(pair):
             for p in hypernet.parameters():
                 p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
         options["hypernet"] = hypernet
+    module = options.pop("learned", None)
+    if module is not None:  # learned inner rates that differ per entry (and per step)
+        rates = learner.plugin_modules[module]
+        with torch.no_grad():
+            for p in rates.parameters():
+                p.uniform_(0.1, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+        options["learned_lrs"] = {k.replace("__", "."): t for k, t in rates.items()}
+    plugin = learner.get_plugin("maml_pp")
+    if plugin is not None:
+        plugin.iteration = 3  # 30% into the multi-step-loss annealing
+        options["msl_weights"] = plugin.msl_weights(STEPS)
+        assert 0 < options["msl_weights"][0] < options["msl_weights"][1] < 1
     tasks = _tasks()
-    expected, expected_hyper = combo_meta_grad(learner.model, tasks, STEPS, LR, **options)
+    expected, expected_extra = combo_meta_grad(learner.model, tasks, STEPS, LR, **options)
     learner.backward(tasks)
     got = torch.cat([p.grad.flatten() for p in learner.model.parameters()])
     ref = torch.cat([expected[n].flatten() for n, _ in learner.model.named_parameters()])
-    if "hypernet" in options:
-        got = torch.cat([got, *[p.grad.flatten() for p in options["hypernet"].parameters()]])
-        ref = torch.cat([ref, *[g.flatten() for g in expected_hyper.values()]])
+    extra = (
+        {"hyper." + n: p for n, p in learner.plugin_modules["hypernet"].named_parameters()}
+        if "hypernet" in options
+        else {}
+    )
+    extra.update({"lr." + n: t for n, t in options.get("learned_lrs", {}).items()})
+    assert sorted(extra) == sorted(expected_extra)
+    got = torch.cat([got, *[extra[n].grad.flatten() for n in expected_extra]])
+    ref = torch.cat([ref, *[g.flatten() for g in expected_extra.values()]])
     # convergent_fo is a finite-difference estimate of the exact value (error O(delta^2))
     tolerance = 1e-6 if "convergent_fo" in pair else 1e-10
     assert ref.norm() > 0 and ((got - ref).norm() / ref.norm()).item() < tolerance

@@ -1,0 +1,109 @@
+"""MAML++ (Antoniou et al., "How to train your MAML", ICLR 2019): the training fixes as one plugin.
+
+- LSLR: a learnable inner learning rate per adapted parameter tensor and per inner step.
+- MSL: the query loss after every inner step, weighted; the weights anneal linearly from
+  uniform to "last step only" over ``msl_iters`` training iterations.
+- DA: derivative-order annealing, first order for the first ``first_order_iters`` iterations.
+Per-step BatchNorm statistics and weights (BNRS/BNWB) are not implemented (see the docs page).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from metaopt.builtin import query_loss
+from metaopt.errors import ConfigError
+from metaopt.hookspecs import hookimpl
+from metaopt.plugins.meta_sgd import NO_INNER_STEP, key, relative_lr
+from metaopt.task import Batch, Params, Task, Trajectory
+
+
+class MAMLPlusPlus:
+    """MAML++: per-layer per-step learned inner rates, multi-step loss, derivative-order annealing."""
+
+    name = "maml_pp"
+    incompatible_with = NO_INNER_STEP
+
+    def __init__(self, lslr: bool = True, msl: bool = True, msl_iters: int = 1000, first_order_iters: int = 0) -> None:
+        if msl_iters < 0 or first_order_iters < 0:
+            raise ConfigError(f"msl_iters={msl_iters} and first_order_iters={first_order_iters} must be >= 0.")
+        self.lslr, self.msl = bool(lslr), bool(msl)
+        self.msl_iters, self.first_order_iters = msl_iters, first_order_iters
+        self.iteration = 0
+        self.lrs: nn.ParameterDict | None = None
+        if not self.lslr:
+            self.inner_step = None  # the default SGD step (or the learner's inner optimizer)
+            self.plugin_modules = None
+
+    @hookimpl
+    def configure(self, learner) -> None:
+        if self.lslr and (learner.inner_optimizer_name != "sgd" or learner.inner_optimizer_kwargs):
+            raise ConfigError(
+                f"maml_pp's learned rates (lslr) replace the inner SGD step; inner_optimizer="
+                f"{learner.inner_optimizer_name!r} would be ignored. Use inner_optimizer='sgd' or maml_pp:lslr=false."
+            )
+        self.steps = max(learner.inner_steps, 1)
+
+    @hookimpl
+    def plugin_modules(self, learner) -> dict[str, nn.Module]:
+        named = dict(learner.model.named_parameters())
+        init = learner.lrs_for(self.steps)
+        self.lrs = nn.ParameterDict()
+        for name in learner.adapted_names:
+            p = named[name]
+            self.lrs[key(name)] = nn.Parameter(torch.tensor(init, dtype=p.dtype, device=p.device))
+        return {"maml_pp_lr": self.lrs}
+
+    # -- schedule -------------------------------------------------------------------
+    def msl_weights(self, steps: int) -> list[float]:
+        """Weights of the query losses after steps 1..K (sum 1), annealed to the last step."""
+        if not self.msl or steps <= 1:
+            return [1.0] * min(steps, 1)
+        s = 1.0 if self.msl_iters == 0 else min(1.0, self.iteration / self.msl_iters)
+        return [(1 - s) / steps] * (steps - 1) + [(1 - s) / steps + s]
+
+    @hookimpl
+    def task_start(self, task: Task) -> None:
+        if task.training and self.iteration < self.first_order_iters:
+            task.second_order = False
+
+    @hookimpl
+    def batch_end(self, batch: Batch) -> None:
+        if batch.training:
+            self.iteration += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state["iteration"])
+
+    # -- the hooks ------------------------------------------------------------------
+    @hookimpl
+    def inner_step(self, task: Task, trajectory: Trajectory, params: Params, grads: Params) -> Params:
+        assert self.lrs is not None
+        k, scale = min(trajectory.k, self.steps - 1), relative_lr(task, trajectory)
+        new = {}
+        for n, p in params.items():
+            lr = self.lrs[key(n)][k]
+            new[n] = p - scale * (lr if task.training else lr.detach()) * grads[n]
+        return new
+
+    @hookimpl
+    def loss_modification(self, task: Task, params: Params, loss: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        trajectory = task.trajectory
+        if trajectory is None or not self.msl or trajectory.steps <= 1:
+            return None
+        weights = self.msl_weights(trajectory.steps)
+        if weights[-1] == 1.0:
+            return None
+        output, metrics = task.query_output, dict(task.metrics)
+        term = (weights[-1] - 1.0) * loss
+        for w, point in zip(weights[:-1], trajectory.iterates[1:-1], strict=True):
+            term = term + w * query_loss(task, point)
+        task.query_output = output  # query_loss sets them; keep the final step's
+        task.metrics.update(metrics)
+        return {"msl": term}
