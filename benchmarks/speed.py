@@ -42,6 +42,9 @@ METAOPT_PLUGINS: dict[str, list[Any]] = {
     "metaopt shot": ["shot"],
     "metaopt sharp_maml (both)": [("sharp_maml", {"rho_inner": 0.05, "rho_outer": 0.05})],
     "metaopt hypermaml": ["hypermaml"],
+    "metaopt anil": ["anil"],
+    "metaopt meta_sgd": ["meta_sgd"],
+    "metaopt maml_pp": [("maml_pp", {"msl_iters": 100})],
 }
 CONTENDERS = [*METAOPT_PLUGINS, "raw higher", "torch.func", "torchopt"]
 WORKLOADS: dict[str, dict[str, Any]] = {
