@@ -176,11 +176,11 @@ def write_report(results: dict[str, Any]) -> None:
         lines += [header, "|" + " --- |" * (6 + len(steps))]
         for algo, row in rows:
             evals = row["evals"]
-            e0 = evals[steps[0]]
             options = " ".join(row["train_args"][row["train_args"].index("--checkpoint-every") + 2 :]) or "(defaults)"
             wall = _train_wall(row)
             cells = [algo, f"`{options}`", str(row["iterations"]), wall, row["device"]]
-            cells.append(f"{e0['unadapted'][list(e0['unadapted'])[0]]:.4f} ± {e0['unadapted']['ci95']:.4f}")
+            base = next((e["unadapted"] for e in evals.values() if "unadapted" in e), None)
+            cells.append("—" if base is None else f"{base[list(base)[0]]:.4f} ± {base['ci95']:.4f}")
             cells += [fmt(evals[s]) for s in steps]
             lines.append("| " + " | ".join(cells) + " |")
         common = first["train_args"][: first["train_args"].index("--checkpoint-every")]
@@ -228,11 +228,17 @@ def summary_tables(groups: dict[str, list[tuple[str, dict[str, Any]]]]) -> list[
                     continue
                 evals = list(rows[algo]["evals"].values())
                 ends = (evals[0], evals[-1])
-                cells.append(" / ".join(f"{100 * e['accuracy']:.1f}" if cross else f"{e['mse']:.3f}" for e in ends))
+                cells.append(" / ".join(_summary_cell(e, cross) for e in ends))
             if any(c != "—" for c in cells):
                 lines.append(f"| {algo} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def _summary_cell(report: dict[str, Any], cross: bool) -> str:
+    if report.get("diverged"):
+        return "diverged"
+    return f"{100 * report['accuracy']:.1f}" if cross else f"{report['mse']:.3f}"
 
 
 def lake_table(group: str, rows: list[tuple[str, dict[str, Any]]], steps: list[str]) -> list[str]:
@@ -268,9 +274,11 @@ def plot_group(group: str, rows: list[tuple[str, dict[str, Any]]], steps: str) -
         return None
     names = [algo for algo, _ in rows]
     reports = [row["evals"][steps] for _, row in rows]
-    key = "accuracy" if "accuracy" in reports[0] else "mse"
+    key = "accuracy" if any("accuracy" in r for r in reports) else "mse"
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(names)), 3))
-    ax.bar(names, [r[key] for r in reports], yerr=[r["ci95"] for r in reports], capsize=3, color="tab:blue")
+    values = [float("nan") if r.get("diverged") else r[key] for r in reports]  # a diverged row has no bar
+    errors = [0.0 if r.get("diverged") else r["ci95"] for r in reports]
+    ax.bar(names, values, yerr=errors, capsize=3, color="tab:blue")
     ax.set_ylabel(f"{key} after {steps} step(s)")
     ax.set_title(group)
     ax.tick_params(axis="x", labelrotation=45)

@@ -44,7 +44,13 @@ def train_eval(
     evals = {}
     for steps in eval_steps:
         args = ["eval", str(out), "--tasks", str(tasks), "--steps", str(steps), "--json", *(eval_args or [])]
-        evals[str(steps)] = json.loads(cli(args))
+        try:
+            evals[str(steps)] = json.loads(cli(args))
+        except RuntimeError as exc:  # a learned inner rate may blow up past the trained step count
+            if "non-finite" not in str(exc):
+                raise
+            message = next(line for line in str(exc).splitlines() if "non-finite" in line)
+            evals[str(steps)] = {"diverged": True, "message": message.removeprefix("metaopt: error: "), "tasks": tasks}
     return {"train_args": train_args, "train_wall_s": round(wall, 1), "evals": evals}
 
 
@@ -61,6 +67,8 @@ def metric_key(report: dict[str, Any]) -> str:
 
 
 def fmt(report: dict[str, Any], key: str | None = None) -> str:
+    if report.get("diverged"):
+        return "diverged (non-finite loss)"
     key = key or metric_key(report)
     return f"{report[key]:.4f} ± {report['ci95']:.4f}"
 
