@@ -48,6 +48,13 @@ def load_safe(path: str | Path) -> Any:
         ) from exc
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch, Python's ``random`` and numpy's global generator (user code and augmentations)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {

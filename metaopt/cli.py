@@ -9,11 +9,21 @@ import sys
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from metaopt.config import RESUME_SAFE_KEYS
 from metaopt.errors import MetaOptError, TrainingInterrupted
 
 _LIST_FLAGS = {"plugins": "plugin", "test_alphabets": "test_alphabet", "log_with": "log_with"}
+DEFAULT_OUT = "runs/default"
+DISTRIBUTION = "metaopt-torch"  # the PyPI name ("metaopt" there is an unrelated project); import name: metaopt
+
+
+def _version() -> str:
+    import metaopt
+
+    return f"{metaopt.__version__} (distribution {DISTRIBUTION})"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,12 +61,18 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaopt", description="Plugin-based gradient meta-learning.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="meta-train a model (default: conv4 on built-in synthetic glyphs)")
     train.add_argument("--config", help="YAML or JSON file of settings; flags override it")
-    train.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    train.add_argument("--out", help=f"run directory (default: the config's `out`, else {DEFAULT_OUT})")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint, with its saved config; flags may change "
+        + ", ".join(RESUME_SAFE_KEYS),
+    )
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_config_flags(train)
@@ -99,18 +115,62 @@ def cmd_train(args: argparse.Namespace) -> int:
     from metaopt.config import TrainConfig, load_config_file
     from metaopt.trainer import Trainer
 
-    values: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    from_file: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    out = args.out or from_file.pop("out", None) or DEFAULT_OUT
+    from_file.pop("out", None)
     meta = {"config", "out", "resume", "overwrite", "no_progress", "command"}
-    values.update({k: v for k, v in vars(args).items() if k not in meta})
+    flags = {k: v for k, v in vars(args).items() if k not in meta}
+    values = merge_settings(from_file, flags)
+    if args.resume:
+        values = resume_settings(Path(out), values)
     config = TrainConfig.from_dict(values)
-    trainer = Trainer(config, args.out, resume=args.resume, overwrite=args.overwrite)
+    trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
     metrics = trainer.train(progress=not args.no_progress)
     if trainer.is_main:
         print(
-            f"trained {trainer.iteration} iterations -> {args.out}; last batch: "
+            f"trained {trainer.iteration} iterations -> {out}; last batch: "
             + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
         )
     return 0
+
+
+def merge_settings(from_file: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """Flags override the config file; ``--plugin`` flags add to the file's plugins, and one that
+    names a plugin already there replaces that entry (so its options can be changed)."""
+    from metaopt.config import plugin_specs
+
+    values = {**from_file, **flags}
+    if "plugins" in from_file and "plugins" in flags:
+        named = {name for name, _ in plugin_specs(flags["plugins"])}
+        kept = [
+            p for p, (name, _) in zip(from_file["plugins"], plugin_specs(from_file["plugins"])) if name not in named
+        ]
+        values["plugins"] = kept + list(flags["plugins"])
+    return values
+
+
+def resume_settings(run_dir: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """The run's saved config, with the keys that are safe to change taken from ``given``.
+
+    Any other key given with a different value is refused, naming the old and new values.
+    """
+    from metaopt.config import TrainConfig
+    from metaopt.trainer import CONFIG_FILE
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise MetaOptError(f"cannot resume: {str(run_dir)!r} holds no {CONFIG_FILE}; start a new run instead.")
+    saved = json.loads(path.read_text())
+    wanted = TrainConfig.from_dict({**saved, **given}).to_dict()  # coerced, so "1e-2" equals 0.01
+    changed = {k: (saved.get(k), wanted[k]) for k in given if wanted[k] != saved.get(k)}
+    refused = {k: v for k, v in changed.items() if k not in RESUME_SAFE_KEYS}
+    if refused:
+        detail = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(refused.items()))
+        raise MetaOptError(
+            f"cannot resume {str(run_dir)!r} with a different {', '.join(sorted(refused))} ({detail}). "
+            f"A resumed run may change only {', '.join(RESUME_SAFE_KEYS)}; start a new run (another --out) instead."
+        )
+    return {**saved, **{k: wanted[k] for k in changed}}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,51 @@ from typing import Any
 import yaml
 
 from metaopt.errors import ConfigError, suggest
+
+DEVICES = ("auto", "cpu", "cuda")
+#: keys ``metaopt train --resume`` may change; every other key must equal the run's saved config
+RESUME_SAFE_KEYS = (
+    "iterations",
+    "eval_every",
+    "eval_tasks",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_with",
+    "on_nonfinite",
+    "device",
+)
+
+
+def _scalar_types(hint: Any) -> list[type]:
+    """The scalar types a field accepts (``float | None`` -> [float])."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return [a for a in args if a in (bool, int, float, str)]
+
+
+def coerce(key: str, value: Any, hint: Any, source: str = "config") -> Any:
+    """``value`` as the declared type: YAML reads ``1e-2`` as a string, a flag may give ``"3"``.
+
+    Strings become numbers or booleans where the field is numeric or boolean; ints become
+    floats for float fields.  Anything else that does not fit is a :class:`ConfigError`.
+    """
+    kinds = _scalar_types(hint)
+    if not kinds or value is None or any(type(value) is k for k in kinds):
+        return value
+    if bool in kinds:
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.strip().lower() in ("true", "yes", "on", "1")
+    elif isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool)):
+        for kind in (int, float):
+            if kind in kinds:
+                try:
+                    number = float(value) if isinstance(value, str) else value
+                    if kind is int and float(number) != int(float(number)):
+                        continue
+                    return kind(number)
+                except (TypeError, ValueError):
+                    continue
+    expected = " or ".join(k.__name__ for k in kinds)
+    raise ConfigError(f"{source} key {key!r} must be {expected}; got {value!r} ({type(value).__name__}).")
 
 
 @dataclass
@@ -63,6 +110,8 @@ class TrainConfig:
         for key in values:
             if key not in names:
                 raise ConfigError(f"unknown {source} key {key!r}.{suggest(key, names)}")
+        hints = typing.get_type_hints(cls)
+        values = {k: coerce(k, v, hints[k], source) for k, v in values.items()}
         config = cls(**values)
         config.validate()
         return config
@@ -85,6 +134,8 @@ class TrainConfig:
             raise ConfigError(f"inner_lr={self.inner_lr} and meta_lr={self.meta_lr} must be > 0.")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ConfigError(f"clip_grad_norm={self.clip_grad_norm!r} must be > 0, or left unset for no clipping.")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device={self.device!r} must be one of {DEVICES}.{suggest(self.device, DEVICES)}")
         if self.on_nonfinite not in ("raise", "skip"):
             raise ConfigError(f"on_nonfinite={self.on_nonfinite!r} must be 'raise' or 'skip'.")
         if self.keep_checkpoints < 1 or self.checkpoint_every < 0:

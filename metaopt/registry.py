@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
+from metaopt.config import coerce
 from metaopt.errors import ConfigError, PluginError, suggest
 
 ENTRY_POINT_GROUP = "metaopt.plugins"
@@ -94,4 +96,18 @@ def create_plugin(name: str, **options: Any) -> object:
                 raise ConfigError(
                     f"plugin {name!r} has no option {key!r}.{suggest(key, known)} Its options: {', '.join(known) or 'none'}."
                 )
-    return entry.factory(**options)
+    hints = _option_hints(entry.factory)
+    options = {k: coerce(k, v, hints[k], f"plugin {name!r} option") if k in hints else v for k, v in options.items()}
+    try:
+        return entry.factory(**options)
+    except TypeError as exc:  # e.g. a value of the wrong type compared inside __init__
+        raise ConfigError(f"plugin {name!r} cannot take the options {options}: {exc}") from exc
+
+
+def _option_hints(factory: Callable[..., object]) -> dict[str, Any]:
+    """Declared types of a plugin factory's options ({} where they cannot be resolved)."""
+    target = factory.__init__ if inspect.isclass(factory) else factory  # type: ignore[misc]
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: options pass through unchanged
+        return {}

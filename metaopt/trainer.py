@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from metaopt.checkpoint import load_safe, rng_state, save_atomic, set_rng_state
-from metaopt.config import TrainConfig, plugin_specs
+from metaopt.checkpoint import load_safe, rng_state, save_atomic, seed_everything, set_rng_state
+from metaopt.config import RESUME_SAFE_KEYS, TrainConfig, plugin_specs
 from metaopt.data.sampler import TaskSampler
 from metaopt.data.sources import make_sampler
 from metaopt.errors import CheckpointError, ConfigError, NumericalError, TrainingInterrupted
@@ -174,7 +174,9 @@ class Trainer:
         if self.is_main:  # only rank 0 reads, clears and later writes the run directory
             self._check_run_dir(resume, overwrite)
         self.accelerator.wait_for_everyone()
-        torch.manual_seed(config.seed)
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but torch sees no CUDA device; use --device cpu (or auto).")
+        seed_everything(config.seed)
         self.model = build_model(config)
         self.learner = prepare(build_learner(config, self.model), self.accelerator)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
@@ -201,6 +203,8 @@ class Trainer:
         )
         self.iteration = 0
         self.skipped = 0
+        self.elapsed = 0.0  # training seconds before this process (a resumed run continues the clock)
+        self._started: float | None = None
         self.last_checkpoint: Path | None = None
         if resume:
             self.load(self.latest_checkpoint())
@@ -214,8 +218,9 @@ class Trainer:
                     f"cannot resume: {str(self.run_dir)!r} holds no {CONFIG_FILE}; start a new run instead."
                 )
             saved = json.loads(cfg_path.read_text())
-            if saved != self.config.to_dict():
-                diff = sorted(k for k in saved if saved.get(k) != self.config.to_dict().get(k))
+            current = self.config.to_dict()
+            diff = sorted(k for k in {*saved, *current} if saved.get(k) != current.get(k) and k not in RESUME_SAFE_KEYS)
+            if diff:
                 raise ConfigError(f"cannot resume {str(self.run_dir)!r} with a different config (differs in {diff}).")
             return
         if cfg_path.exists() and not overwrite:
@@ -247,6 +252,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
+            "elapsed": self._clock(),
             "config": self.config.to_dict(),
             "versions": versions(),
         }
@@ -268,6 +274,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
         self.skipped = int(state.get("skipped", 0))
+        self.elapsed = float(state.get("elapsed", 0.0))
         self.learner.iteration = self.iteration
         self.last_checkpoint = path
         self._truncate_metrics()
@@ -281,6 +288,10 @@ class Trainer:
         tmp = log.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, log)
+
+    def _clock(self) -> float:
+        """Training seconds so far, across resumes."""
+        return self.elapsed + (0.0 if self._started is None else time.perf_counter() - self._started)
 
     # -- the loop -------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -306,13 +317,13 @@ class Trainer:
         bar = tqdm(
             total=config.iterations, initial=self.iteration, disable=not (progress and self.is_main), desc="meta-train"
         )
-        start = time.perf_counter()
+        self._started = time.perf_counter()
         with StopOnSignals() as stop:
             while self.iteration < config.iterations:
                 if stop.signal is not None:
                     self._stop(stop.signal)
                 step_metrics = self._step()
-                self._log({"iteration": self.iteration, "time": round(time.perf_counter() - start, 3), **step_metrics})
+                self._log({"iteration": self.iteration, "time": round(self._clock(), 3), **step_metrics})
                 if "skipped" not in step_metrics:
                     metrics = step_metrics
                     bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("meta_loss", "accuracy")})
@@ -382,7 +393,7 @@ def load_run(run_dir: str | Path) -> tuple[TrainConfig, MetaLearner]:
     if not cfg_path.is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE}); pass the --out of a train run.")
     config = TrainConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     learner = build_learner(config, build_model(config))
     found = checkpoint_files(run_dir)
     if not found:

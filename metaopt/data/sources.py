@@ -79,6 +79,11 @@ def make_sampler(
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} must be one of {SPLITS}.{suggest(split, SPLITS)}")
     data = parse_spec(spec)
+    if rotations and data.kind in ("sinusoid", "glyphs"):
+        raise ConfigError(
+            f"rotations=True applies to image sources (omniglot:PATH, folder:PATH); {data.kind!r} has no rotation "
+            "classes. Drop --rotations."
+        )
     if data.kind == "sinusoid":
         return SinusoidTasks(shots=shots, query=query, seed=seed)
     if data.kind == "glyphs":
@@ -103,4 +108,6 @@ def make_sampler(
         if split != "all" and len(names) >= 5:
             keep = {n for i, n in enumerate(names) if (i % 5 == 4) == (split == "test")}
             classes = {k: v for k, v in classes.items() if k in keep}
+        if rotations and split != "test":  # as for Omniglot: rotated copies are new training classes
+            classes = with_rotations(classes)
     return EpisodeSampler(classes, ways=ways, shots=shots, query=query, seed=seed)
