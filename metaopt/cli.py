@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from metaopt.config import RESUME_SAFE_KEYS
+from metaopt.config import DATA_SYNTAX, RESUME_SAFE_KEYS
 from metaopt.errors import MetaOptError, TrainingInterrupted
 
 _LIST_FLAGS = {"plugins": "plugin", "test_alphabets": "test_alphabet", "log_with": "log_with"}
@@ -27,22 +27,21 @@ def _version() -> str:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from metaopt.config import TrainConfig
+    from metaopt.config import FIELD_CHOICES, FIELD_HELP, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         hint = hints[f.name]
         flag = "--" + _LIST_FLAGS.get(f.name, f.name).replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"(default: {default!r})"
+        help_text = FIELD_HELP[f.name] + ("" if f.name == "inner_lr" else f" (default: {default!r})")
         if f.name in _LIST_FLAGS:
             parser.add_argument(
                 flag,
                 dest=f.name,
                 action="append",
                 default=argparse.SUPPRESS,
-                help=f"repeatable; {'NAME or NAME:key=value,...' if f.name == 'plugins' else 'NAME'}"
-                + (" (accelerate tracker, e.g. tensorboard)" if f.name == "log_with" else ""),
+                help=FIELD_HELP[f.name] + "; repeatable",
             )
         elif hint is bool:
             parser.add_argument(
@@ -56,7 +55,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 if isinstance(hint, types.UnionType)
                 else [hint]
             )
-            parser.add_argument(flag, dest=f.name, type=base[0], default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                type=base[0],
+                default=argparse.SUPPRESS,
+                help=help_text,
+                choices=FIELD_CHOICES.get(f.name),
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="meta-train a model (default: conv4 on built-in synthetic glyphs)")
+    train = sub.add_parser(
+        "train",
+        help="meta-train a model (default: conv4 on built-in synthetic glyphs)",
+        description="Meta-train a model with algorithm plugins. Every flag is also a config-file key "
+        "(--config); flags override the file. --data: " + DATA_SYNTAX,
+    )
     train.add_argument("--config", help="YAML or JSON file of settings; flags override it")
     train.add_argument("--out", help=f"run directory (default: the config's `out`, else {DEFAULT_OUT})")
     train.add_argument(
@@ -90,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="repeatable; Omniglot alphabets of the test split (default: the run's)",
     )
+    ev.add_argument("--ways", type=int, help="classes per test task (default: the run's)")
+    ev.add_argument("--shots", type=int, help="support examples per class (default: the run's)")
+    ev.add_argument("--query", type=int, help="query examples per class (default: the run's)")
+    ev.add_argument("--no-baseline", action="store_true", help="skip the unadapted (0-step) baseline: half the time")
+    ev.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument(
         "--lake-runs",
@@ -125,12 +141,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         values = resume_settings(Path(out), values)
     config = TrainConfig.from_dict(values)
     trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
-    metrics = trainer.train(progress=not args.no_progress)
+    trainer.train(progress=not args.no_progress)
     if trainer.is_main:
-        print(
-            f"trained {trainer.iteration} iterations -> {out}; last batch: "
-            + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        )
+        print(f"{trainer.summary()} -> {out}")
     return 0
 
 
@@ -184,13 +197,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     def sampler():
         return make_eval_sampler(
-            config, data=args.data, split=args.split, seed=args.seed, test_alphabets=args.test_alphabets
+            config,
+            data=args.data,
+            split=args.split,
+            seed=args.seed,
+            test_alphabets=args.test_alphabets,
+            ways=args.ways,
+            shots=args.shots,
+            query=args.query,
         )
 
-    report = evaluate(learner, sampler(), args.tasks, steps=args.steps)
-    baseline = evaluate(learner, sampler(), args.tasks, steps=0)
+    bar = None if args.no_progress else "adapted"
+    report = evaluate(learner, sampler(), args.tasks, steps=args.steps, progress=bar)
     key = "accuracy" if "accuracy" in report else "mse"
-    report["unadapted"] = {key: baseline[key], "ci95": baseline["ci95"]}
+    baseline = None
+    if not args.no_baseline:
+        baseline = evaluate(learner, sampler(), args.tasks, steps=0, progress=bar and "unadapted")
+        report["unadapted"] = {key: baseline[key], "ci95": baseline["ci95"]}
     report["data"] = args.data or config.data
     report["split"] = args.split
     if args.json:
@@ -198,7 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(
             f"{key} after {report['steps']} steps: {report[key]:.4f} ± {report['ci95']:.4f} "
-            f"over {report['tasks']} tasks (unadapted: {baseline[key]:.4f})"
+            f"over {report['tasks']} tasks" + ("" if baseline is None else f" (unadapted: {baseline[key]:.4f})")
         )
     return 0
 
@@ -246,11 +269,28 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     plugins = list_plugins()
     if args.json:
         print(json.dumps(plugins))
-    else:
-        width = max((len(n) for n in plugins), default=0)
-        for name, description in plugins.items():
-            print(f"{name:<{width}}  {description}")
+        return 0
+    width = max((len(n) for n in plugins), default=0)
+    for name, description in plugins.items():
+        print(f"{name:<{width}}  {description}")
+        options = plugin_options(name)
+        if options:
+            print(" " * (width + 2) + "options: " + ", ".join(f"{k}={v!r}" for k, v in options.items()))
     return 0
+
+
+def plugin_options(name: str) -> dict[str, Any]:
+    """A registered plugin's options with their defaults (from its signature)."""
+    import inspect
+
+    from metaopt.registry import plugin_entry
+
+    try:
+        signature = inspect.signature(plugin_entry(name).factory)
+    except (TypeError, ValueError):
+        return {}
+    empty = inspect.Parameter.empty
+    return {k: (None if p.default is empty else p.default) for k, p in signature.parameters.items() if k != "self"}
 
 
 def cmd_hooks(args: argparse.Namespace) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import platform
+import shutil
 import signal
 import threading
 import time
@@ -20,7 +22,7 @@ from metaopt.checkpoint import load_safe, rng_state, save_atomic, seed_everythin
 from metaopt.config import RESUME_SAFE_KEYS, TrainConfig, plugin_specs
 from metaopt.data.sampler import TaskSampler
 from metaopt.data.sources import make_sampler
-from metaopt.errors import CheckpointError, ConfigError, NumericalError, TrainingInterrupted
+from metaopt.errors import CheckpointError, ConfigError, DataError, NumericalError, TrainingInterrupted
 from metaopt.learner import MetaLearner
 from metaopt.models import conv4, create_model, mlp
 from metaopt.numerics import all_finite
@@ -28,6 +30,8 @@ from metaopt.optim import make_outer_optimizer
 from metaopt.registry import create_plugin
 
 CONFIG_FILE = "config.json"
+TRACKER_DIR = "metaopt"  # accelerate trackers write their event files under RUN/metaopt/
+RUNNING_WINDOW = 20
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -87,13 +91,17 @@ def make_eval_sampler(
     split: str = "test",
     seed: int | None = None,
     test_alphabets: list[str] | None = None,
+    ways: int | None = None,
+    shots: int | None = None,
+    query: int | None = None,
 ) -> TaskSampler:
+    """The test-task sampler of a run; ``ways``/``shots``/``query`` override the run's."""
     return make_sampler(
         data or config.data,
         split=split,
-        ways=config.ways,
-        shots=config.shots,
-        query=config.query,
+        ways=config.ways if ways is None else ways,
+        shots=config.shots if shots is None else shots,
+        query=config.query if query is None else query,
         seed=config.seed + 1_000_003 if seed is None else seed,
         image_size=config.image_size,
         test_alphabets=config.test_alphabets if test_alphabets is None else test_alphabets,
@@ -101,17 +109,27 @@ def make_eval_sampler(
 
 
 def evaluate(
-    learner: MetaLearner, sampler: TaskSampler, tasks: int, steps: int | None = None, batch: int = 16
+    learner: MetaLearner,
+    sampler: TaskSampler,
+    tasks: int,
+    steps: int | None = None,
+    batch: int = 16,
+    progress: str | None = None,
 ) -> dict[str, Any]:
-    """Mean and 95% confidence half-width (1.96 standard errors) of each metric over ``tasks`` tasks."""
+    """Mean and 95% confidence half-width (1.96 standard errors) of each metric over ``tasks`` tasks.
+
+    ``progress``: a label for a progress bar on stderr (None: no bar).
+    """
     values: dict[str, list[float]] = {}
     done = 0
-    while done < tasks:
-        n = min(batch, tasks - done)
-        result = learner.evaluate(sampler.sample(n), steps=steps)
-        for key, per_task in result.per_task.items():
-            values.setdefault(key, []).extend(per_task)
-        done += n
+    with tqdm(total=tasks, desc=progress, disable=progress is None, unit="task", leave=False) as bar:
+        while done < tasks:
+            n = min(batch, tasks - done)
+            result = learner.evaluate(sampler.sample(n), steps=steps)
+            for key, per_task in result.per_task.items():
+                values.setdefault(key, []).extend(per_task)
+            done += n
+            bar.update(n)
     report: dict[str, Any] = {"tasks": tasks, "steps": learner.eval_inner_steps if steps is None else steps}
     for key, vals in values.items():
         t = torch.tensor(vals, dtype=torch.float64)
@@ -124,6 +142,11 @@ def evaluate(
         report["mse"] = report["query_loss"]
         report["ci95"] = report["query_loss_ci95"]
     return report
+
+
+def describe_report(report: dict[str, Any]) -> str:
+    key = "accuracy" if "accuracy" in report else "mse"
+    return f"{key} {report[key]:.4f} ± {report['ci95']:.4f} over {report['tasks']} tasks"
 
 
 def restore_learner(learner: MetaLearner, state: dict[str, Any], path: Path) -> None:
@@ -201,6 +224,15 @@ class Trainer:
             rotations=config.rotations,
             test_alphabets=config.test_alphabets,
         )
+        # built once (a periodic eval used to re-read the data every time); building it here also
+        # checks before step 1 that the test split can make tasks (enough classes for `ways`)
+        try:
+            self.eval_sampler = make_eval_sampler(config, split="test")
+        except (ConfigError, DataError) as exc:
+            raise type(exc)(f"the test split cannot make evaluation tasks: {exc}") from exc
+        self._eval_start = self.eval_sampler.state_dict()
+        self.best_eval: dict[str, Any] | None = None
+        self.recent: collections.deque[dict[str, float]] = collections.deque(maxlen=RUNNING_WINDOW)
         self.iteration = 0
         self.skipped = 0
         self.elapsed = 0.0  # training seconds before this process (a resumed run continues the clock)
@@ -231,6 +263,7 @@ class Trainer:
             for old in checkpoint_files(self.run_dir):
                 old.unlink()
             (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / TRACKER_DIR, ignore_errors=True)  # old TensorBoard/W&B event files
 
     @property
     def is_main(self) -> bool:
@@ -313,7 +346,7 @@ class Trainer:
         metrics: dict[str, Any] = {}
         if config.log_with:
             hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in config.to_dict().items()}
-            self.accelerator.init_trackers("metaopt", config=hparams)
+            self.accelerator.init_trackers(TRACKER_DIR, config=hparams)
         bar = tqdm(
             total=config.iterations, initial=self.iteration, disable=not (progress and self.is_main), desc="meta-train"
         )
@@ -325,12 +358,15 @@ class Trainer:
                 step_metrics = self._step()
                 self._log({"iteration": self.iteration, "time": round(self._clock(), 3), **step_metrics})
                 if "skipped" not in step_metrics:
-                    metrics = step_metrics
+                    self.recent.append({k: v for k, v in step_metrics.items() if isinstance(v, int | float)})
+                    metrics = self.running_means()
                     bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("meta_loss", "accuracy")})
                 bar.update(1)
                 if config.eval_every and self.iteration % config.eval_every == 0:
-                    report = evaluate(self.learner, make_eval_sampler(config, split="test"), config.eval_tasks)
+                    report = self.periodic_eval()
                     self._log({"iteration": self.iteration, "eval": report})
+                    if self.is_main:
+                        bar.write(f"eval @ {self.iteration}: {describe_report(report)}")
                 if config.checkpoint_every and self.iteration % config.checkpoint_every == 0:
                     self.save()
             bar.close()
@@ -338,6 +374,30 @@ class Trainer:
         if config.log_with:
             self.accelerator.end_training()
         return metrics
+
+    def running_means(self) -> dict[str, float]:
+        """Each metric's mean over the last ``RUNNING_WINDOW`` iterations (one batch alone is noisy)."""
+        keys = {k for m in self.recent for k in m}
+        return {k: sum(m[k] for m in self.recent if k in m) / sum(k in m for m in self.recent) for k in sorted(keys)}
+
+    def periodic_eval(self) -> dict[str, Any]:
+        """Evaluate on the same test tasks every time; keep the best report."""
+        self.eval_sampler.load_state_dict(self._eval_start)
+        report = evaluate(self.learner, self.eval_sampler, self.config.eval_tasks)
+        key = "accuracy" if "accuracy" in report else "mse"
+        if self.best_eval is None or (report[key] > self.best_eval[key]) == (key == "accuracy"):
+            self.best_eval = {**report, "iteration": self.iteration}
+        return report
+
+    def summary(self) -> str:
+        """One line for the end of training: running means, best periodic eval, wall time."""
+        parts = [f"trained {self.iteration} iterations in {self._clock():.1f} s"]
+        if self.recent:
+            means = ", ".join(f"{k}={v:.4f}" for k, v in self.running_means().items())
+            parts.append(f"mean of the last {len(self.recent)}: {means}")
+        if self.best_eval is not None:
+            parts.append(f"best eval @ {self.best_eval['iteration']}: {describe_report(self.best_eval)}")
+        return "; ".join(parts)
 
     def _step(self) -> dict[str, Any]:
         """One meta-iteration: gradient, optional clipping, optimizer step (or a counted skip)."""

@@ -15,6 +15,7 @@ from metaopt.cli import main
 from metaopt.config import TrainConfig
 from metaopt.data.images import load_image_folder
 from metaopt.data.sources import make_sampler
+from metaopt.errors import ConfigError
 from metaopt.trainer import Trainer
 
 SIN = ["--data", "sinusoid", "--shots", "5", "--query", "5", "--meta-batch", "2", "--no-progress"]
@@ -44,7 +45,7 @@ def test_config_values_are_coerced_to_their_declared_types(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--config", str(cfg), "--overwrite", "--no-progress", "--plugin", "shot:weight=heavy"]) == 2
     assert "'weight' must be float; got 'heavy'" in capsys.readouterr().err
-    with pytest.raises(Exception, match="'ways' must be int; got 2.5"):
+    with pytest.raises(ConfigError, match="'ways' must be int; got 2.5"):
         TrainConfig.from_dict({"ways": 2.5})
 
 
@@ -57,16 +58,15 @@ def test_plugin_flags_add_to_the_config_file_and_replace_same_name_entries(tmp_p
     assert json.loads((out / "config.json").read_text())["plugins"] == ["shot", "sharp_maml:rho_outer=0.05"]
 
 
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
-        (["--device", "banana"], "device='banana' must be one of"),
-        (["--rotations"], "rotations=True applies to image sources"),
-    ],
-)
-def test_settings_that_cannot_apply_are_refused(tmp_path, capsys, args, needle):
-    assert main(["train", "--out", str(tmp_path / "r"), *SIN, "--inner-lr", "0.01", "--iterations", "1", *args]) == 2
-    assert needle in capsys.readouterr().err
+def test_settings_that_cannot_apply_are_refused(tmp_path, capsys):
+    args = ["train", "--out", str(tmp_path / "r"), *SIN, "--iterations", "1"]
+    assert main([*args, "--rotations"]) == 2
+    assert "rotations=True applies to image sources" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # a flag: argparse lists the choices
+        main([*args, "--device", "banana"])
+    assert info.value.code == 2 and "invalid choice: 'banana'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="device='banana' must be one of"):  # a config file: the same rule
+        TrainConfig.from_dict({"device": "banana"})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -106,3 +106,59 @@ def test_the_distribution_name_is_not_the_taken_pypi_name():
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     assert project["name"] == "metaopt-torch"
     assert project["scripts"]["metaopt"] == "metaopt.cli:main"
+
+
+def test_sinusoid_gets_its_own_default_inner_lr():
+    assert TrainConfig(data="sinusoid").inner_lr == 0.01 and TrainConfig().inner_lr == 0.4
+    assert TrainConfig(data="sinusoid", inner_lr=0.05).inner_lr == 0.05
+
+
+def test_training_feedback_running_means_best_eval_and_one_eval_sampler(tmp_path, capsys, monkeypatch):
+    import metaopt.trainer as trainer_module
+
+    built = []
+    real = trainer_module.make_eval_sampler
+    monkeypatch.setattr(trainer_module, "make_eval_sampler", lambda *a, **k: built.append(1) or real(*a, **k))
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), *SIN, "--iterations", "4", "--eval-every", "2", "--eval-tasks", "4"]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert len(built) == 1  # built once at start, not re-read for every periodic eval
+    assert "eval @ 2: mse" in printed.err + printed.out and "eval @ 4: mse" in printed.err + printed.out
+    assert "mean of the last 4:" in printed.out and "best eval @" in printed.out
+    evals = [json.loads(x)["eval"] for x in (out / "metrics.jsonl").read_text().splitlines() if "eval" in x]
+    assert len(evals) == 2
+
+
+def test_test_split_that_cannot_make_tasks_fails_before_step_1(tmp_path, capsys, omniglot_dir):
+    archive = str(omniglot_dir / "images_background_small1.zip")
+    args = ["train", "--out", str(tmp_path / "r"), "--data", f"omniglot:{archive}", "--ways", "60", "--no-progress"]
+    assert main([*args, "--test-alphabet", "Balinese", "--iterations", "1"]) == 2
+    assert "test split cannot make evaluation tasks: ways=60 is larger than the 24 classes" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # no training step ran
+
+
+def test_eval_can_skip_the_baseline_and_change_ways(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        main(["train", "--out", str(out), "--iterations", "1", "--meta-batch", "2", "--query", "2", "--no-progress"])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["eval", str(out), "--tasks", "3", "--json", "--no-baseline", "--ways", "3", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "unadapted" not in report and report["tasks"] == 3
+
+
+def test_overwrite_clears_old_tracker_event_files(tmp_path):
+    run = tmp_path / "run"
+    (run / "metaopt").mkdir(parents=True)
+    (run / "metaopt" / "events.out.tfevents.old").write_text("stale")
+    (run / "config.json").write_text("{}")
+    Trainer(TrainConfig(data="sinusoid", iterations=1), run, overwrite=True)
+    assert not (run / "metaopt" / "events.out.tfevents.old").exists()
+
+
+def test_plugins_command_lists_options_with_defaults(capsys):
+    assert main(["plugins"]) == 0
+    assert "options: weight=0.1, form='auto'" in capsys.readouterr().out
