@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--ways", type=int, default=20)
     lk.add_argument("--seed", type=int, default=0)
 
+    ex = sub.add_parser(
+        "export", help="write a run's meta-learned weights as a plain state dict (timm key names for timm models)"
+    )
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", help="weights file (default: RUN/export/model.pt)")
+
     pl = sub.add_parser("plugins", help="list available plugins")
     pl.add_argument("--json", action="store_true")
     sub.add_parser("hooks", help="print the hook reference (Markdown, from the hook specs)")
@@ -293,6 +299,14 @@ def plugin_options(name: str) -> dict[str, Any]:
     return {k: (None if p.default is empty else p.default) for k, p in signature.parameters.items() if k != "self"}
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from metaopt.export import export_run
+
+    path = export_run(args.run_dir, args.out)
+    print(f"wrote {path} (how to load it: {path.with_suffix('.json')})")
+    return 0
+
+
 def cmd_hooks(args: argparse.Namespace) -> int:
     from metaopt.hookspecs import reference_markdown
 
@@ -308,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plugins": cmd_plugins,
         "hooks": cmd_hooks,
         "lake-runs": cmd_lake_runs,
+        "export": cmd_export,
     }
     try:
         return commands[args.command](args)

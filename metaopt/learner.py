@@ -482,6 +482,27 @@ class MetaLearner(nn.Module):
             self.host.finite_check.flush(self)  # no batch_end here: read this task's flags now
         return {n: p.detach() for n, p in params.items()}
 
+    def predict(
+        self, task: TaskData | Sequence[torch.Tensor], x: torch.Tensor | None = None, steps: int | None = None
+    ) -> torch.Tensor:
+        """Adapt to ``task`` and return the adapted model's output on ``x`` (default: its query inputs).
+
+        The forward uses the learner's BatchNorm policy, as training and ``evaluate`` do: with
+        ``bn_policy="transductive"`` (the default) BatchNorm normalises ``x`` with its own batch
+        statistics, so predict a whole query set at once, not one image at a time.  (The
+        adapted parameters of :meth:`adapt` fed to ``functional_call(model.eval(), ...)`` would
+        use running statistics that transductive training never wrote: chance accuracy.)
+        """
+        data = TaskData(*task)
+        params = self.adapt(data, steps)
+        inputs = (data.query_x if x is None else x).to(self._device())
+        self.backend.prepare(False)
+        try:
+            with torch.no_grad(), self._autocast():
+                return self.backend.forward(inputs, params)
+        finally:
+            self.backend.release()
+
     # -- state ----------------------------------------------------------------------
     def plugin_state(self) -> dict[str, Any]:
         """State of every plugin that has ``state_dict`` (e.g. warm-up counters)."""

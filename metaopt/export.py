@@ -1,0 +1,65 @@
+"""``metaopt export RUN``: the meta-learned weights as a plain state dict for the model's own class.
+
+A timm backbone (``HeadedModel(body=timm model without classifier, head=Linear)``) is written
+with timm's own key names (``body.`` dropped, ``head.`` renamed to the model's classifier), so
+``timm.create_model(name, num_classes=ways, in_chans=1)`` loads it with ``strict=True``.
+metaopt's own models (conv4, the MLP, a user's ``HeadedModel``) keep their keys.  Plugin-owned
+modules (a hypernetwork, learned inner rates) are not part of the model and are not exported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from metaopt.checkpoint import save_atomic
+from metaopt.errors import ConfigError
+from metaopt.models import HeadedModel
+
+
+def timm_classifier_name(body: nn.Module) -> str | None:
+    """The classifier's attribute path of a timm model (``fc``, ``head.fc``, ...), else None."""
+    cfg = getattr(body, "pretrained_cfg", None) or getattr(body, "default_cfg", None) or {}
+    name = cfg.get("classifier")
+    return name if isinstance(name, str) and name else None
+
+
+def export_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict to write and a description of how to load it."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    classifier = timm_classifier_name(model.body) if isinstance(model, HeadedModel) else None
+    if classifier is None:
+        return state, {"format": "metaopt", "keys": "as in the metaopt model (body.*, head.*)"}
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("body."):
+            renamed[key[len("body.") :]] = value
+        elif key.startswith("head."):
+            renamed[classifier + "." + key[len("head.") :]] = value
+        else:  # pragma: no cover - HeadedModel has only body and head
+            raise ConfigError(f"unexpected key {key!r} in a timm HeadedModel.")
+    return renamed, {"format": "timm", "classifier": classifier}
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``RUN/export/model.pt`` (or ``out``) and ``model.json`` beside it; return the weights' path."""
+    from metaopt.trainer import load_run
+
+    config, learner = load_run(run_dir)
+    state, how = export_state(learner.model)
+    path = Path(out) if out is not None else Path(run_dir) / "export" / "model.pt"
+    save_atomic(state, path)
+    if how["format"] == "timm":
+        how["load"] = (
+            f"timm.create_model({config.model!r}, num_classes={config.ways}, in_chans=1)"
+            f".load_state_dict(torch.load({str(path)!r}))"
+        )
+    else:
+        how["load"] = f"metaopt.create_model({config.model!r}, ...).load_state_dict(torch.load({str(path)!r}))"
+    how.update(model=config.model, ways=config.ways, image_size=config.image_size, bn_policy=config.bn_policy)
+    path.with_suffix(".json").write_text(json.dumps(how, indent=2))
+    return path
