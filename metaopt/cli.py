@@ -47,7 +47,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
             )
-        elif f.name == "outer_optimizer_kwargs":
+        elif f.name in ("outer_optimizer_kwargs", "param_group_lr"):
             parser.add_argument(flag, dest=f.name, type=json.loads, default=argparse.SUPPRESS, help="JSON object")
         else:
             base = (

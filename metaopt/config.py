@@ -25,6 +25,7 @@ RESUME_SAFE_KEYS = (
     "log_with",
     "on_nonfinite",
     "device",
+    "keep_best",
 )
 
 
@@ -86,8 +87,14 @@ FIELD_HELP: dict[str, str] = {
     "meta_batch": "tasks per meta-iteration",
     "iterations": "meta-iterations to train (a resumed run may raise it)",
     "meta_lr": "outer learning rate",
-    "outer_optimizer": "outer (meta) optimizer",
+    "outer_optimizer": "outer (meta) optimizer: adam, sgd, normalized_sgd, or any timm optimizer (adamw, lamb, ...)",
     "outer_optimizer_kwargs": "extra outer optimizer options, a JSON object",
+    "param_group_lr": "learning rates by meta-parameter name prefix, a JSON object, e.g. "
+    '{"plugin_modules.hypernet.": 1e-4}',
+    "lr_schedule": "outer learning-rate schedule through timm's scheduler factory (one step per iteration)",
+    "warmup_iters": "linear warm-up iterations of the schedule",
+    "keep_best": "with eval_every: also keep RUN/best.pt, the checkpoint of the best periodic eval of this "
+    "metric (accuracy: highest; mse, query_loss: lowest)",
     "seed": "seeds torch, random and numpy; tasks are drawn from it",
     "precision": "mixed precision through accelerate (fp16 is refused: inner gradients are not loss-scaled)",
     "device": "auto (accelerate's choice), cpu, or cuda (refused when torch sees no CUDA device)",
@@ -103,7 +110,8 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "inner_optimizer": ("sgd", "adam", "higher_adam", "rmsprop", "adagrad"),
     "bn_policy": ("transductive", "running"),
     "backend": ("higher", "torch.func"),
-    "outer_optimizer": ("adam", "sgd", "normalized_sgd"),
+    "lr_schedule": ("none", "cosine", "tanh", "step", "multistep", "poly"),
+    "keep_best": ("accuracy", "mse", "query_loss"),
     "precision": ("no", "bf16", "fp16"),
     "device": DEVICES,
     "on_nonfinite": ("raise", "skip"),
@@ -137,6 +145,10 @@ class TrainConfig:
     meta_lr: float = 1e-3
     outer_optimizer: str = "adam"
     outer_optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    param_group_lr: dict[str, float] = field(default_factory=dict)
+    lr_schedule: str = "none"
+    warmup_iters: int = 0
+    keep_best: str | None = None
     seed: int = 0
     precision: str = "no"
     device: str = "auto"
@@ -189,6 +201,10 @@ class TrainConfig:
             raise ConfigError(f"inner_lr={self.inner_lr} and meta_lr={self.meta_lr} must be > 0.")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ConfigError(f"clip_grad_norm={self.clip_grad_norm!r} must be > 0, or left unset for no clipping.")
+        if self.keep_best is not None and not self.eval_every:
+            raise ConfigError(f"keep_best={self.keep_best!r} needs periodic evaluation; set eval_every (e.g. 100).")
+        if self.warmup_iters < 0:
+            raise ConfigError(f"warmup_iters={self.warmup_iters} must be >= 0.")
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} must be one of {DEVICES}.{suggest(self.device, DEVICES)}")
         if self.on_nonfinite not in ("raise", "skip"):

@@ -78,11 +78,39 @@ OUTER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 
 def make_outer_optimizer(name: str, params: Iterable[Any], lr: float, **kwargs: Any) -> torch.optim.Optimizer:
-    if name not in OUTER_OPTIMIZERS:
+    """metaopt's outer optimizers (adam, sgd, normalized_sgd), else any name of timm's optimizer
+    factory (adamw, lamb, lion, ...: ``timm.optim.list_optimizers()``).  ``params`` may be groups."""
+    import timm.optim
+
+    timm_names = timm.optim.list_optimizers()
+    if name not in OUTER_OPTIMIZERS and name not in timm_names:
+        known = [*OUTER_OPTIMIZERS, *timm_names]
         raise ConfigError(
-            f"outer_optimizer={name!r} is not known; use one of {sorted(OUTER_OPTIMIZERS)}.{suggest(name, OUTER_OPTIMIZERS)}"
+            f"outer_optimizer={name!r} is not known; use one of {sorted(OUTER_OPTIMIZERS)} or a timm optimizer "
+            f"(timm.optim.list_optimizers(), e.g. adamw).{suggest(name, known)}"
         )
     try:
-        return OUTER_OPTIMIZERS[name](params, lr=lr, **kwargs)
+        if name in OUTER_OPTIMIZERS:
+            return OUTER_OPTIMIZERS[name](params, lr=lr, **kwargs)
+        return timm.optim.create_optimizer_v2(list(params), opt=name, lr=lr, filter_bias_and_bn=False, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"outer_optimizer_kwargs {kwargs!r} do not fit {name!r}: {exc}") from exc
+
+
+def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], lrs: dict[str, float]) -> list[dict[str, Any]]:
+    """Parameter groups for ``lrs`` (name prefix -> learning rate; first matching prefix wins).
+
+    Parameters that match no prefix form the first group (the optimizer's own lr).  A prefix
+    that matches nothing is an error naming the top-level names there are.
+    """
+    named = list(named)
+    groups: dict[str | None, list[torch.nn.Parameter]] = {None: [], **{prefix: [] for prefix in lrs}}
+    for name, p in named:
+        prefix = next((q for q in lrs if name.startswith(q)), None)
+        groups[prefix].append(p)
+    empty = [q for q in lrs if not groups[q]]
+    if empty:
+        tops = sorted({n.rsplit(".", 2)[0] + "." for n, _ in named})
+        raise ConfigError(f"param_group_lr prefixes {empty} match no meta-parameter; names start with {tops[:12]}.")
+    out = [{"params": groups[None]}] if groups[None] else []
+    return out + [{"params": groups[q], "lr": float(lrs[q])} for q in lrs]

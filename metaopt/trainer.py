@@ -26,12 +26,13 @@ from metaopt.errors import CheckpointError, ConfigError, DataError, NumericalErr
 from metaopt.learner import MetaLearner
 from metaopt.models import conv4, create_model, mlp
 from metaopt.numerics import all_finite
-from metaopt.optim import make_outer_optimizer
+from metaopt.optim import make_outer_optimizer, param_groups
 from metaopt.registry import create_plugin
 
 CONFIG_FILE = "config.json"
 TRACKER_DIR = "metaopt"  # accelerate trackers write their event files under RUN/metaopt/
 RUNNING_WINDOW = 20
+BEST_FILE = "best.pt"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -67,6 +68,20 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
     if config.model not in ("conv4", "mlp"):
         kwargs.update(in_chans=1, pretrained_path=config.pretrained_path)
     return create_model(config.model, **kwargs)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
+    """timm's scheduler for ``config.lr_schedule`` over ``config.iterations`` steps (None for "none")."""
+    if config.lr_schedule == "none":
+        if config.warmup_iters:
+            raise ConfigError("warmup_iters needs a schedule; set lr_schedule (e.g. cosine).")
+        return None
+    from timm.scheduler import create_scheduler_v2
+
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=config.lr_schedule, num_epochs=config.iterations, warmup_epochs=config.warmup_iters
+    )
+    return scheduler
 
 
 def build_learner(config: TrainConfig, model: torch.nn.Module) -> MetaLearner:
@@ -210,9 +225,12 @@ class Trainer:
             )
         if self.world > 1 and config.on_nonfinite == "skip":
             raise ConfigError("on_nonfinite='skip' is single-process only; use 'raise' with several processes.")
+        named = [(n, p) for n, p in self.learner.named_parameters() if p.requires_grad]
+        groups = param_groups(named, config.param_group_lr) if config.param_group_lr else [p for _, p in named]
         self.optimizer = make_outer_optimizer(
-            config.outer_optimizer, self.learner.meta_parameters(), config.meta_lr, **config.outer_optimizer_kwargs
+            config.outer_optimizer, groups, config.meta_lr, **config.outer_optimizer_kwargs
         )
+        self.scheduler = make_scheduler(self.optimizer, config)
         self.sampler = make_sampler(
             config.data,
             split="train",
@@ -283,6 +301,7 @@ class Trainer:
             "learner": self.learner.state_dict(),
             "plugin_state": self.learner.plugin_state(),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
             "elapsed": self._clock(),
@@ -303,6 +322,12 @@ class Trainer:
         state = load_safe(path)
         restore_learner(self.learner, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            # same length: the saved state; a resume that changed `iterations` keeps the schedule
+            # built for the new length (timm's schedules are functions of the step)
+            if state.get("scheduler") is not None and state["config"]["iterations"] == self.config.iterations:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.scheduler.step(int(state["iteration"]))
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
@@ -384,9 +409,13 @@ class Trainer:
         """Evaluate on the same test tasks every time; keep the best report."""
         self.eval_sampler.load_state_dict(self._eval_start)
         report = evaluate(self.learner, self.eval_sampler, self.config.eval_tasks)
-        key = "accuracy" if "accuracy" in report else "mse"
+        key = self.config.keep_best or ("accuracy" if "accuracy" in report else "mse")
+        if key not in report:
+            raise ConfigError(f"keep_best={key!r} is not an evaluation metric here; the report has {sorted(report)}.")
         if self.best_eval is None or (report[key] > self.best_eval[key]) == (key == "accuracy"):
             self.best_eval = {**report, "iteration": self.iteration}
+            if self.config.keep_best and self.is_main:
+                save_atomic(self.state(), self.run_dir / BEST_FILE)
         return report
 
     def summary(self) -> str:
@@ -426,6 +455,9 @@ class Trainer:
             metrics["grad_norm"] = float(norm)
         self.optimizer.step()
         self.iteration += 1
+        if self.scheduler is not None:
+            self.scheduler.step(self.iteration)
+            metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return metrics
 
     def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:

@@ -1,0 +1,59 @@
+"""Outer optimizers and schedules from timm's factories, per-group learning rates, keep-best."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metaopt.checkpoint import load_safe
+from metaopt.config import TrainConfig
+from metaopt.errors import ConfigError
+from metaopt.trainer import Trainer
+
+
+def _config(**kw):
+    base = dict(data="sinusoid", shots=5, query=5, meta_batch=2, iterations=6, checkpoint_every=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_timm_optimizer_and_cosine_schedule_with_warmup_resume_exactly(tmp_path):
+    cfg = dict(outer_optimizer="adamw", lr_schedule="cosine", warmup_iters=2, meta_lr=1e-3)
+    full = Trainer(_config(**cfg), tmp_path / "full")
+    assert type(full.optimizer).__name__ == "AdamW"
+    full.train(progress=False)
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] < lrs[1] <= 1e-3 and lrs[1:] == sorted(lrs[1:], reverse=True)  # warm-up, then cosine
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    # resume from the iteration-3 checkpoint: the schedule continues from the checkpoint's state
+    final = tmp_path / "full" / "checkpoints" / "ckpt-00000006.pt"
+    assert load_safe(final)["scheduler"] is not None
+    final.unlink()
+    resumed = Trainer(_config(**cfg), tmp_path / "full", resume=True)
+    assert resumed.iteration == 3
+    resumed.train(progress=False)
+    again = [json.loads(x)["lr"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert again == lrs
+    for a, b in zip(full.learner.parameters(), resumed.learner.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_param_group_learning_rates_by_prefix(tmp_path):
+    trainer = Trainer(_config(plugins=["meta_sgd"], param_group_lr={"plugin_modules.meta_sgd_lr.": 1e-2}), tmp_path)
+    groups = trainer.optimizer.param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 1e-2]
+    rates = set(map(id, trainer.learner.plugin_modules.parameters()))
+    assert {id(p) for p in groups[1]["params"]} == rates
+    with pytest.raises(ConfigError, match="match no meta-parameter"):
+        Trainer(_config(param_group_lr={"plugin_modules.nothing.": 1e-2}), tmp_path / "other")
+
+
+def test_keep_best_keeps_the_checkpoint_of_the_best_eval(tmp_path):
+    trainer = Trainer(_config(iterations=4, eval_every=1, eval_tasks=4, keep_best="mse"), tmp_path)
+    trainer.train(progress=False)
+    evals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    best = min(evals, key=lambda r: r["eval"]["mse"])
+    assert load_safe(tmp_path / "best.pt")["iteration"] == best["iteration"] == trainer.best_eval["iteration"]
+    with pytest.raises(ConfigError, match="needs periodic evaluation"):
+        _config(keep_best="mse").validate()
