@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 import metaopt
 from metaopt.data.glyphs import GlyphTasks
-from metaopt.integrations.accelerate import prepare
+from metaopt.integrations.accelerate import prepare, register_for_checkpointing, shard
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=30)
@@ -33,13 +33,14 @@ learner = prepare(learner, accelerator)  # not accelerator.prepare(learner): met
 optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
 scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
 optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-rank, world = accelerator.process_index, accelerator.num_processes
+register_for_checkpointing(accelerator, learner)  # accelerator.save_state()/load_state() include the learner
+world = accelerator.num_processes
 
 step = 0
 while step < args.steps:
     for batch in loader:  # every process draws the same batch (same seed) and adapts its share
         optimizer.zero_grad()
-        loss = learner.backward(batch[rank::world]).loss
+        loss = learner.backward(shard(batch, accelerator, loader)).loss
         optimizer.step()
         scheduler.step()
         step += 1

@@ -72,3 +72,60 @@ def prepare(learner: MetaLearner, accelerator: Any) -> MetaLearner:
     learner.to(accelerator.device)
     learner.accelerator = accelerator
     return learner
+
+
+class LearnerState:
+    """What ``accelerator.save_state`` must hold of a learner: meta-parameters (plugin modules
+    included), plugin state (schedules, counters) and the meta-iteration; optionally the task sampler."""
+
+    def __init__(self, learner: MetaLearner, sampler: Any = None) -> None:
+        self.learner, self.sampler = learner, sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "learner": self.learner.state_dict(),
+            "plugin_state": self.learner.plugin_state(),
+            "iteration": self.learner.iteration,
+        }
+        if self.sampler is not None:
+            state["sampler"] = self.sampler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state["learner"])
+        self.learner.load_plugin_state(state["plugin_state"])
+        self.learner.iteration = int(state["iteration"])
+        if self.sampler is not None:
+            if "sampler" not in state:
+                raise ConfigError("the saved state holds no task sampler; register the same objects as when saving.")
+            self.sampler.load_state_dict(state["sampler"])
+
+
+def register_for_checkpointing(accelerator: Any, learner: MetaLearner, sampler: Any = None) -> LearnerState:
+    """Make ``accelerator.save_state()`` / ``load_state()`` save and restore the learner (and sampler).
+
+    The learner is not ``accelerator.prepare``d (see :func:`prepare`), so accelerate does not
+    know it: without this, ``load_state`` silently "resumes" without the meta-parameters.
+    """
+    state = LearnerState(learner, sampler)
+    accelerator.register_for_checkpointing(state)
+    return state
+
+
+def shard(batch: list[Any], accelerator: Any, loader: Any = None) -> list[Any]:
+    """This process's tasks of a meta-batch.
+
+    A DataLoader passed through ``accelerator.prepare`` already gives each process its own
+    batch: returned as it is.  Otherwise every process drew the same batch and takes every
+    ``world``-th task (``batch[rank::world]``).  Slicing a prepared loader's batch again would
+    silently drop tasks, which is why the loader is passed in.
+    """
+    from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard
+
+    world = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
+    if world == 1 or isinstance(loader, DataLoaderShard | DataLoaderDispatcher):
+        return list(batch)
+    rank = accelerator.process_index
+    if len(batch) % world:
+        raise ConfigError(f"a meta-batch of {len(batch)} tasks does not split evenly over {world} processes.")
+    return list(batch)[rank::world]

@@ -18,6 +18,8 @@ from metaopt.manager import PluginHost
 from metaopt.task import Batch, Params, Task, TaskData, Trajectory
 
 BatchInput = Sequence[TaskData] | Sequence[Sequence[torch.Tensor]] | Sequence[torch.Tensor]
+#: data-parallel wrappers a learner cannot be built on (checked by class name: FSDP may not import)
+WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
 
 
 @dataclass
@@ -159,6 +161,13 @@ class MetaLearner(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        if type(model).__name__ in WRAPPERS and hasattr(model, "module"):
+            raise ConfigError(
+                f"the model is wrapped in {type(model).__name__} (accelerator.prepare(model)?). Build the learner on "
+                "the plain model (accelerator.unwrap_model(model), or the model before prepare) and use "
+                "metaopt.integrations.accelerate.prepare(learner, accelerator): metaopt averages the meta-gradient "
+                "over processes itself; DDP would not see the gradients through the functional inner loop."
+            )
         if not isinstance(inner_steps, int) or inner_steps < 0:
             raise ConfigError(f"inner_steps={inner_steps!r} must be an integer >= 0.")
         if eval_inner_steps is not None and (not isinstance(eval_inner_steps, int) or eval_inner_steps < 0):

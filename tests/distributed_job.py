@@ -51,10 +51,39 @@ def train(name: str, accelerator=None, steps: int = STEPS) -> dict[str, torch.Te
     return {k: v.detach().clone() for k, v in learner.state_dict().items()}
 
 
+def train_from_loader(accelerator=None, steps: int = STEPS) -> dict[str, torch.Tensor]:
+    """MAML fed by a DataLoader of tasks (batch size 4, no shuffling): passed through
+    ``accelerator.prepare`` when there is one (each process then gets 2 of every 4 tasks), and
+    ``shard`` must not slice those batches again."""
+    from torch.utils.data import DataLoader
+
+    from metaopt.integrations.accelerate import prepare, shard
+
+    torch.manual_seed(0)
+    learner = MetaLearner(mlp().double(), inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss).double()
+    tasks = [task for batch in batches() for task in batch]
+    world = 1 if accelerator is None else accelerator.num_processes
+    loader = DataLoader(tasks, batch_size=4 // world, shuffle=False, collate_fn=list)
+    if accelerator is not None:
+        learner = prepare(learner, accelerator)
+        loader = accelerator.prepare(loader)
+    optimizer = torch.optim.Adam(learner.meta_parameters(), lr=1e-2)
+    for step, batch in enumerate(loader):
+        if step == steps:
+            break
+        local = shard(batch, accelerator, loader)
+        assert len(local) == 4 // world, len(local)  # nothing dropped
+        optimizer.zero_grad(set_to_none=True)
+        learner.backward(local)
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in learner.state_dict().items()}
+
+
 if __name__ == "__main__":
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
     results = {name: train(name, accelerator) for name in CONFIGS}
+    results["prepared_loader"] = train_from_loader(accelerator)
     results["_world"] = torch.tensor(accelerator.num_processes)
     torch.save(results, f"{sys.argv[1]}/rank{accelerator.process_index}.pt")

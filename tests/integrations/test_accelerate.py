@@ -70,3 +70,46 @@ def test_bf16_training_matches_fp32_sinusoid_mse_within_ten_percent(tmp_path):
     fp32, bf16 = _train_eval(tmp_path, "no"), _train_eval(tmp_path, "bf16")
     assert fp32 != bf16  # bf16 really ran (different rounding)
     assert abs(bf16 - fp32) <= 0.10 * fp32, (fp32, bf16)
+
+
+def test_save_state_and_load_state_restore_the_learner_and_sampler(tmp_path):
+    from accelerate import Accelerator
+
+    from metaopt.data import SinusoidTasks
+    from metaopt.integrations.accelerate import register_for_checkpointing
+    from metaopt.plugins import MAMLPlusPlus
+
+    accelerator = Accelerator(cpu=True)
+    learner = prepare(MetaLearner(mlp(), [MAMLPlusPlus()], inner_steps=2, loss_fn=F.mse_loss), accelerator)
+    sampler = SinusoidTasks(shots=5, seed=0)
+    optimizer = accelerator.prepare(torch.optim.Adam(learner.parameters(), 1e-2))
+    register_for_checkpointing(accelerator, learner, sampler)
+
+    def step():
+        optimizer.zero_grad()
+        learner.backward(sampler.sample(2))
+        optimizer.step()
+
+    step()
+    accelerator.save_state(str(tmp_path / "state"))
+    saved = {k: v.clone() for k, v in learner.state_dict().items()}
+    plugin_state = learner.plugin_state()
+    next_tasks = sampler.sample(1)[0]  # what the sampler draws next after the saved point
+    step()
+    step()
+    accelerator.load_state(str(tmp_path / "state"))
+    assert all(torch.equal(saved[k], v) for k, v in learner.state_dict().items())  # the learned rates too
+    assert learner.plugin_state() == plugin_state and learner.iteration == 1
+    assert all(torch.equal(a, b) for a, b in zip(sampler.sample(1)[0], next_tasks))
+
+
+def test_a_learner_on_a_ddp_wrapped_model_says_what_to_do(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(mlp())
+        with pytest.raises(ConfigError, match=r"wrapped in DistributedDataParallel.*unwrap_model"):
+            MetaLearner(wrapped)
+    finally:
+        dist.destroy_process_group()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_job import CONFIGS, train
+from distributed_job import CONFIGS, train, train_from_loader
 
 JOB = Path(__file__).resolve().parents[1] / "distributed_job.py"
 
@@ -43,3 +43,15 @@ def test_two_processes_match_each_other_and_one_process(two_ranks, name):
         torch.testing.assert_close(rank0[key], single[key], rtol=1e-9, atol=1e-11, msg=key)
     moved = max(float((single[k] - start[k]).abs().max()) for k in single)
     assert moved > 1e-3  # the steps did something, so the comparison means something
+
+
+def test_a_prepared_task_loader_is_not_sliced_again(two_ranks):
+    """accelerate already shards a prepared DataLoader: ``shard`` keeps each process's batch whole,
+    and two processes equal one process on the whole batches (the old ``batch[rank::world]`` idiom
+    would have dropped half the tasks)."""
+    rank0, rank1 = (r["prepared_loader"] for r in two_ranks)
+    single, start = train_from_loader(), train_from_loader(steps=0)
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-9, atol=1e-11, msg=key)
+    assert max(float((single[k] - start[k]).abs().max()) for k in single) > 1e-3
