@@ -67,31 +67,43 @@ def backbone(
             "pass pretrained_path=<local file> instead of pretrained=...; metaopt never downloads weights."
         )
     kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs)
-    try:  # models with a fixed input grid (ViT, DeiT, Swin, ...) are built for img_size
-        body = timm.create_model(name, img_size=img_size, **kwargs)
-    except TypeError:
-        body = timm.create_model(name, **kwargs)
     if pretrained_path is not None:
-        load_pretrained(body, pretrained_path)
+        # timm's own loader: a local file (nothing is downloaded), the first conv adapted to
+        # in_chans, the classifier dropped (num_classes=0): an ordinary ImageNet checkpoint fits
+        path = Path(pretrained_path)
+        if not path.is_file():
+            raise ConfigError(f"pretrained_path {str(path)!r} is not a file.")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    try:  # models with a fixed input grid (ViT, DeiT, Swin, ...) are built for img_size
+        body = _create(name, kwargs, img_size=img_size)
+    except TypeError:
+        body = _create(name, kwargs)
     head = nn.Linear(_feature_dim(body, in_chans, img_size), num_classes)
     return HeadedModel(body, head)
 
 
-def load_pretrained(body: nn.Module, path: str | Path) -> None:
-    """Load a local timm state dict into ``body``, ignoring classifier weights."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pretrained_path {str(path)!r} is not a file.")
+def _create(name: str, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read pretrained weights {str(path)!r} safely: {exc}") from exc
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    classifier = getattr(body, "default_cfg", {}).get("classifier", "fc")
-    state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
-    missing, unexpected = body.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"pretrained weights {str(path)!r} do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}."
-        )
+        return timm.create_model(name, **kwargs, **extra)
+    except (RuntimeError, ValueError, OSError) as exc:  # a checkpoint that does not fit even after timm's adaptation
+        if not kwargs.get("pretrained"):
+            raise
+        file = kwargs["pretrained_cfg_overlay"]["file"]
+        raise CheckpointError(f"pretrained weights {file!r} do not fit timm model {name!r}: {str(exc)[:400]}") from exc
+
+
+def normalization(model: nn.Module, channels: int) -> tuple[list[float], list[float]] | None:
+    """Mean and std of a timm model's pretrained config, for ``channels`` input channels.
+
+    One channel (grey images into a model whose first conv timm summed over RGB) gets the mean of
+    the RGB values.  None for a model without a timm pretrained config.
+    """
+    body = getattr(model, "body", model)
+    cfg = getattr(body, "pretrained_cfg", None)
+    if not TIMM_AVAILABLE or not cfg:
+        return None
+    data = timm.data.resolve_data_config(model=body)
+    mean, std = list(data["mean"]), list(data["std"])
+    if channels == 1 and len(mean) == 3:
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    return mean, std

@@ -211,6 +211,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ways=args.ways,
             shots=args.shots,
             query=args.query,
+            model=learner.model,
         )
 
     bar = None if args.no_progress else "adapted"

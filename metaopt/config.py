@@ -72,6 +72,8 @@ FIELD_HELP: dict[str, str] = {
     "shots": "support examples per class (sinusoid: support points)",
     "query": "query examples per class (sinusoid: query points)",
     "image_size": "images are resized to this many pixels a side",
+    "channels": "input channels, 1 or 3 (default: detected; folder: 3 if the images have colour, else 1)",
+    "normalize": "normalise images with the model's pretrained mean/std (default: on with --pretrained-path)",
     "rotations": "add each training class rotated by 90/180/270 degrees as new classes (image sources)",
     "test_alphabets": "Omniglot alphabets held out for testing (repeatable)",
     "model": "auto (conv4 for images, the MLP for sinusoid), conv4, mlp, or any timm model name",
@@ -128,6 +130,8 @@ class TrainConfig:
     shots: int = 1
     query: int = 15
     image_size: int = 28
+    channels: int | None = None  # None: detected (folder: RGB if the images have colour; else 1)
+    normalize: bool | None = None  # None: with pretrained weights
     rotations: bool = False
     test_alphabets: list[str] | None = None
     model: str = "auto"
@@ -201,6 +205,8 @@ class TrainConfig:
             raise ConfigError(f"inner_lr={self.inner_lr} and meta_lr={self.meta_lr} must be > 0.")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ConfigError(f"clip_grad_norm={self.clip_grad_norm!r} must be > 0, or left unset for no clipping.")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"channels={self.channels!r} must be 1 or 3 (or unset: detected from the data).")
         if self.keep_best is not None and not self.eval_every:
             raise ConfigError(f"keep_best={self.keep_best!r} needs periodic evaluation; set eval_every (e.g. 100).")
         if self.warmup_iters < 0:

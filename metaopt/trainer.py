@@ -61,12 +61,16 @@ def versions() -> dict[str, str]:
 
 def build_model(config: TrainConfig) -> torch.nn.Module:
     if config.model == "auto":
-        return mlp() if config.regression else conv4(num_classes=config.ways, img_size=config.image_size)
+        if config.regression:
+            return mlp()
+        return conv4(num_classes=config.ways, img_size=config.image_size, in_chans=config.channels or 1)
     if config.regression:
         return create_model(config.model) if config.model == "mlp" else create_model(config.model, num_classes=1)
     kwargs: dict[str, Any] = {"num_classes": config.ways, "img_size": config.image_size}
-    if config.model not in ("conv4", "mlp"):
-        kwargs.update(in_chans=1, pretrained_path=config.pretrained_path)
+    if config.model == "conv4":
+        kwargs.update(in_chans=config.channels or 1)
+    elif config.model != "mlp":
+        kwargs.update(in_chans=config.channels or 1, pretrained_path=config.pretrained_path)
     return create_model(config.model, **kwargs)
 
 
@@ -109,8 +113,13 @@ def make_eval_sampler(
     ways: int | None = None,
     shots: int | None = None,
     query: int | None = None,
+    model: torch.nn.Module | None = None,
 ) -> TaskSampler:
-    """The test-task sampler of a run; ``ways``/``shots``/``query`` override the run's."""
+    """The test-task sampler of a run; ``ways``/``shots``/``query`` override the run's.
+
+    ``model``: the run's model, whose pretrained statistics normalise the images when
+    ``config.normalize`` is on.
+    """
     return make_sampler(
         data or config.data,
         split=split,
@@ -120,7 +129,33 @@ def make_eval_sampler(
         seed=config.seed + 1_000_003 if seed is None else seed,
         image_size=config.image_size,
         test_alphabets=config.test_alphabets if test_alphabets is None else test_alphabets,
+        channels=config.channels or 1,
+        normalize=data_normalization(config, model),
     )
+
+
+def resolve_data_settings(config: TrainConfig) -> None:
+    """Fill in what ``None`` means for ``channels`` (detected from folder data) and ``normalize``."""
+    from metaopt.data.images import detect_channels
+    from metaopt.data.sources import parse_spec
+
+    if config.channels is None:
+        data = parse_spec(config.data)
+        config.channels = detect_channels(data.path) if data.kind == "folder" and data.path else 1
+    if config.normalize is None:
+        config.normalize = config.pretrained_path is not None
+
+
+def data_normalization(config: TrainConfig, model: torch.nn.Module | None) -> tuple[list[float], list[float]] | None:
+    """The (mean, std) that normalise images: the model's pretrained statistics, when asked for."""
+    if not config.normalize or config.regression or model is None:
+        return None
+    from metaopt.integrations.timm import normalization
+
+    stats = normalization(model, config.channels or 1)
+    if stats is None:
+        raise ConfigError(f"normalize=True needs a timm model with a pretrained config; {config.model!r} has none.")
+    return stats
 
 
 def evaluate(
@@ -215,6 +250,7 @@ class Trainer:
         if config.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' but torch sees no CUDA device; use --device cpu (or auto).")
         seed_everything(config.seed)
+        resolve_data_settings(config)
         self.model = build_model(config)
         self.learner = prepare(build_learner(config, self.model), self.accelerator)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
@@ -241,11 +277,13 @@ class Trainer:
             image_size=config.image_size,
             rotations=config.rotations,
             test_alphabets=config.test_alphabets,
+            channels=config.channels or 1,
+            normalize=data_normalization(config, self.model),
         )
         # built once (a periodic eval used to re-read the data every time); building it here also
         # checks before step 1 that the test split can make tasks (enough classes for `ways`)
         try:
-            self.eval_sampler = make_eval_sampler(config, split="test")
+            self.eval_sampler = make_eval_sampler(config, split="test", model=self.model)
         except (ConfigError, DataError) as exc:
             raise type(exc)(f"the test split cannot make evaluation tasks: {exc}") from exc
         self._eval_start = self.eval_sampler.state_dict()

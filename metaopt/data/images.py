@@ -79,6 +79,28 @@ def omniglot_alphabets(classes: ClassImages) -> list[str]:
     return sorted({name.split("/")[0] for name in classes})
 
 
+def detect_channels(path: str | Path, probe: int = 8) -> int:
+    """3 if any of the first ``probe`` images (over the class folders) has colour, else 1."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} does not exist or is not a folder.")
+    seen = 0
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for file in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:2]:
+            try:
+                with Image.open(file) as img:
+                    if img.mode not in ("1", "L", "LA", "I", "I;16", "F"):
+                        rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+                        if (rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any():
+                            return 3
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"cannot read image {str(file)!r}: {exc}. Remove or replace that file.") from exc
+            seen += 1
+            if seen >= probe:
+                return 1
+    return 1
+
+
 def load_image_folder(
     path: str | Path, size: int = 28, channels: int = 1, invert: bool = False
 ) -> dict[str, torch.Tensor]:

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from metaopt.data.episodes import EpisodeSampler
 from metaopt.data.glyphs import GlyphTasks
 from metaopt.data.images import load_image_folder, load_omniglot, omniglot_alphabets, with_rotations
@@ -74,8 +76,14 @@ def make_sampler(
     image_size: int = 28,
     rotations: bool = False,
     test_alphabets: list[str] | None = None,
+    channels: int = 1,
+    normalize: tuple[list[float], list[float]] | None = None,
 ) -> TaskSampler:
-    """The task sampler for ``spec`` and ``split`` (deterministic for a given ``seed``)."""
+    """The task sampler for ``spec`` and ``split`` (deterministic for a given ``seed``).
+
+    ``channels``: 1 (grey) or 3 (RGB) for ``folder:`` data; ``normalize``: per-channel
+    (mean, std) applied to image sources (a pretrained model's statistics).
+    """
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} must be one of {SPLITS}.{suggest(split, SPLITS)}")
     data = parse_spec(spec)
@@ -103,11 +111,14 @@ def make_sampler(
         if rotations and split != "test":
             classes = with_rotations(classes)
     else:
-        classes = load_image_folder(data.path, size=image_size)
+        classes = load_image_folder(data.path, size=image_size, channels=channels)
         names = sorted(classes)
         if split != "all" and len(names) >= 5:
             keep = {n for i, n in enumerate(names) if (i % 5 == 4) == (split == "test")}
             classes = {k: v for k, v in classes.items() if k in keep}
         if rotations and split != "test":  # as for Omniglot: rotated copies are new training classes
             classes = with_rotations(classes)
+    if normalize is not None:
+        mean, std = (torch.tensor(v).view(-1, 1, 1) for v in normalize)
+        classes = {k: (v - mean) / std for k, v in classes.items()}
     return EpisodeSampler(classes, ways=ways, shots=shots, query=query, seed=seed)
