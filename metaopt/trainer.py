@@ -239,6 +239,7 @@ class Trainer:
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
+        resolve_data_settings(config)  # before comparing with a saved config
         from metaopt.integrations.accelerate import make_accelerator, prepare
 
         self.accelerator = make_accelerator(
@@ -250,7 +251,6 @@ class Trainer:
         if config.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' but torch sees no CUDA device; use --device cpu (or auto).")
         seed_everything(config.seed)
-        resolve_data_settings(config)
         self.model = build_model(config)
         self.learner = prepare(build_learner(config, self.model), self.accelerator)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
