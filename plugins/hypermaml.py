@@ -9,16 +9,15 @@ the pure hypernetwork update (no inner backward pass at all).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metaopt.builtin import gradient_adapt
+from metaopt.counter import IterationCounter
 from metaopt.errors import ConfigError
 from metaopt.hookspecs import hookimpl
-from metaopt.task import Batch, Params, Task, Trajectory
+from metaopt.task import Params, Task, Trajectory
 
 HEAD = ("head.weight", "head.bias")
 #: evaluation: "auto" = the pure hypernetwork once training has left the MAML warm-up (the
@@ -39,7 +38,7 @@ def hypernetwork(in_dim: int, out_dim: int, hidden: int, layers: int) -> nn.Sequ
     return nn.Sequential(*mods, last)
 
 
-class HyperMAML:
+class HyperMAML(IterationCounter):
     """HyperMAML: a hypernetwork maps the support set to the head update (with a MAML warm-up)."""
 
     name = "hypermaml"
@@ -120,17 +119,6 @@ class HyperMAML:
         if self.eval_mode == "schedule":
             return self.blend()
         return 0.0 if self.iteration < self.warmup_iters else 1.0
-
-    @hookimpl
-    def batch_end(self, batch: Batch) -> None:
-        if batch.training:
-            self.iteration += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"iteration": self.iteration}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.iteration = int(state["iteration"])
 
     # -- adaptation -----------------------------------------------------------------
     def hyper_update(self, task: Task, start: Params) -> Params:

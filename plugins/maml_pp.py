@@ -9,19 +9,18 @@ Per-step BatchNorm statistics and weights (BNRS/BNWB) are not implemented (see t
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from metaopt.builtin import query_loss
+from metaopt.counter import IterationCounter
 from metaopt.errors import ConfigError
 from metaopt.hookspecs import hookimpl
 from metaopt.plugins.meta_sgd import NO_INNER_STEP, key, relative_lr
-from metaopt.task import Batch, Params, Task, Trajectory
+from metaopt.task import Params, Task, Trajectory
 
 
-class MAMLPlusPlus:
+class MAMLPlusPlus(IterationCounter):
     """MAML++: per-layer per-step learned inner rates, multi-step loss, derivative-order annealing."""
 
     name = "maml_pp"
@@ -69,17 +68,6 @@ class MAMLPlusPlus:
     def task_start(self, task: Task) -> None:
         if task.training and self.iteration < self.first_order_iters:
             task.second_order = False
-
-    @hookimpl
-    def batch_end(self, batch: Batch) -> None:
-        if batch.training:
-            self.iteration += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"iteration": self.iteration}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.iteration = int(state["iteration"])
 
     # -- the hooks ------------------------------------------------------------------
     @hookimpl
