@@ -1,5 +1,6 @@
 """Task samplers: sinusoid regression, synthetic glyphs, Omniglot and class-per-folder images."""
 
+from metaopt.data.dataset import DatasetTaskSampler, EpisodeDataset, collate_tasks
 from metaopt.data.episodes import ClassImages, EpisodeSampler
 from metaopt.data.glyphs import GlyphTasks
 from metaopt.data.images import load_image_folder, load_omniglot, omniglot_alphabets
@@ -9,6 +10,9 @@ from metaopt.data.sources import make_sampler
 
 __all__ = [
     "ClassImages",
+    "DatasetTaskSampler",
+    "EpisodeDataset",
+    "collate_tasks",
     "EpisodeSampler",
     "GlyphTasks",
     "SinusoidTasks",

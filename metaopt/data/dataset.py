@@ -1,0 +1,237 @@
+"""Episodes from the data users already have: any map-style ``Dataset`` becomes a dataset of tasks.
+
+``EpisodeDataset(dataset, ways, shots, query)`` is itself a map-style dataset whose item ``i``
+is task ``i``: a pure function of ``(seed, i)``, so a ``DataLoader`` with any number of workers
+yields the same tasks, and resuming at task ``i`` is exact.  Items are loaded lazily (only the
+images a task needs) and stay ``uint8`` until :func:`collate_tasks` batches them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from metaopt.data.sampler import TaskSampler
+from metaopt.errors import DataError
+from metaopt.task import TaskData
+
+Transform = Callable[[Any], Any]
+
+
+def _column_names(dataset: Any) -> list[str] | None:
+    names = getattr(dataset, "column_names", None)
+    return list(names) if isinstance(names, list | tuple) else None
+
+
+def class_labels(dataset: Any, labels: Sequence[int] | str | None = None, progress: bool = True) -> list[int]:
+    """Each item's class: ``labels`` (a sequence, or a Hugging Face column name), else
+    ``dataset.targets`` / ``dataset.labels`` / a ``label`` column, else one pass over the dataset."""
+    columns = _column_names(dataset)
+    if isinstance(labels, str):
+        if columns is None or labels not in columns:
+            raise DataError(f"label column {labels!r} does not exist; the dataset's columns are {columns}.")
+        return [int(v) for v in dataset[labels]]
+    if labels is not None:
+        found = list(labels)
+    elif isinstance(getattr(dataset, "targets", None), Sequence | torch.Tensor | np.ndarray):
+        found = list(dataset.targets)
+    elif isinstance(getattr(dataset, "labels", None), Sequence | torch.Tensor | np.ndarray):
+        found = list(dataset.labels)
+    elif columns is not None and "label" in columns:
+        found = list(dataset["label"])
+    else:  # one pass over the items: say so (it reads every item once)
+        items = tqdm(range(len(dataset)), desc="reading labels (pass labels= to skip)", disable=not progress)
+        found = [_split_item(dataset[i], None)[1] for i in items]
+    if len(found) != len(dataset):
+        raise DataError(f"{len(found)} labels for a dataset of {len(dataset)} items; give one label per item.")
+    return [int(v) for v in found]
+
+
+def _split_item(item: Any, image_key: str | None) -> tuple[Any, Any]:
+    """(image, label) of a dataset item: a (x, y) pair or a dict with an image column."""
+    if isinstance(item, dict):
+        key = image_key or next((k for k in ("image", "img", "pixel_values") if k in item), None)
+        if key is None:
+            raise DataError(f"dataset items are dicts without an image column; have {sorted(item)}. Pass image_key=.")
+        return item[key], item.get("label")
+    if isinstance(item, tuple | list) and len(item) >= 2:
+        return item[0], item[1]
+    raise DataError(f"a dataset item must be (image, label) or a dict with an image; got {type(item).__name__}.")
+
+
+def to_uint8(image: Any, where: str) -> torch.Tensor:
+    """A PIL image, numpy array or tensor as a ``uint8`` tensor [C, H, W] (floats in [0, 1] scaled)."""
+    try:
+        if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+            array = np.asarray(image.convert("L") if image.mode in ("1", "L", "I", "F") else image.convert("RGB"))
+            tensor = torch.from_numpy(array.copy())
+            return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+        tensor = torch.as_tensor(image)
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(f"cannot read image {where}: {exc}. Remove or replace that item.") from exc
+    if tensor.dim() == 2:
+        tensor = tensor.unsqueeze(0)
+    if tensor.is_floating_point():
+        tensor = (tensor.clamp(0, 1) * 255).round()
+    return tensor.to(torch.uint8)
+
+
+class EpisodeDataset(Dataset):
+    """N-way K-shot tasks over any map-style dataset; item ``i`` is task ``i`` (deterministic).
+
+    Args:
+        dataset: a map-style dataset of ``(image, label)`` pairs (a torchvision ``ImageFolder``,
+            your own) or of dicts (a Hugging Face ``datasets.Dataset``).
+        labels: one class per item, or a Hugging Face column name; default: found (see
+            :func:`class_labels`).
+        transform: applied to each image on its own (support and query independently), e.g.
+            ``torchvision.transforms.v2``; it gets what the dataset holds (PIL or tensor) and
+            may return PIL, numpy or a tensor.
+        rotations: Omniglot-style task augmentation: each class of a task is rotated by a random
+            multiple of 90 degrees (the rotated copies act as new classes).
+        length: tasks per pass (``len``); default 10,000.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        ways: int = 5,
+        shots: int = 1,
+        query: int = 15,
+        labels: Sequence[int] | str | None = None,
+        transform: Transform | None = None,
+        seed: int = 0,
+        rotations: bool = False,
+        length: int = 10_000,
+        image_key: str | None = None,
+    ) -> None:
+        if min(ways, shots, query, length) < 1:
+            raise DataError(f"ways={ways}, shots={shots}, query={query} and length={length} must all be >= 1.")
+        self.dataset, self.transform, self.image_key = dataset, transform, image_key
+        self.ways, self.shots, self.query, self.seed = ways, shots, query, seed
+        self.rotations, self.length = rotations, length
+        by_class: dict[int, list[int]] = {}
+        for index, label in enumerate(class_labels(dataset, labels)):
+            by_class.setdefault(label, []).append(index)
+        small = {c: len(v) for c, v in by_class.items() if len(v) < shots + query}
+        if small:
+            name = self._class_name(next(iter(small)))
+            raise DataError(
+                f"class {name!r} has {small[next(iter(small))]} items but a task needs shots + query = "
+                f"{shots + query} per class ({len(small)} classes are that small). Lower shots/query or drop them."
+            )
+        self.classes = sorted(by_class)
+        self.members = [by_class[c] for c in self.classes]
+        available = len(self.classes) * (4 if rotations else 1)
+        if ways > available:
+            raise DataError(f"ways={ways} is larger than the {available} classes available; lower ways or add classes.")
+
+    def _class_name(self, label: int) -> str:
+        names = getattr(self.dataset, "classes", None)
+        return str(names[label]) if isinstance(names, Sequence) and 0 <= label < len(names) else str(label)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> TaskData:
+        rng = np.random.default_rng([self.seed, int(index)])
+        n = len(self.classes) * (4 if self.rotations else 1)
+        picked = rng.choice(n, size=self.ways, replace=False)
+        support, query = [], []
+        for virtual in picked:
+            members = self.members[int(virtual) % len(self.classes)]
+            items = rng.choice(len(members), size=self.shots + self.query, replace=False)
+            images = [self._load(members[int(i)]) for i in items]
+            if self.rotations:
+                images = [torch.rot90(x, int(virtual) // len(self.classes), dims=(1, 2)) for x in images]
+            support.append(torch.stack(images[: self.shots]))
+            query.append(torch.stack(images[self.shots :]))
+        labels = torch.arange(self.ways)
+        return TaskData(
+            torch.cat(support),
+            labels.repeat_interleave(self.shots),
+            torch.cat(query),
+            labels.repeat_interleave(self.query),
+        )
+
+    def _load(self, index: int) -> torch.Tensor:
+        try:
+            item = self.dataset[index]
+        except (OSError, ValueError) as exc:  # e.g. PIL cannot decode a file of an ImageFolder
+            samples = getattr(self.dataset, "samples", None)
+            where = f"{samples[index][0]!r}" if isinstance(samples, Sequence) else f"item {index}"
+            raise DataError(f"cannot read {where}: {type(exc).__name__}: {exc}. Remove or replace it.") from exc
+        image, _ = _split_item(item, self.image_key)
+        if self.transform is not None:
+            image = self.transform(image)
+        return to_uint8(image, f"item {index}")
+
+
+def collate_tasks(tasks: list[TaskData]) -> list[TaskData]:
+    """A ``DataLoader`` ``collate_fn``: a meta-batch (list of tasks) with images as float32 in [0, 1]."""
+    return [TaskData(t.support_x.float().div_(255), t.support_y, t.query_x.float().div_(255), t.query_y) for t in tasks]
+
+
+class DatasetTaskSampler(TaskSampler):
+    """A :class:`TaskSampler` over an :class:`EpisodeDataset`, optionally fed by DataLoader workers.
+
+    ``sample(n)`` returns the next ``n`` tasks in index order; the state is the next index, so a
+    checkpoint resumes exactly, whatever the number of workers.
+    """
+
+    def __init__(self, episodes: EpisodeDataset, workers: int = 0, prefetch: int = 64) -> None:
+        super().__init__(episodes.seed)
+        if workers < 0:
+            raise DataError(f"workers={workers} must be >= 0.")
+        self.episodes, self.workers, self.prefetch = episodes, workers, prefetch
+        self.next_index = 0
+        self._buffer: list[TaskData] = []
+        self._iterator: Any = None
+
+    def _fill(self, needed: int) -> None:
+        while len(self._buffer) < needed:
+            if self._iterator is None:
+                start = self.next_index + len(self._buffer)
+                indices = range(start, start + 1_000_000_000)  # tasks are a function of their index
+                loader = DataLoader(
+                    _Indexed(self.episodes, indices),
+                    batch_size=1,
+                    num_workers=self.workers,
+                    collate_fn=collate_tasks,
+                    prefetch_factor=None if self.workers == 0 else max(2, self.prefetch // max(self.workers, 1)),
+                    persistent_workers=False,
+                )
+                self._iterator = iter(loader)
+            self._buffer.extend(next(self._iterator))
+
+    def sample(self, n: int) -> list[TaskData]:
+        self._fill(n)
+        tasks, self._buffer = self._buffer[:n], self._buffer[n:]
+        self.next_index += n
+        return tasks
+
+    def sample_task(self) -> TaskData:
+        return self.sample(1)[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_index": self.next_index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_index = int(state["next_index"])
+        self._buffer, self._iterator = [], None
+
+
+class _Indexed(Dataset):
+    def __init__(self, episodes: EpisodeDataset, indices: range) -> None:
+        self.episodes, self.indices = episodes, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> TaskData:
+        return self.episodes[self.indices[i]]

@@ -1,0 +1,120 @@
+"""Episodes over the data users already have: torchvision ImageFolder, Hugging Face datasets, workers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+
+from metaopt.data import DatasetTaskSampler, EpisodeDataset, collate_tasks
+from metaopt.errors import DataError
+
+
+def _image_folder(root, classes=6, per_class=4, size=10):
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c:02d}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            pixels[0, 0] = (c, i, 0)  # identifies (class, item) in the tensor
+            Image.fromarray(pixels).save(root / f"class{c:02d}" / f"{i}.png")
+    return root
+
+
+def _identity(x):  # (class, item) stamped in pixel (0, 0)
+    return int(x[0, 0, 0]), int(x[1, 0, 0])
+
+
+def _check(task, ways, shots, query):
+    sx, sy, qx, qy = task
+    assert sx.dtype == torch.uint8 and sx.shape[0] == ways * shots and qx.shape[0] == ways * query
+    assert sy.tolist() == sorted(sy.tolist()) and set(sy.tolist()) == set(range(ways)) == set(qy.tolist())
+    support, queried = {_identity(x) for x in sx}, {_identity(x) for x in qx}
+    assert not support & queried  # no image in both support and query
+    for label in range(ways):  # one source class per task label
+        same = [_identity(z)[0] for z, w in zip([*sx, *qx], [*sy, *qy]) if w == label]
+        assert len(set(same)) == 1
+
+
+def test_image_folder_episodes_are_correct_and_lazy(tmp_path):
+    folder = ImageFolder(str(_image_folder(tmp_path)))
+    reads = []
+    original = folder.loader
+    folder.loader = lambda path: reads.append(path) or original(path)
+    episodes = EpisodeDataset(folder, ways=3, shots=1, query=2, seed=0)  # labels from folder.targets
+    assert not reads  # nothing read to index the classes
+    task = episodes[7]
+    _check(task, 3, 1, 2)
+    assert len(reads) == 3 * 3  # only the images of this task
+    assert all(torch.equal(a, b) for a, b in zip(task, episodes[7]))  # a function of (seed, index)
+    assert not torch.equal(task.support_x, episodes[8].support_x)
+
+
+def test_hugging_face_dataset_episodes(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is in the test extra")
+    rng = np.random.default_rng(1)
+    images, labels = [], []
+    for c in range(5):
+        for i in range(4):
+            pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            pixels[0, 0] = (c, i, 0)
+            images.append(Image.fromarray(pixels))
+            labels.append(c)
+    features = datasets.Features({"image": datasets.Image(), "fine": datasets.ClassLabel(num_classes=5)})
+    hf = datasets.Dataset.from_dict({"image": images, "fine": labels}, features=features)
+    episodes = EpisodeDataset(hf, ways=4, shots=2, query=2, labels="fine", seed=3)
+    _check(episodes[0], 4, 2, 2)
+    with pytest.raises(
+        DataError, match=r"label column 'label' does not exist; the dataset's columns are \['image', 'fine'\]"
+    ):
+        EpisodeDataset(hf, labels="label")
+
+
+def test_same_tasks_with_0_and_2_workers_and_exact_resume(tmp_path):
+    folder = ImageFolder(str(_image_folder(tmp_path)))
+    episodes = EpisodeDataset(folder, ways=3, shots=1, query=1, seed=0, length=12)
+    batches = {}
+    for workers in (0, 2):
+        loader = DataLoader(episodes, batch_size=4, num_workers=workers, collate_fn=collate_tasks)
+        batches[workers] = [t for batch in loader for t in batch]
+    assert len(batches[0]) == 12 and batches[0][0].support_x.dtype == torch.float32
+    assert all(torch.equal(a.support_x, b.support_x) for a, b in zip(batches[0], batches[2]))
+    sampler = DatasetTaskSampler(episodes, workers=2)
+    first = sampler.sample(5)
+    state = sampler.state_dict()
+    expected = sampler.sample(3)
+    resumed = DatasetTaskSampler(episodes, workers=0)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a.query_x, b.query_x) for a, b in zip(resumed.sample(3), expected))
+    assert all(torch.equal(a.support_x, b.support_x) for a, b in zip(first, batches[0][:5]))
+
+
+def test_per_image_transforms_and_rotation_augmentation(tmp_path):
+    folder = ImageFolder(str(_image_folder(tmp_path)))
+    flip = EpisodeDataset(
+        folder, ways=2, shots=1, query=1, transform=v2.Compose([v2.PILToTensor(), v2.RandomHorizontalFlip(p=1.0)])
+    )
+    plain = EpisodeDataset(folder, ways=2, shots=1, query=1)
+    assert torch.equal(flip[0].support_x, plain[0].support_x.flip(-1))
+    rotated = EpisodeDataset(folder, ways=20, shots=1, query=1, rotations=True)  # 6 classes x 4 rotations
+    assert rotated[0].support_x.shape[0] == 20
+
+
+def test_bad_inputs_name_the_class_file_or_column(tmp_path):
+    root = _image_folder(tmp_path / "data", classes=3, per_class=4)
+    (root / "class01" / "3.png").unlink()
+    (root / "class01" / "2.png").unlink()
+    folder = ImageFolder(str(root))
+    with pytest.raises(DataError, match="class 'class01' has 2 items but a task needs shots \\+ query = 3"):
+        EpisodeDataset(folder, ways=2, shots=1, query=2)
+    with pytest.raises(DataError, match="ways=5 is larger than the 3 classes"):
+        EpisodeDataset(folder, ways=5, shots=1, query=1)
+    (root / "class02" / "0.png").write_bytes(b"not an image")
+    broken = EpisodeDataset(ImageFolder(str(root)), ways=3, shots=1, query=1, length=50)
+    with pytest.raises(DataError, match="cannot read '.*class02/0.png'"):
+        for i in range(50):
+            broken[i]
