@@ -26,6 +26,7 @@ RESUME_SAFE_KEYS = (
     "on_nonfinite",
     "device",
     "keep_best",
+    "workers",
 )
 
 
@@ -63,7 +64,8 @@ def coerce(key: str, value: Any, hint: Any, source: str = "config") -> Any:
 
 DATA_SYNTAX = (
     "glyphs (built-in synthetic, no download) | sinusoid | omniglot:PATH (an official images_background*.zip "
-    "or its folder) | folder:PATH (one sub-folder per class)"
+    "or its folder) | folder:PATH (one sub-folder per class, read lazily) | csv:FILE[@ROOT] (filename,label rows, "
+    "images in ROOT or images/ beside FILE; test split: the sibling test.csv)"
 )
 #: --help text of every config key (flags and config files share the names)
 FIELD_HELP: dict[str, str] = {
@@ -75,6 +77,8 @@ FIELD_HELP: dict[str, str] = {
     "channels": "input channels, 1 or 3 (default: detected; folder: 3 if the images have colour, else 1)",
     "normalize": "normalise images with the model's pretrained mean/std (default: on with --pretrained-path)",
     "rotations": "add each training class rotated by 90/180/270 degrees as new classes (image sources)",
+    "augment": "small random affine distortions of training images (folder: and csv: data)",
+    "workers": "DataLoader worker processes decoding folder:/csv: tasks (the same tasks for any number)",
     "test_alphabets": "Omniglot alphabets held out for testing (repeatable)",
     "model": "auto (conv4 for images, the MLP for sinusoid), conv4, mlp, or any timm model name",
     "pretrained_path": "a local state_dict file for a timm model (nothing is downloaded)",
@@ -133,6 +137,8 @@ class TrainConfig:
     channels: int | None = None  # None: detected (folder: RGB if the images have colour; else 1)
     normalize: bool | None = None  # None: with pretrained weights
     rotations: bool = False
+    augment: bool = False
+    workers: int = 0
     test_alphabets: list[str] | None = None
     model: str = "auto"
     pretrained_path: str | None = None
@@ -209,6 +215,8 @@ class TrainConfig:
             raise ConfigError(f"channels={self.channels!r} must be 1 or 3 (or unset: detected from the data).")
         if self.keep_best is not None and not self.eval_every:
             raise ConfigError(f"keep_best={self.keep_best!r} needs periodic evaluation; set eval_every (e.g. 100).")
+        if self.workers < 0:
+            raise ConfigError(f"workers={self.workers} must be >= 0 (0: decode tasks in the training process).")
         if self.warmup_iters < 0:
             raise ConfigError(f"warmup_iters={self.warmup_iters} must be >= 0.")
         if self.device not in DEVICES:

@@ -131,17 +131,25 @@ def make_eval_sampler(
         test_alphabets=config.test_alphabets if test_alphabets is None else test_alphabets,
         channels=config.channels or 1,
         normalize=data_normalization(config, model),
+        workers=config.workers,
     )
 
 
 def resolve_data_settings(config: TrainConfig) -> None:
     """Fill in what ``None`` means for ``channels`` (detected from folder data) and ``normalize``."""
-    from metaopt.data.images import detect_channels
+    from metaopt.data.files import csv_files
+    from metaopt.data.images import channels_of, detect_channels
     from metaopt.data.sources import parse_spec
 
     if config.channels is None:
         data = parse_spec(config.data)
-        config.channels = detect_channels(data.path) if data.kind == "folder" and data.path else 1
+        if data.kind == "folder" and data.path:
+            config.channels = detect_channels(data.path)
+        elif data.kind == "csv":
+            files, _ = csv_files(data.text, "train")
+            config.channels = channels_of([path for path, _ in files[:: max(1, len(files) // 8)][:8]])
+        else:
+            config.channels = 1
     if config.normalize is None:
         config.normalize = config.pretrained_path is not None
 
@@ -279,6 +287,8 @@ class Trainer:
             test_alphabets=config.test_alphabets,
             channels=config.channels or 1,
             normalize=data_normalization(config, self.model),
+            augment=config.augment,
+            workers=config.workers,
         )
         # built once (a periodic eval used to re-read the data every time); building it here also
         # checks before step 1 that the test split can make tasks (enough classes for `ways`)

@@ -15,7 +15,7 @@ from metaopt.cli import main
 from metaopt.config import TrainConfig
 from metaopt.data.images import load_image_folder
 from metaopt.data.sources import make_sampler
-from metaopt.errors import ConfigError
+from metaopt.errors import ConfigError, DataError
 from metaopt.trainer import Trainer
 
 SIN = ["--data", "sinusoid", "--shots", "5", "--query", "5", "--meta-batch", "2", "--no-progress"]
@@ -81,11 +81,15 @@ def test_rotations_add_rotated_classes_for_folder_data(tmp_path):
     for c in range(5):
         (tmp_path / f"class{c}").mkdir()
         for i in range(2):
-            Image.fromarray(np.full((8, 8), 40 * c + i, dtype=np.uint8)).save(tmp_path / f"class{c}" / f"{i}.png")
-    assert len(load_image_folder(tmp_path, size=8)) == 5
-    plain = make_sampler(f"folder:{tmp_path}", split="train", ways=2, shots=1, query=1, image_size=8)
-    rotated = make_sampler(f"folder:{tmp_path}", split="train", ways=2, shots=1, query=1, image_size=8, rotations=True)
-    assert len(rotated.names) == 4 * len(plain.names) == 16
+            ramp = (np.arange(64).reshape(8, 8) * 2 + 40 * c + i).astype(np.uint8)  # rotations are visible
+            Image.fromarray(ramp).save(tmp_path / f"class{c}" / f"{i}.png")
+    assert len(load_image_folder(tmp_path, size=8)) == 5  # 4 training classes, 1 test class
+    with pytest.raises(DataError, match="ways=5 is larger than the 4 classes"):
+        make_sampler(f"folder:{tmp_path}", split="train", ways=5, shots=1, query=1, image_size=8)
+    rotated = make_sampler(f"folder:{tmp_path}", split="train", ways=16, shots=1, query=1, image_size=8, rotations=True)
+    task = rotated.sample(1)[0]  # 4 classes x 4 rotations
+    assert task.support_x.shape[0] == 16
+    assert len({x.flatten().tolist().__repr__() for x in task.support_x}) == 16
 
 
 def test_version_flag(capsys):

@@ -139,6 +139,13 @@ class EpisodeDataset(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> TaskData:
+        # random transforms draw from torch's generator: seed it from (seed, index) too, inside
+        # fork_rng so the caller's generator is left as it was (workers or not, same tasks)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, int(index)]).generate_state(1)[0]))
+            return self._task(index)
+
+    def _task(self, index: int) -> TaskData:
         rng = np.random.default_rng([self.seed, int(index)])
         n = len(self.classes) * (4 if self.rotations else 1)
         picked = rng.choice(n, size=self.ways, replace=False)
@@ -184,11 +191,18 @@ class DatasetTaskSampler(TaskSampler):
     checkpoint resumes exactly, whatever the number of workers.
     """
 
-    def __init__(self, episodes: EpisodeDataset, workers: int = 0, prefetch: int = 64) -> None:
+    def __init__(
+        self,
+        episodes: EpisodeDataset,
+        workers: int = 0,
+        prefetch: int = 64,
+        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    ) -> None:
         super().__init__(episodes.seed)
         if workers < 0:
             raise DataError(f"workers={workers} must be >= 0.")
         self.episodes, self.workers, self.prefetch = episodes, workers, prefetch
+        self.normalize = None if normalize is None else tuple(torch.tensor(v).view(-1, 1, 1) for v in normalize)
         self.next_index = 0
         self._buffer: list[TaskData] = []
         self._iterator: Any = None
@@ -213,6 +227,11 @@ class DatasetTaskSampler(TaskSampler):
         self._fill(n)
         tasks, self._buffer = self._buffer[:n], self._buffer[n:]
         self.next_index += n
+        if self.normalize is not None:
+            mean, std = self.normalize
+            tasks = [
+                TaskData((t.support_x - mean) / std, t.support_y, (t.query_x - mean) / std, t.query_y) for t in tasks
+            ]
         return tasks
 
     def sample_task(self) -> TaskData:

@@ -79,26 +79,31 @@ def omniglot_alphabets(classes: ClassImages) -> list[str]:
     return sorted({name.split("/")[0] for name in classes})
 
 
+def channels_of(files: list[Path]) -> int:
+    """3 if any of ``files`` has colour (not only a colour mode: channels that differ), else 1."""
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                if img.mode not in ("1", "L", "LA", "I", "I;16", "F"):
+                    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+                    if (rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any():
+                        return 3
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"cannot read image {str(file)!r}: {exc}. Remove or replace that file.") from exc
+    return 1
+
+
 def detect_channels(path: str | Path, probe: int = 8) -> int:
-    """3 if any of the first ``probe`` images (over the class folders) has colour, else 1."""
+    """3 if any of the first ``probe`` images (two per class folder) has colour, else 1."""
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"image folder {str(root)!r} does not exist or is not a folder.")
-    seen = 0
+    files: list[Path] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        for file in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:2]:
-            try:
-                with Image.open(file) as img:
-                    if img.mode not in ("1", "L", "LA", "I", "I;16", "F"):
-                        rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
-                        if (rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any():
-                            return 3
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"cannot read image {str(file)!r}: {exc}. Remove or replace that file.") from exc
-            seen += 1
-            if seen >= probe:
-                return 1
-    return 1
+        files += sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:2]
+        if len(files) >= probe:
+            break
+    return channels_of(files[:probe])
 
 
 def load_image_folder(

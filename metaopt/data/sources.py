@@ -1,7 +1,8 @@
 """Build a sampler from a data spec string, as the CLI and configs name them.
 
 Specs: ``sinusoid``, ``glyphs``, ``omniglot:PATH`` (official zip or unpacked folder),
-``folder:PATH`` (root/<class>/<images>).  Splits: ``train``, ``test`` or ``all``.
+``folder:PATH`` (root/<class>/<images>), ``csv:FILE[@ROOT]`` (``filename,label`` rows; see
+``metaopt.data.files``).  Splits: ``train``, ``test`` or ``all``.
 For Omniglot the test split is a set of held-out alphabets (``test_alphabets``; default the
 last fifth of the sorted alphabets, at least one); for folders every fifth class.
 """
@@ -15,20 +16,22 @@ from pathlib import Path
 import torch
 
 from metaopt.data.episodes import EpisodeSampler
+from metaopt.data.files import file_sampler
 from metaopt.data.glyphs import GlyphTasks
-from metaopt.data.images import load_image_folder, load_omniglot, omniglot_alphabets, with_rotations
+from metaopt.data.images import load_omniglot, omniglot_alphabets, with_rotations
 from metaopt.data.sampler import TaskSampler
 from metaopt.data.sinusoid import SinusoidTasks
 from metaopt.errors import ConfigError, DataError, suggest
 
 SPLITS = ("train", "test", "all")
-KINDS = ("sinusoid", "glyphs", "omniglot", "folder")
+KINDS = ("sinusoid", "glyphs", "omniglot", "folder", "csv")
 
 
 @dataclass
 class DataSpec:
     kind: str
     path: Path | None
+    text: str = ""  # the part after "kind:" as written (csv: FILE@ROOT)
 
     @property
     def regression(self) -> bool:
@@ -39,15 +42,15 @@ def parse_spec(spec: str) -> DataSpec:
     kind, _, path = spec.partition(":")
     if kind not in KINDS:
         raise ConfigError(
-            f"data source {spec!r} is not known; use one of sinusoid, glyphs, omniglot:PATH, folder:PATH."
+            f"data source {spec!r} is not known; use one of sinusoid, glyphs, omniglot:PATH, folder:PATH, csv:FILE."
             + suggest(kind, KINDS)
         )
-    if kind in ("omniglot", "folder"):
+    if kind in ("omniglot", "folder", "csv"):
         if not path:
             raise ConfigError(f"data source {spec!r} needs a path, e.g. {kind}:/data/omniglot/images_background.zip.")
-        if not Path(path).exists():
+        if not Path(path.partition("@")[0] if kind == "csv" else path).exists():
             raise DataError(f"data path {path!r} does not exist; check the path after '{kind}:'.")
-        return DataSpec(kind, Path(path))
+        return DataSpec(kind, Path(path), path)
     return DataSpec(kind, None)
 
 
@@ -78,19 +81,27 @@ def make_sampler(
     test_alphabets: list[str] | None = None,
     channels: int = 1,
     normalize: tuple[list[float], list[float]] | None = None,
+    augment: bool = False,
+    workers: int = 0,
 ) -> TaskSampler:
     """The task sampler for ``spec`` and ``split`` (deterministic for a given ``seed``).
 
-    ``channels``: 1 (grey) or 3 (RGB) for ``folder:`` data; ``normalize``: per-channel
-    (mean, std) applied to image sources (a pretrained model's statistics).
+    ``channels``: 1 (grey) or 3 (RGB) for ``folder:``/``csv:`` data; ``normalize``: per-channel
+    (mean, std) applied to image sources (a pretrained model's statistics); ``augment``: small
+    random affine distortions of training images; ``workers``: DataLoader worker processes that
+    decode ``folder:``/``csv:`` tasks (the same tasks for any number).
     """
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} must be one of {SPLITS}.{suggest(split, SPLITS)}")
     data = parse_spec(spec)
     if rotations and data.kind in ("sinusoid", "glyphs"):
         raise ConfigError(
-            f"rotations=True applies to image sources (omniglot:PATH, folder:PATH); {data.kind!r} has no rotation "
-            "classes. Drop --rotations."
+            f"rotations=True applies to image sources (omniglot:PATH, folder:PATH, csv:FILE); {data.kind!r} has no "
+            "rotation classes. Drop --rotations."
+        )
+    if (augment or workers) and data.kind not in ("folder", "csv"):
+        raise ConfigError(
+            f"augment and workers apply to the lazily loaded sources folder:PATH and csv:FILE, not {data.kind!r}."
         )
     if data.kind == "sinusoid":
         return SinusoidTasks(shots=shots, query=query, seed=seed)
@@ -111,13 +122,21 @@ def make_sampler(
         if rotations and split != "test":
             classes = with_rotations(classes)
     else:
-        classes = load_image_folder(data.path, size=image_size, channels=channels)
-        names = sorted(classes)
-        if split != "all" and len(names) >= 5:
-            keep = {n for i, n in enumerate(names) if (i % 5 == 4) == (split == "test")}
-            classes = {k: v for k, v in classes.items() if k in keep}
-        if rotations and split != "test":  # as for Omniglot: rotated copies are new training classes
-            classes = with_rotations(classes)
+        return file_sampler(
+            data.kind,
+            data.text,
+            split=split,
+            ways=ways,
+            shots=shots,
+            query=query,
+            seed=seed,
+            image_size=image_size,
+            channels=channels,
+            rotations=rotations,
+            augment=augment,
+            workers=workers,
+            normalize=normalize,
+        )
     if normalize is not None:
         mean, std = (torch.tensor(v).view(-1, 1, 1) for v in normalize)
         classes = {k: (v - mean) / std for k, v in classes.items()}
