@@ -8,9 +8,10 @@ import argparse
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 import metaopt
+from metaopt.data import EpisodeDataset, collate_tasks
 from metaopt.data.glyphs import GlyphTasks
 
 parser = argparse.ArgumentParser()
@@ -18,9 +19,11 @@ parser.add_argument("--steps", type=int, default=30)
 args = parser.parse_args()
 torch.manual_seed(0)
 
-glyphs = GlyphTasks(ways=5, shots=1, query=5, seed=0)
-tasks = [glyphs.sample_task() for _ in range(200)]  # each item: (support_x, support_y, query_x, query_y)
-loader = DataLoader(tasks, batch_size=4, shuffle=True, collate_fn=list)
+glyphs = GlyphTasks(seed=0)
+images = torch.cat([glyphs.draw(c, 40) for c in range(5)])
+labels = torch.arange(5).repeat_interleave(40)
+episodes = EpisodeDataset(TensorDataset(images, labels), ways=5, shots=1, query=5, labels=labels.tolist())
+loader = DataLoader(episodes, batch_size=4, collate_fn=collate_tasks)  # items: (support_x, support_y, query_x, query_y)
 
 model = timm.create_model("test_resnet", num_classes=5, in_chans=1)  # any timm name, e.g. resnet10t
 learner = metaopt.MetaLearner(model, ["shot"], inner_steps=1, inner_lr=0.1, loss_fn=F.cross_entropy)
