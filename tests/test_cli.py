@@ -70,7 +70,7 @@ def test_omniglot_too_many_ways_is_a_clear_error(tmp_path, capsys, omniglot_dir)
     assert main(["train", "--data", data, "--ways", "500", "--out", str(tmp_path / "r"), "--iterations", "1"]) == 2
     assert "ways=500" in capsys.readouterr().err
     assert main(["train", "--data", data, "--shots", "10", "--query", "15", "--out", str(tmp_path / "r2")]) == 2
-    assert "shots+query" in capsys.readouterr().err
+    assert "shots + query = 25" in capsys.readouterr().err
 
 
 def test_omniglot_conv4_runs_end_to_end(tmp_path, capsys, omniglot_dir):

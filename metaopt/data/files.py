@@ -1,4 +1,4 @@
-"""Lazily loaded image files for the CLI sources ``folder:PATH`` and ``csv:FILE``.
+"""Lazily loaded images for the CLI sources ``folder:PATH``, ``csv:FILE`` and ``omniglot:PATH``.
 
 ``folder:ROOT`` is one sub-folder per class (the test split is every fifth class);
 ``csv:FILE`` is the split-file layout of miniImageNet and its kin: ``filename,label`` rows, the
@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from metaopt.data.dataset import DatasetTaskSampler, EpisodeDataset
-from metaopt.data.images import IMAGE_SUFFIXES
+from metaopt.data.images import IMAGE_SUFFIXES, image_to_tensor, omniglot_files
 from metaopt.errors import DataError
 
 
@@ -45,6 +45,31 @@ class ImageFiles(Dataset):
             raise DataError(f"cannot read image {str(path)!r}: {exc}. Remove or replace that file.") from exc
         tensor = torch.from_numpy(array)
         return (tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)), label
+
+
+class OmniglotImages(Dataset):
+    """Omniglot characters decoded on first use and kept as ``uint8`` (strokes 255 on 0).
+
+    The PNG bytes of a zip are held undecoded (a few MiB); each worker keeps its own cache of
+    decoded images (784 bytes each at 28 px).
+    """
+
+    def __init__(self, files: dict[str, list[tuple[str, bytes | Path]]], size: int) -> None:
+        self.classes = list(files)
+        self.items = [(where, data, label) for label, name in enumerate(self.classes) for where, data in files[name]]
+        self.targets = [label for _, _, label in self.items]
+        self.size = size
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        where, data, label = self.items[index]
+        if index not in self._cache:
+            grey = image_to_tensor(data, self.size, 1, True, where)  # strokes 1.0, as the eager reader
+            self._cache[index] = (grey * 255).round().to(torch.uint8)
+        return self._cache[index], label
 
 
 def folder_files(root: Path, split: str) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -121,12 +146,19 @@ def file_sampler(
     augment: bool,
     workers: int,
     normalize: tuple[list[float], list[float]] | None,
+    characters: dict[str, list[tuple[str, bytes | Path]]] | None = None,
 ) -> DatasetTaskSampler:
-    """The lazily loaded task sampler of a ``folder:`` or ``csv:`` source."""
-    files, names = folder_files(Path(path), split) if kind == "folder" else csv_files(path, split)
+    """The lazily loaded task sampler of a ``folder:``, ``csv:`` or ``omniglot:`` source.
+
+    For Omniglot ``characters`` are the split's classes (:func:`omniglot_files`, filtered)."""
     training = split != "test"
+    if kind == "omniglot":
+        dataset: Dataset = OmniglotImages(characters if characters is not None else omniglot_files(path), image_size)
+    else:
+        files, names = folder_files(Path(path), split) if kind == "folder" else csv_files(path, split)
+        dataset = ImageFiles(files, names, image_size, channels)
     episodes = EpisodeDataset(
-        ImageFiles(files, names, image_size, channels),
+        dataset,
         ways=ways,
         shots=shots,
         query=query,

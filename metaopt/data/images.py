@@ -38,14 +38,9 @@ def with_rotations(classes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_omniglot(
-    path: str | Path, size: int = 28, rotations: bool = False, alphabets: list[str] | None = None
-) -> dict[str, torch.Tensor]:
-    """Read an official Omniglot archive (``images_background*.zip``) or its unpacked folder.
-
-    Classes are ``alphabet/characterNN``; strokes become 1.0 on a 0.0 background; with
-    ``rotations`` each class also appears rotated by 90/180/270 degrees as a new class.
-    """
+def omniglot_files(path: str | Path, alphabets: list[str] | None = None) -> dict[str, list[tuple[str, bytes | Path]]]:
+    """The PNGs of an official Omniglot archive (``images_background*.zip``) or its unpacked
+    folder, per class ``alphabet/characterNN``, undecoded (zip members as bytes, a folder as paths)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"Omniglot path {str(path)!r} does not exist; point --data at images_background*.zip.")
@@ -68,6 +63,18 @@ def load_omniglot(
         files = {k: v for k, v in files.items() if k.split("/")[0] in wanted}
     if not files:
         raise DataError(f"no Omniglot images (alphabet/character/*.png) found in {str(path)!r}.")
+    return dict(sorted(files.items()))
+
+
+def load_omniglot(
+    path: str | Path, size: int = 28, rotations: bool = False, alphabets: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Read an official Omniglot archive (``images_background*.zip``) or its unpacked folder.
+
+    Classes are ``alphabet/characterNN``; strokes become 1.0 on a 0.0 background; with
+    ``rotations`` each class also appears rotated by 90/180/270 degrees as a new class.
+    """
+    files = omniglot_files(path, alphabets)
     classes = {
         cls: torch.stack([image_to_tensor(data, size, 1, True, where) for where, data in items])
         for cls, items in sorted(files.items())

@@ -13,12 +13,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from metaopt.data.episodes import EpisodeSampler
 from metaopt.data.files import file_sampler
 from metaopt.data.glyphs import GlyphTasks
-from metaopt.data.images import load_omniglot, omniglot_alphabets, with_rotations
+from metaopt.data.images import omniglot_files
 from metaopt.data.sampler import TaskSampler
 from metaopt.data.sinusoid import SinusoidTasks
 from metaopt.errors import ConfigError, DataError, suggest
@@ -99,9 +96,9 @@ def make_sampler(
             f"rotations=True applies to image sources (omniglot:PATH, folder:PATH, csv:FILE); {data.kind!r} has no "
             "rotation classes. Drop --rotations."
         )
-    if (augment or workers) and data.kind not in ("folder", "csv"):
+    if (augment or workers) and data.kind not in ("folder", "csv", "omniglot"):
         raise ConfigError(
-            f"augment and workers apply to the lazily loaded sources folder:PATH and csv:FILE, not {data.kind!r}."
+            f"augment and workers apply to the image sources omniglot:PATH, folder:PATH and csv:FILE, not {data.kind!r}."
         )
     if data.kind == "sinusoid":
         return SinusoidTasks(shots=shots, query=query, seed=seed)
@@ -115,29 +112,24 @@ def make_sampler(
             seed=seed,
         )
     assert data.path is not None
+    characters = None
     if data.kind == "omniglot":
-        classes = load_omniglot(data.path, size=image_size)
-        alphabets = split_omniglot_alphabets(omniglot_alphabets(classes), split, test_alphabets)
-        classes = {k: v for k, v in classes.items() if k.split("/")[0] in alphabets}
-        if rotations and split != "test":
-            classes = with_rotations(classes)
-    else:
-        return file_sampler(
-            data.kind,
-            data.text,
-            split=split,
-            ways=ways,
-            shots=shots,
-            query=query,
-            seed=seed,
-            image_size=image_size,
-            channels=channels,
-            rotations=rotations,
-            augment=augment,
-            workers=workers,
-            normalize=normalize,
-        )
-    if normalize is not None:
-        mean, std = (torch.tensor(v).view(-1, 1, 1) for v in normalize)
-        classes = {k: (v - mean) / std for k, v in classes.items()}
-    return EpisodeSampler(classes, ways=ways, shots=shots, query=query, seed=seed)
+        every = omniglot_files(data.path)
+        alphabets = split_omniglot_alphabets(sorted({n.split("/")[0] for n in every}), split, test_alphabets)
+        characters = {name: items for name, items in every.items() if name.split("/")[0] in alphabets}
+    return file_sampler(
+        data.kind,
+        data.text,
+        split=split,
+        ways=ways,
+        shots=shots,
+        query=query,
+        seed=seed,
+        image_size=image_size,
+        channels=channels,
+        rotations=rotations,
+        augment=augment,
+        workers=workers,
+        normalize=normalize,
+        characters=characters,
+    )

@@ -80,6 +80,11 @@ def test_omniglot_zip_reader_and_alphabet_split(omniglot_dir):
     assert img.mean() < 0.5  # strokes are 1 on a 0 background
     train = make_sampler(f"omniglot:{omniglot_dir / 'images_background_small1.zip'}", split="train")
     test = make_sampler(f"omniglot:{omniglot_dir / 'images_background_small1.zip'}", split="test")
-    assert not {n.split("/")[0] for n in train.names} & {n.split("/")[0] for n in test.names}
+    train_alphabets = {n.split("/")[0] for n in train.episodes.dataset.classes}
+    assert train_alphabets and not train_alphabets & {n.split("/")[0] for n in test.episodes.dataset.classes}
+    task = train.sample(1)[0]  # decoded on use: strokes 1.0 on 0.0, as the eager reader gives
+    eager = torch.cat(list(load_omniglot(omniglot_dir / "images_background_small1.zip").values()))
+    assert task.support_x.shape == (5, 1, 28, 28)
+    assert any(torch.allclose(task.support_x[0], x, atol=1e-6) for x in eager)  # (255 - a) / 255 vs 1 - a / 255
     rotated = load_omniglot(omniglot_dir / "images_background_small1.zip", alphabets=["Greek"], rotations=True)
     assert len(rotated) == 4 * 24
