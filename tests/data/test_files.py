@@ -95,3 +95,47 @@ def test_augmentation_changes_training_images_only(tmp_path):
     test_plain = make_sampler(spec, split="test", **kwargs).sample(1)[0]
     test_aug = make_sampler(spec, split="test", augment=True, **kwargs).sample(1)[0]
     assert torch.equal(test_plain.support_x, test_aug.support_x)
+
+
+def test_sigkill_then_resume_with_workers_and_augmentation_is_bit_identical(tmp_path):
+    """A worker-fed, augmented csv: run killed mid-training and resumed ends as the uninterrupted run."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import OUTSIDE
+
+    from metaopt.checkpoint import load_safe
+
+    root = _miniimagenet_like(tmp_path / "data")
+    args = ["--data", f"csv:{root / 'train.csv'}", "--ways", "2", "--query", "1", "--image-size", "16"]
+    args += ["--meta-batch", "2", "--iterations", "12", "--checkpoint-every", "1", "--workers", "2", "--augment"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cli(out, *extra):
+        return [sys.executable, "-m", "metaopt.cli", "train", "--out", str(out), *args, "--no-progress", *extra]
+
+    def final(out):
+        state = load_safe(sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1])
+        assert state["iteration"] == 12
+        return state["learner"]
+
+    subprocess.run(cli(tmp_path / "straight"), env=env, check=True, capture_output=True, cwd=OUTSIDE)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cli(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=OUTSIDE)
+    deadline = time.time() + 120
+    log = out / "metrics.jsonl"
+    while (
+        (not log.is_file() or len(log.read_text().splitlines()) < 4) and proc.poll() is None and time.time() < deadline
+    ):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    subprocess.run(cli(out, "--resume"), env=env, check=True, capture_output=True, cwd=OUTSIDE)
+    a, b = final(tmp_path / "straight"), final(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(x)["iteration"] for x in log.read_text().splitlines()] == list(range(1, 13))
