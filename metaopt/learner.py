@@ -190,6 +190,9 @@ class MetaLearner(nn.Module):
         self.inner_optimizer_kwargs = dict(inner_optimizer_kwargs or {})
         self.backend = make_backend(backend, model, bn_policy)
         self.accelerator: Any = None
+        #: averages ``.grad`` of the given meta-parameters over processes when there is no accelerator
+        #: (set by trainer integrations, e.g. Lightning's explicit all-reduce); None: one process
+        self.gradient_averager: Callable[[list[nn.Parameter]], None] | None = None
         self.iteration = 0
         self.per_task_backward = bool(per_task_backward)
 
@@ -401,6 +404,9 @@ class MetaLearner(nn.Module):
         the gradients that flow through higher's functional copies, and it never syncs
         grad-of-grad.  A no-op with one process.
         """
+        if self.accelerator is None and self.gradient_averager is not None:
+            self.gradient_averager(list(self.meta_parameters()))
+            return
         if self.num_processes <= 1:
             return
         params = list(self.meta_parameters())

@@ -1,0 +1,114 @@
+"""PyTorch Lightning: meta-learning inside an existing ``LightningModule`` (``pip install 'metaopt-torch[lightning]'``).
+
+Change ``class MyModule(L.LightningModule)`` to ``class MyModule(MetaLightningModule)``, build
+the learner once in ``__init__`` (``self.configure_meta(self.model, plugins, ...)``) and return
+``self.meta_step(batch)`` from ``training_step``; the batches are meta-batches (lists of tasks).
+Everything else stays the user's: ``configure_optimizers`` (on ``self.parameters()``, which
+include plugin-owned modules), callbacks, loggers, checkpoints, ``load_from_checkpoint``,
+precision and strategy.
+
+The step uses manual optimisation: ``learner.backward`` fills ``.grad`` (Sharp-MAML's outer SAM
+needs the whole step), the meta-gradient is averaged over processes with one explicit
+all-reduce (DDP's reducer never runs: in manual optimisation Lightning prepares it only in
+``manual_backward``, and it would not see grad-of-grad), then the optimizer steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from metaopt.errors import ConfigError
+from metaopt.learner import MetaLearner
+from metaopt.task import TaskData
+
+try:
+    import lightning.pytorch as pl
+
+    LIGHTNING_AVAILABLE = True
+except ImportError:  # pragma: no cover - the extra is optional
+    LIGHTNING_AVAILABLE = False
+    pl = None  # type: ignore[assignment]
+
+
+def _require() -> None:
+    if not LIGHTNING_AVAILABLE:
+        raise ConfigError("PyTorch Lightning is not installed; pip install 'metaopt-torch[lightning]'.")
+
+
+def average_gradients(params: Sequence[nn.Parameter]) -> None:
+    """Mean of ``.grad`` over the default process group (one all-reduce); a no-op in one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+_Base: Any = pl.LightningModule if LIGHTNING_AVAILABLE else nn.Module
+
+
+class MetaLightningModule(_Base):
+    """A ``LightningModule`` whose training step is a metaopt meta-iteration.
+
+    ``validation_step``/``test_step`` adapt to each task (the learner's eval inner steps) and
+    log ``val_``/``test_`` + ``query_loss`` and ``accuracy`` (classification).
+    """
+
+    learner: MetaLearner
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _require()
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def configure_meta(self, model: nn.Module, plugins: Sequence[object | str] = (), **learner_kwargs: Any) -> None:
+        """Build ``self.learner`` around ``model`` (a submodule of this module) with ``plugins``."""
+        self.learner = MetaLearner(model, plugins, **learner_kwargs)
+        # one all-reduce per meta-gradient (also the first one Sharp-MAML's outer step perturbs along)
+        self.learner.gradient_averager = average_gradients
+
+    def meta_step(self, batch: Sequence[Any]) -> torch.Tensor:
+        """One meta-iteration on a meta-batch: gradient, all-reduce, optimizer step; returns the meta-loss."""
+        if not hasattr(self, "learner"):
+            raise ConfigError("call self.configure_meta(model, plugins, ...) in __init__ before training.")
+        optimizer = self.optimizers()
+        optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
+        for opt in optimizers:
+            opt.zero_grad()
+        result = self.learner.backward(list(batch))  # .grad averaged over processes inside
+        for opt in optimizers:
+            opt.step()
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
+        metrics = {f"train_{k}": v for k, v in result.metrics.items()}
+        self.log_dict(metrics, prog_bar=True, batch_size=len(batch), sync_dist=True)
+        return result.loss.detach()
+
+    def _evaluate(self, batch: Sequence[Any], prefix: str) -> dict[str, float]:
+        # Lightning validates under inference_mode; adaptation needs autograd, and inference
+        # tensors cannot be saved for backward: leave the mode and copy the task tensors
+        with torch.inference_mode(False), torch.enable_grad():
+            tasks = [TaskData(*(t.clone() for t in task)) for task in batch]
+            result = self.learner.evaluate(tasks)
+        metrics = {f"{prefix}_{k}": v for k, v in result.metrics.items() if k in ("query_loss", "accuracy")}
+        self.log_dict(metrics, batch_size=len(batch), sync_dist=True)
+        return metrics
+
+    def validation_step(self, batch: Sequence[Any], batch_idx: int) -> dict[str, float]:
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: Sequence[Any], batch_idx: int) -> dict[str, float]:
+        return self._evaluate(batch, "test")

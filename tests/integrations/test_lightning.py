@@ -1,0 +1,90 @@
+"""PyTorch Lightning: the same meta-gradient as MetaLearner, checkpoints with plugin modules, bf16, 2 processes."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pl = pytest.importorskip(
+    "lightning.pytorch", reason="the lightning extra is not installed (pip install '.[lightning]')"
+)
+
+from lightning_job import MetaClassifier, fit, loader, tasks  # noqa: E402
+
+from metaopt import MetaLearner, create_plugin  # noqa: E402
+
+JOB = Path(__file__).resolve().parents[1] / "lightning_job.py"
+
+
+class FirstGradients(pl.Callback):
+    def __init__(self):
+        self.grads = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def test_first_step_meta_gradient_equals_metalearner_backward_with_shot_and_sharp_both():
+    module = MetaClassifier()
+    reference_model = copy.deepcopy(module.model).double()
+    spy = FirstGradients()
+    fit(module, steps=1, callbacks=[spy])
+    plugins = [create_plugin("shot"), create_plugin("sharp_maml", rho_inner=0.05, rho_outer=0.05)]
+    learner = MetaLearner(reference_model, plugins, inner_steps=2, inner_lr=0.3)
+    learner.backward(tasks()[:4])
+    for name, p in reference_model.named_parameters():
+        got = spy.grads["model." + name]
+        assert p.grad.abs().max() > 0 and (got - p.grad).abs().max() < 1e-12, name
+
+
+def test_checkpoint_then_load_from_checkpoint_evaluates_identically_with_plugin_modules(tmp_path):
+    module = MetaClassifier(plugins=[("hypermaml", {"hidden": 8})])
+    names = [n for n, _ in module.named_parameters()]
+    assert any(n.startswith("learner.plugin_modules.hypernet.") for n in names)  # reaches configure_optimizers
+    trainer = fit(module, steps=2)
+    trainer.save_checkpoint(tmp_path / "meta.ckpt")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # built in float64, so loading the float64 weights loses nothing
+    try:
+        restored = MetaClassifier.load_from_checkpoint(tmp_path / "meta.ckpt")
+    finally:
+        torch.set_default_dtype(previous)
+    for (n, a), b in zip(module.state_dict().items(), restored.state_dict().values()):
+        assert torch.equal(a, b), n
+    evaluate = dict(accelerator="cpu", precision="64-true", logger=False, enable_progress_bar=False)
+    first = pl.Trainer(**evaluate).validate(module, loader(4), verbose=False)
+    second = pl.Trainer(**evaluate).validate(restored, loader(4), verbose=False)
+    assert first == second and "val_accuracy" in first[0]
+
+
+def test_bf16_mixed_precision_trains():
+    module = MetaClassifier(plugins=["shot"])
+    fit(module, steps=2, precision="bf16-mixed", dtype=torch.float32)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_two_ddp_processes_match_each_other_and_one_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd += ["--master_port", str(port), str(JOB), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(JOB.parent)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    single = MetaClassifier()
+    start = {k: v.clone() for k, v in single.state_dict().items()}
+    fit(single)
+    for key, value in single.state_dict().items():
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], value, rtol=1e-9, atol=1e-11, msg=key)
+    assert max(float((single.state_dict()[k] - start[k]).abs().max()) for k in start) > 1e-3
