@@ -15,13 +15,31 @@ EXAMPLES = ROOT / "examples"
 DOC = ROOT / "docs" / "wrap-a-script.md"
 
 
-def loop_diff() -> list[str]:
-    before = (EXAMPLES / "supervised.py").read_text().splitlines()
-    after = (EXAMPLES / "meta.py").read_text().splitlines()
-    return list(difflib.unified_diff(before, after, "examples/supervised.py", "examples/meta.py", lineterm="", n=1))
+PAIRS = [
+    ("supervised.py", "meta.py"),
+    ("lightning_plain.py", "lightning_meta.py"),
+    ("hf_trainer_plain.py", "hf_trainer_meta.py"),
+]
 
 
-@pytest.mark.parametrize("script", ["supervised.py", "meta.py", "meta_accelerate.py"])
+def loop_diff(before_name: str = "supervised.py", after_name: str = "meta.py") -> list[str]:
+    before = (EXAMPLES / before_name).read_text().splitlines()
+    after = (EXAMPLES / after_name).read_text().splitlines()
+    return list(
+        difflib.unified_diff(before, after, f"examples/{before_name}", f"examples/{after_name}", lineterm="", n=1)
+    )
+
+
+def _changed(before: list[str], after: list[str]) -> list[str]:
+    diff = difflib.unified_diff(before, after, lineterm="", n=0)
+    return [line for line in diff if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+
+
+SCRIPTS = ["supervised.py", "meta.py", "meta_accelerate.py", "lightning_plain.py", "lightning_meta.py"]
+SCRIPTS += ["hf_trainer_plain.py", "hf_trainer_meta.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_example_runs(script, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -41,5 +59,25 @@ def test_the_training_loop_changes_by_at_most_ten_lines():
     assert 0 < len(changed) <= 10, changed
 
 
-def test_docs_show_the_current_diff():
-    assert "\n".join(loop_diff()) in DOC.read_text(), "regenerate the diff in docs/wrap-a-script.md"
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p[1])
+def test_docs_show_the_current_diff(pair):
+    assert "\n".join(loop_diff(*pair)) in DOC.read_text(), "regenerate the diffs in docs/wrap-a-script.md"
+
+
+def test_the_lightning_module_changes_by_at_most_ten_lines():
+    def module(name: str) -> list[str]:
+        lines = (EXAMPLES / name).read_text().splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("class Classifier"))
+        return lines[start : lines.index("parser = argparse.ArgumentParser()")]
+
+    changed = _changed(module("lightning_plain.py"), module("lightning_meta.py"))
+    assert 0 < len(changed) <= 10, changed
+
+
+def test_the_trainer_script_changes_by_at_most_ten_lines():
+    def body(name: str) -> list[str]:  # everything after the imports
+        lines = (EXAMPLES / name).read_text().splitlines()
+        return lines[lines.index("parser = argparse.ArgumentParser()") :]
+
+    changed = _changed(body("hf_trainer_plain.py"), body("hf_trainer_meta.py"))
+    assert 0 < len(changed) <= 10, changed
