@@ -79,6 +79,7 @@ FIELD_HELP: dict[str, str] = {
     "rotations": "add each training class rotated by 90/180/270 degrees as new classes (image sources)",
     "augment": "small random affine distortions of training images (folder: and csv: data)",
     "workers": "DataLoader worker processes decoding folder:/csv: tasks (the same tasks for any number)",
+    "within_alphabet": "Omniglot: draw all classes of a task from one alphabet (as the Lake one-shot runs do)",
     "test_alphabets": "Omniglot alphabets held out for testing (repeatable)",
     "model": "auto (conv4 for images, the MLP for sinusoid), conv4, mlp, or any timm model name",
     "pretrained_path": "a local state_dict file for a timm model (nothing is downloaded)",
@@ -139,6 +140,7 @@ class TrainConfig:
     rotations: bool = False
     augment: bool = False
     workers: int = 0
+    within_alphabet: bool = False
     test_alphabets: list[str] | None = None
     model: str = "auto"
     pretrained_path: str | None = None

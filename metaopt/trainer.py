@@ -132,6 +132,7 @@ def make_eval_sampler(
         channels=config.channels or 1,
         normalize=data_normalization(config, model),
         workers=config.workers,
+        within_alphabet=config.within_alphabet,
     )
 
 
@@ -289,14 +290,18 @@ class Trainer:
             normalize=data_normalization(config, self.model),
             augment=config.augment,
             workers=config.workers,
+            within_alphabet=config.within_alphabet,
         )
-        # built once (a periodic eval used to re-read the data every time); building it here also
-        # checks before step 1 that the test split can make tasks (enough classes for `ways`)
+        # built once (a periodic eval used to re-read the data every time); with periodic
+        # evaluation on, building it here checks before step 1 that the test split can make tasks
+        # (without it an empty test split is fine: e.g. test_alphabets: [] trains on every alphabet)
+        self.eval_sampler: TaskSampler | None = None
         try:
             self.eval_sampler = make_eval_sampler(config, split="test", model=self.model)
         except (ConfigError, DataError) as exc:
-            raise type(exc)(f"the test split cannot make evaluation tasks: {exc}") from exc
-        self._eval_start = self.eval_sampler.state_dict()
+            if config.eval_every:
+                raise type(exc)(f"the test split cannot make evaluation tasks: {exc}") from exc
+        self._eval_start = None if self.eval_sampler is None else self.eval_sampler.state_dict()
         self.best_eval: dict[str, Any] | None = None
         self.recent: collections.deque[dict[str, float]] = collections.deque(maxlen=RUNNING_WINDOW)
         self.iteration = 0
@@ -455,6 +460,7 @@ class Trainer:
 
     def periodic_eval(self) -> dict[str, Any]:
         """Evaluate on the same test tasks every time; keep the best report."""
+        assert self.eval_sampler is not None and self._eval_start is not None  # eval_every > 0: built at start
         self.eval_sampler.load_state_dict(self._eval_start)
         report = evaluate(self.learner, self.eval_sampler, self.config.eval_tasks)
         key = self.config.keep_best or ("accuracy" if "accuracy" in report else "mse")

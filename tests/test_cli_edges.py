@@ -137,7 +137,7 @@ def test_training_feedback_running_means_best_eval_and_one_eval_sampler(tmp_path
 def test_test_split_that_cannot_make_tasks_fails_before_step_1(tmp_path, capsys, omniglot_dir):
     archive = str(omniglot_dir / "images_background_small1.zip")
     args = ["train", "--out", str(tmp_path / "r"), "--data", f"omniglot:{archive}", "--ways", "60", "--no-progress"]
-    assert main([*args, "--test-alphabet", "Balinese", "--iterations", "1"]) == 2
+    assert main([*args, "--test-alphabet", "Balinese", "--iterations", "1", "--eval-every", "1"]) == 2
     assert "test split cannot make evaluation tasks: ways=60 is larger than the 24 classes" in capsys.readouterr().err
     assert not (tmp_path / "r" / "metrics.jsonl").exists()  # no training step ran
 

@@ -95,6 +95,8 @@ class EpisodeDataset(Dataset):
         rotations: Omniglot-style task augmentation: each class of a task is rotated by a random
             multiple of 90 degrees (the rotated copies act as new classes).
         length: tasks per pass (``len``); default 10,000.
+        groups: a group name per class (e.g. the Omniglot alphabet), to draw every task's classes
+            from one group, as the Lake one-shot runs do (``within_group=True``).
     """
 
     def __init__(
@@ -109,6 +111,8 @@ class EpisodeDataset(Dataset):
         rotations: bool = False,
         length: int = 10_000,
         image_key: str | None = None,
+        groups: dict[int, str] | None = None,
+        within_group: bool = False,
     ) -> None:
         if min(ways, shots, query, length) < 1:
             raise DataError(f"ways={ways}, shots={shots}, query={query} and length={length} must all be >= 1.")
@@ -130,6 +134,18 @@ class EpisodeDataset(Dataset):
         available = len(self.classes) * (4 if rotations else 1)
         if ways > available:
             raise DataError(f"ways={ways} is larger than the {available} classes available; lower ways or add classes.")
+        self.group_members: list[list[int]] | None = None
+        if within_group:
+            if groups is None:
+                raise DataError("within_group=True needs groups (a group name per class label).")
+            by_group: dict[str, list[int]] = {}
+            for position, label in enumerate(self.classes):
+                by_group.setdefault(groups[label], []).append(position)
+            factor = 4 if rotations else 1
+            self.group_members = [m for m in by_group.values() if len(m) * factor >= ways]
+            if not self.group_members:
+                largest = max(len(m) for m in by_group.values()) * factor
+                raise DataError(f"no group has {ways} classes for within-group tasks (the largest has {largest}).")
 
     def _class_name(self, label: int) -> str:
         names = getattr(self.dataset, "classes", None)
@@ -148,7 +164,12 @@ class EpisodeDataset(Dataset):
     def _task(self, index: int) -> TaskData:
         rng = np.random.default_rng([self.seed, int(index)])
         n = len(self.classes) * (4 if self.rotations else 1)
-        picked = rng.choice(n, size=self.ways, replace=False)
+        if self.group_members is None:
+            picked = rng.choice(n, size=self.ways, replace=False)
+        else:  # one group, then classes (and rotations) inside it
+            members = self.group_members[int(rng.integers(len(self.group_members)))]
+            pool = [m + r * len(self.classes) for r in range(4 if self.rotations else 1) for m in members]
+            picked = np.asarray(pool)[rng.choice(len(pool), size=self.ways, replace=False)]
         support, query = [], []
         for virtual in picked:
             members = self.members[int(virtual) % len(self.classes)]

@@ -147,13 +147,18 @@ def file_sampler(
     workers: int,
     normalize: tuple[list[float], list[float]] | None,
     characters: dict[str, list[tuple[str, bytes | Path]]] | None = None,
+    within_alphabet: bool = False,
 ) -> DatasetTaskSampler:
     """The lazily loaded task sampler of a ``folder:``, ``csv:`` or ``omniglot:`` source.
 
     For Omniglot ``characters`` are the split's classes (:func:`omniglot_files`, filtered)."""
     training = split != "test"
+    if within_alphabet and kind != "omniglot":
+        raise DataError(f"within_alphabet applies to omniglot: data, not {kind}:.")
+    groups = None
     if kind == "omniglot":
         dataset: Dataset = OmniglotImages(characters if characters is not None else omniglot_files(path), image_size)
+        groups = {label: name.split("/")[0] for label, name in enumerate(dataset.classes)}  # alphabets
     else:
         files, names = folder_files(Path(path), split) if kind == "folder" else csv_files(path, split)
         dataset = ImageFiles(files, names, image_size, channels)
@@ -165,5 +170,7 @@ def file_sampler(
         seed=seed,
         rotations=rotations and training,
         transform=augmentation() if augment and training else None,
+        groups=groups,
+        within_group=within_alphabet,
     )
     return DatasetTaskSampler(episodes, workers=workers, normalize=normalize)

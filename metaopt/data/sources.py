@@ -80,6 +80,7 @@ def make_sampler(
     normalize: tuple[list[float], list[float]] | None = None,
     augment: bool = False,
     workers: int = 0,
+    within_alphabet: bool = False,
 ) -> TaskSampler:
     """The task sampler for ``spec`` and ``split`` (deterministic for a given ``seed``).
 
@@ -95,6 +96,10 @@ def make_sampler(
         raise ConfigError(
             f"rotations=True applies to image sources (omniglot:PATH, folder:PATH, csv:FILE); {data.kind!r} has no "
             "rotation classes. Drop --rotations."
+        )
+    if within_alphabet and data.kind != "omniglot":
+        raise ConfigError(
+            f"within_alphabet applies to omniglot:PATH data (tasks from one alphabet), not {data.kind!r}."
         )
     if (augment or workers) and data.kind not in ("folder", "csv", "omniglot"):
         raise ConfigError(
@@ -132,4 +137,5 @@ def make_sampler(
         workers=workers,
         normalize=normalize,
         characters=characters,
+        within_alphabet=within_alphabet,
     )

@@ -118,3 +118,22 @@ def test_bad_inputs_name_the_class_file_or_column(tmp_path):
     with pytest.raises(DataError, match="cannot read '.*class02/0.png'"):
         for i in range(50):
             broken[i]
+
+
+def test_within_group_tasks_take_every_class_from_one_group():
+    images = [torch.full((1, 4, 4), c, dtype=torch.uint8) for c in range(12) for _ in range(3)]
+    labels = [c for c in range(12) for _ in range(3)]
+    groups = {c: f"alphabet{c // 4}" for c in range(12)}  # 3 groups of 4 classes
+    episodes = EpisodeDataset(
+        list(zip(images, labels)), ways=3, shots=1, query=1, labels=labels, groups=groups, within_group=True
+    )
+    seen = set()
+    for i in range(30):
+        classes = {int(x.max()) for x in episodes[i].support_x}
+        assert len({c // 4 for c in classes}) == 1, classes
+        seen.add(min(classes) // 4)
+    assert seen == {0, 1, 2}
+    with pytest.raises(DataError, match="no group has 5 classes"):
+        EpisodeDataset(
+            list(zip(images, labels)), ways=5, shots=1, query=1, labels=labels, groups=groups, within_group=True
+        )
