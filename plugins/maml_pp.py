@@ -33,6 +33,7 @@ class MAMLPlusPlus(IterationCounter):
         self.msl_iters, self.first_order_iters = msl_iters, first_order_iters
         self.iteration = 0
         self.lrs: nn.ParameterDict | None = None
+        self.rates: dict[str, nn.Parameter] = {}
         if not self.lslr:
             self.inner_step = None  # the default SGD step (or the learner's inner optimizer)
             self.plugin_modules = None
@@ -54,6 +55,7 @@ class MAMLPlusPlus(IterationCounter):
         for name in learner.adapted_names:
             p = named[name]
             self.lrs[key(name)] = nn.Parameter(torch.tensor(init, dtype=p.dtype, device=p.device))
+        self.rates = {name: self.lrs[key(name)] for name in learner.adapted_names}  # the same Parameters
         return {"maml_pp_lr": self.lrs}
 
     # -- schedule -------------------------------------------------------------------
@@ -72,13 +74,10 @@ class MAMLPlusPlus(IterationCounter):
     # -- the hooks ------------------------------------------------------------------
     @hookimpl
     def inner_step(self, task: Task, trajectory: Trajectory, params: Params, grads: Params) -> Params:
-        assert self.lrs is not None
         k, scale = min(trajectory.k, self.steps - 1), relative_lr(task, trajectory)
-        new = {}
-        for n, p in params.items():
-            lr = self.lrs[key(n)][k]
-            new[n] = p - scale * (lr if task.training else lr.detach()) * grads[n]
-        return new
+        if not task.training:
+            return {n: p - scale * self.rates[n][k].detach() * grads[n] for n, p in params.items()}
+        return {n: p - scale * self.rates[n][k] * grads[n] for n, p in params.items()}
 
     @hookimpl
     def loss_modification(self, task: Task, params: Params, loss: torch.Tensor) -> dict[str, torch.Tensor] | None:

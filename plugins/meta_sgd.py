@@ -51,6 +51,7 @@ class MetaSGD:
             raise ConfigError(f"init={init} must be > 0 (or None for the learner's inner_lr).")
         self.per_element, self.init = bool(per_element), init
         self.alpha: nn.ParameterDict | None = None
+        self.rates: dict[str, nn.Parameter] = {}
 
     @hookimpl
     def configure(self, learner) -> None:
@@ -69,11 +70,14 @@ class MetaSGD:
             p = named[name]
             shape = p.shape if self.per_element else ()
             self.alpha[key(name)] = nn.Parameter(torch.full(shape, float(init), dtype=p.dtype, device=p.device))
+        # by parameter name, the same Parameter objects (.to() and load_state_dict keep them)
+        self.rates = {name: self.alpha[key(name)] for name in learner.adapted_names}
         return {"meta_sgd_lr": self.alpha}
 
     @hookimpl
     def inner_step(self, task: Task, trajectory: Trajectory, params: Params, grads: Params) -> Params:
-        assert self.alpha is not None
         scale = relative_lr(task, trajectory)
-        alpha = self.alpha if task.training else {k: a.detach() for k, a in self.alpha.items()}
-        return {n: p - (scale * alpha[key(n)]) * grads[n] for n, p in params.items()}
+        rates = self.rates
+        if not task.training:
+            return {n: p - (scale * rates[n].detach()) * grads[n] for n, p in params.items()}
+        return {n: p - (scale * rates[n]) * grads[n] for n, p in params.items()}
