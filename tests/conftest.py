@@ -40,3 +40,17 @@ def image_tasks(
         )
         for _ in range(n)
     ]
+
+
+def class_tasks(n: int = 2, dtype: torch.dtype = torch.float64, seed: int = 0):
+    """3-way 2-shot tasks of 4-dimensional inputs, 3 query examples per class."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(6, 4, generator=g, dtype=dtype),
+            torch.arange(3).repeat(2),
+            torch.randn(9, 4, generator=g, dtype=dtype),
+            torch.arange(3).repeat(3),
+        )
+        for _ in range(n)
+    ]

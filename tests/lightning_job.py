@@ -13,6 +13,7 @@ import sys
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from conftest import class_tasks
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -41,16 +42,7 @@ class MetaClassifier(MetaLightningModule):
 
 
 def tasks(n: int = 4 * STEPS, dtype=torch.float64):
-    g = torch.Generator().manual_seed(0)
-    return [
-        (
-            torch.randn(6, 4, generator=g, dtype=dtype),
-            torch.arange(3).repeat(2),
-            torch.randn(9, 4, generator=g, dtype=dtype),
-            torch.arange(3).repeat(3),
-        )
-        for _ in range(n)
-    ]
+    return class_tasks(n, dtype)
 
 
 def loader(batch_size: int, dtype=torch.float64, rank: int = 0, world: int = 1) -> DataLoader:

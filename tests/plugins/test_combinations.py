@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import class_tasks
 from reference import combo_meta_grad
 from torch import nn
 
@@ -53,19 +54,6 @@ REFUSED = {
 PAIRS = [p for p in itertools.combinations(ENTRIES, 2) if not all(n.startswith("sharp") for n in p)]
 
 
-def _tasks():
-    g = torch.Generator().manual_seed(0)
-    return [
-        (
-            torch.randn(6, 4, generator=g, dtype=torch.float64),
-            torch.arange(3).repeat(2),
-            torch.randn(9, 4, generator=g, dtype=torch.float64),
-            torch.arange(3).repeat(3),
-        )
-        for _ in range(2)
-    ]
-
-
 def _model():
     torch.manual_seed(0)
     return HeadedModel(nn.Sequential(nn.Linear(4, 6), nn.Tanh()), nn.Linear(6, 3)).double()
@@ -107,7 +95,7 @@ def test_pair_is_refused_at_build_or_matches_its_reference(pair):
         plugin.iteration = 3  # 30% into the multi-step-loss annealing
         options["msl_weights"] = plugin.msl_weights(STEPS)
         assert 0 < options["msl_weights"][0] < options["msl_weights"][1] < 1
-    tasks = _tasks()
+    tasks = class_tasks()
     expected, expected_extra = combo_meta_grad(learner.model, tasks, STEPS, LR, **options)
     learner.backward(tasks)
     got = torch.cat([p.grad.flatten() for p in learner.model.parameters()])

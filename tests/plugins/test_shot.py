@@ -2,26 +2,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from conftest import regression_tasks
+from conftest import class_tasks, regression_tasks
 from torch import nn
 
 from metaopt import MetaLearner
 from metaopt.models import mlp
 from metaopt.plugins import SHOT
 from metaopt.plugins.shot import output_distance
-
-
-def _class_tasks(n=2, dtype=torch.float64):
-    g = torch.Generator().manual_seed(0)
-    return [
-        (
-            torch.randn(6, 4, generator=g, dtype=dtype),
-            torch.arange(3).repeat(2),
-            torch.randn(9, 4, generator=g, dtype=dtype),
-            torch.arange(3).repeat(3),
-        )
-        for _ in range(n)
-    ]
 
 
 def test_term_is_zero_when_support_hessian_is_zero_along_the_path():
@@ -31,14 +18,14 @@ def test_term_is_zero_when_support_hessian_is_zero_along_the_path():
     learner = MetaLearner(
         model, [SHOT(weight=1.0, form="big_step")], inner_steps=3, inner_lr=0.1, loss_fn=lambda out, y: out[:, 0].mean()
     )
-    result = learner.forward(_class_tasks())
+    result = learner.forward(class_tasks())
     assert abs(result.metrics["shot"]) < 1e-12
 
 
 def test_term_is_positive_on_a_nonlinear_model():
     torch.manual_seed(0)
     model = mlp(num_classes=3, in_features=4).double()
-    result = MetaLearner(model, [SHOT(weight=1.0)], inner_steps=3, inner_lr=0.5).forward(_class_tasks())
+    result = MetaLearner(model, [SHOT(weight=1.0)], inner_steps=3, inner_lr=0.5).forward(class_tasks())
     assert result.metrics["shot"] > 1e-6
 
 
@@ -68,7 +55,7 @@ def test_gradient_flows_only_through_the_non_detached_branch():
     for steps, form in ((3, "big_step"), (1, "more_steps")):
         torch.manual_seed(0)
         model = mlp(num_classes=3, in_features=4).double()
-        tasks = _class_tasks(1)
+        tasks = class_tasks(1)
         model.zero_grad()
         MetaLearner(model, [SHOT(weight=1.0)], inner_steps=steps, inner_lr=0.5).backward(tasks)
         with_shot = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -85,8 +72,8 @@ def test_k1_uses_the_reference_steps_rule_and_big_step_would_be_zero():
     assert shot.resolved_form(1) == "more_steps" and shot.resolved_form(3) == "big_step"
     torch.manual_seed(0)
     model = mlp(num_classes=3, in_features=4).double()
-    result = MetaLearner(model, [SHOT(weight=1.0)], inner_steps=1, inner_lr=0.5).forward(_class_tasks(1))
-    term, _ = _by_hand(model, _class_tasks(1)[0], 1, 0.5, "more_steps")
+    result = MetaLearner(model, [SHOT(weight=1.0)], inner_steps=1, inner_lr=0.5).forward(class_tasks(1))
+    term, _ = _by_hand(model, class_tasks(1)[0], 1, 0.5, "more_steps")
     assert abs(result.metrics["shot"] - term.item()) < 1e-10
 
 
