@@ -86,7 +86,8 @@ def render(rows: dict[str, dict[str, float]], meta: dict[str, object]) -> str:
     lines = [
         "# Episode throughput and memory",
         "",
-        f"Produced by `python benchmarks/data.py {meta['argv']}` on {meta['device']}, {meta['date']}.",
+        f"Produced by `{' '.join(['python benchmarks/data.py', str(meta['argv'])]).strip()}` on {meta['device']}, "
+        f"{meta['date']}.",
         "",
         f"{meta['classes']} classes x {meta['per_class']} synthetic 84x84 RGB JPEGs ({meta['images']} files, "
         f"{meta['folder_mib']:.1f} MiB on disk); 5-way 1-shot 15-query tasks; {meta['tasks']} timed tasks after 10 "
