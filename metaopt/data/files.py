@@ -153,8 +153,6 @@ def file_sampler(
 
     For Omniglot ``characters`` are the split's classes (:func:`omniglot_files`, filtered)."""
     training = split != "test"
-    if within_alphabet and kind != "omniglot":
-        raise DataError(f"within_alphabet applies to omniglot: data, not {kind}:.")
     groups = None
     if kind == "omniglot":
         dataset: Dataset = OmniglotImages(characters if characters is not None else omniglot_files(path), image_size)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from metaopt.data.files import file_sampler
 from metaopt.data.glyphs import GlyphTasks
-from metaopt.data.images import omniglot_files
+from metaopt.data.images import omniglot_alphabets, omniglot_files
 from metaopt.data.sampler import TaskSampler
 from metaopt.data.sinusoid import SinusoidTasks
 from metaopt.errors import ConfigError, DataError, suggest
@@ -120,7 +120,7 @@ def make_sampler(
     characters = None
     if data.kind == "omniglot":
         every = omniglot_files(data.path)
-        alphabets = split_omniglot_alphabets(sorted({n.split("/")[0] for n in every}), split, test_alphabets)
+        alphabets = split_omniglot_alphabets(omniglot_alphabets(every), split, test_alphabets)
         characters = {name: items for name, items in every.items() if name.split("/")[0] in alphabets}
     return file_sampler(
         data.kind,
