@@ -39,21 +39,15 @@ def _require() -> None:
         raise ConfigError("PyTorch Lightning is not installed; pip install 'metaopt-torch[lightning]'.")
 
 
-def average_gradients(params: Sequence[nn.Parameter]) -> None:
-    """Mean of ``.grad`` over the default process group (one all-reduce); a no-op in one process."""
+def mean_over_processes(flat: torch.Tensor) -> torch.Tensor:
+    """Mean of ``flat`` over the default process group (one all-reduce); itself in one process."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
+        return flat
     world = torch.distributed.get_world_size()
     if world == 1:
-        return
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+        return flat
     torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
+    return flat / world
 
 
 _Base: Any = pl.LightningModule if LIGHTNING_AVAILABLE else nn.Module
@@ -77,7 +71,7 @@ class MetaLightningModule(_Base):
         """Build ``self.learner`` around ``model`` (a submodule of this module) with ``plugins``."""
         self.learner = MetaLearner(model, plugins, **learner_kwargs)
         # one all-reduce per meta-gradient (also the first one Sharp-MAML's outer step perturbs along)
-        self.learner.gradient_averager = average_gradients
+        self.learner.gradient_averager = mean_over_processes
 
     def meta_step(self, batch: Sequence[Any]) -> torch.Tensor:
         """One meta-iteration on a meta-batch: gradient, all-reduce, optimizer step; returns the meta-loss."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -190,9 +191,9 @@ class MetaLearner(nn.Module):
         self.inner_optimizer_kwargs = dict(inner_optimizer_kwargs or {})
         self.backend = make_backend(backend, model, bn_policy)
         self.accelerator: Any = None
-        #: averages ``.grad`` of the given meta-parameters over processes when there is no accelerator
-        #: (set by trainer integrations, e.g. Lightning's explicit all-reduce); None: one process
-        self.gradient_averager: Callable[[list[nn.Parameter]], None] | None = None
+        #: the mean over processes of a flat tensor, when there is no accelerator (set by trainer
+        #: integrations, e.g. Lightning's explicit all-reduce); None: one process
+        self.gradient_averager: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.iteration = 0
         self.per_task_backward = bool(per_task_backward)
 
@@ -404,14 +405,17 @@ class MetaLearner(nn.Module):
         the gradients that flow through higher's functional copies, and it never syncs
         grad-of-grad.  A no-op with one process.
         """
-        if self.accelerator is None and self.gradient_averager is not None:
-            self.gradient_averager(list(self.meta_parameters()))
-            return
-        if self.num_processes <= 1:
+        if self.accelerator is not None:
+            if self.num_processes <= 1:
+                return
+            mean = functools.partial(self.accelerator.reduce, reduction="mean")
+        elif self.gradient_averager is not None:
+            mean = self.gradient_averager
+        else:
             return
         params = list(self.meta_parameters())
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        flat = mean(torch.cat([g.reshape(-1) for g in grads]))
         offset = 0
         for p in params:
             p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
