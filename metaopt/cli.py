@@ -138,8 +138,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from metaopt.trainer import Trainer
 
     from_file: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    out = args.out or from_file.pop("out", None) or DEFAULT_OUT
-    from_file.pop("out", None)
+    file_out = from_file.pop("out", None)
+    out = args.out or file_out or DEFAULT_OUT
     meta = {"config", "out", "resume", "overwrite", "no_progress", "command"}
     flags = {k: v for k, v in vars(args).items() if k not in meta}
     values = merge_settings(from_file, flags)
@@ -169,27 +169,12 @@ def merge_settings(from_file: dict[str, Any], flags: dict[str, Any]) -> dict[str
 
 
 def resume_settings(run_dir: Path, given: dict[str, Any]) -> dict[str, Any]:
-    """The run's saved config, with the keys that are safe to change taken from ``given``.
-
-    Any other key given with a different value is refused, naming the old and new values.
-    """
-    from metaopt.config import TrainConfig
+    """The run's saved config with ``given`` on top (the Trainer refuses keys that may not change)."""
     from metaopt.trainer import CONFIG_FILE
 
     path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise MetaOptError(f"cannot resume: {str(run_dir)!r} holds no {CONFIG_FILE}; start a new run instead.")
-    saved = json.loads(path.read_text())
-    wanted = TrainConfig.from_dict({**saved, **given}).to_dict()  # coerced, so "1e-2" equals 0.01
-    changed = {k: (saved.get(k), wanted[k]) for k in given if wanted[k] != saved.get(k)}
-    refused = {k: v for k, v in changed.items() if k not in RESUME_SAFE_KEYS}
-    if refused:
-        detail = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(refused.items()))
-        raise MetaOptError(
-            f"cannot resume {str(run_dir)!r} with a different {', '.join(sorted(refused))} ({detail}). "
-            f"A resumed run may change only {', '.join(RESUME_SAFE_KEYS)}; start a new run (another --out) instead."
-        )
-    return {**saved, **{k: wanted[k] for k in changed}}
+    saved = json.loads(path.read_text()) if path.is_file() else {}  # no config: the Trainer says so
+    return {**saved, **given}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

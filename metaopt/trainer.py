@@ -321,10 +321,16 @@ class Trainer:
                     f"cannot resume: {str(self.run_dir)!r} holds no {CONFIG_FILE}; start a new run instead."
                 )
             saved = json.loads(cfg_path.read_text())
-            current = self.config.to_dict()
-            diff = sorted(k for k in {*saved, *current} if saved.get(k) != current.get(k) and k not in RESUME_SAFE_KEYS)
-            if diff:
-                raise ConfigError(f"cannot resume {str(self.run_dir)!r} with a different config (differs in {diff}).")
+            current = self.config.to_dict()  # coerced, so "1e-2" equals 0.01
+            refused = sorted(
+                k for k in {*saved, *current} if saved.get(k) != current.get(k) and k not in RESUME_SAFE_KEYS
+            )
+            if refused:
+                detail = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in refused)
+                raise ConfigError(
+                    f"cannot resume {str(self.run_dir)!r} with a different {', '.join(refused)} ({detail}). A resumed "
+                    f"run may change only {', '.join(RESUME_SAFE_KEYS)}; start a new run (another --out) instead."
+                )
             return
         if cfg_path.exists() and not overwrite:
             raise ConfigError(
