@@ -178,7 +178,7 @@ def resume_settings(run_dir: Path, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from metaopt.trainer import evaluate, load_run, make_eval_sampler
+    from metaopt.trainer import evaluate, load_run, make_eval_sampler, metric_key
 
     if args.tasks < 1:
         raise MetaOptError(f"--tasks {args.tasks} must be >= 1.")
@@ -201,7 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     bar = None if args.no_progress else "adapted"
     report = evaluate(learner, sampler(), args.tasks, steps=args.steps, progress=bar)
-    key = "accuracy" if "accuracy" in report else "mse"
+    key = metric_key(report)
     baseline = None
     if not args.no_baseline:
         baseline = evaluate(learner, sampler(), args.tasks, steps=0, progress=bar and "unadapted")

@@ -203,8 +203,13 @@ def evaluate(
     return report
 
 
+def metric_key(report: dict[str, Any]) -> str:
+    """The headline metric of an evaluation report: accuracy (classification) or mse."""
+    return "accuracy" if "accuracy" in report else "mse"
+
+
 def describe_report(report: dict[str, Any]) -> str:
-    key = "accuracy" if "accuracy" in report else "mse"
+    key = metric_key(report)
     return f"{key} {report[key]:.4f} ± {report['ci95']:.4f} over {report['tasks']} tasks"
 
 
@@ -469,7 +474,7 @@ class Trainer:
         assert self.eval_sampler is not None and self._eval_start is not None  # eval_every > 0: built at start
         self.eval_sampler.load_state_dict(self._eval_start)
         report = evaluate(self.learner, self.eval_sampler, self.config.eval_tasks)
-        key = self.config.keep_best or ("accuracy" if "accuracy" in report else "mse")
+        key = self.config.keep_best or metric_key(report)
         if key not in report:
             raise ConfigError(f"keep_best={key!r} is not an evaluation metric here; the report has {sorted(report)}.")
         if self.best_eval is None or (report[key] > self.best_eval[key]) == (key == "accuracy"):
