@@ -111,6 +111,7 @@ class TorchFuncBackend:
         self._named: dict[str, torch.Tensor] = {}
         self._modes: list[tuple[nn.Module, bool]] = []
         self._tied = True
+        self._tied_for: tuple[int, int] | None = None
 
     def prepare(self, training: bool) -> None:
         if not self._modes:
@@ -120,9 +121,11 @@ class TorchFuncBackend:
         self._buffers = {n: b.clone() for n, b in self.model.named_buffers()}
         # functional_call's weight-tying pass walks every module on every call; run it only
         # when some parameter or buffer really is registered under two names
-        every = len(list(self.model.named_parameters(remove_duplicate=False)))
-        every += len(list(self.model.named_buffers(remove_duplicate=False)))
-        self._tied = every != len(self._named) + len(self._buffers)
+        if self._tied_for != (len(self._named), len(self._buffers)):  # counted once per model layout
+            every = len(list(self.model.named_parameters(remove_duplicate=False)))
+            every += len(list(self.model.named_buffers(remove_duplicate=False)))
+            self._tied = every != len(self._named) + len(self._buffers)
+            self._tied_for = (len(self._named), len(self._buffers))
 
     def release(self) -> None:
         for module, mode in self._modes:

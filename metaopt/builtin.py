@@ -6,7 +6,7 @@ import torch
 
 from metaopt.hookspecs import hookimpl
 from metaopt.inner_optim import diff_step
-from metaopt.task import Batch, Params, Task, Trajectory, grad_dict
+from metaopt.task import Batch, Params, Task, Trajectory
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -32,8 +32,7 @@ def gradient_adapt(task: Task, trajectory: Trajectory) -> Params:
     params = trajectory.iterates[0]
     for k in range(trajectory.steps):
         trajectory.k = k
-        loss = hook.inner_loss(task=task, params=params)
-        grads = hook.inner_grad(task=task, params=params, loss=loss)
+        grads = hook.inner_grad(task=task, params=params)
         params = hook.inner_step(task=task, trajectory=trajectory, params=params, grads=grads)
         trajectory.iterates.append(params)
         hook.after_inner_step(task=task, trajectory=trajectory, params=params)
@@ -58,8 +57,8 @@ class MAMLDefaults:
         return task.learner.loss_fn(task.forward(task.support_x, params), task.support_y)
 
     @hookimpl(trylast=True)
-    def inner_grad(self, task: Task, params: Params, loss: torch.Tensor) -> Params:
-        return grad_dict(loss, params, create_graph=task.create_graph)
+    def inner_grad(self, task: Task, params: Params) -> Params:
+        return task.inner_grad_at(params)
 
     @hookimpl(trylast=True)
     def inner_step(self, task: Task, trajectory: Trajectory, params: Params, grads: Params) -> Params:

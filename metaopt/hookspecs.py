@@ -107,12 +107,13 @@ def inner_loss(task: Task, params: Params) -> torch.Tensor | None:
 
 
 @hookspec(firstresult=True)
-def inner_grad(task: Task, params: Params, loss: torch.Tensor) -> Params | None:
+def inner_grad(task: Task, params: Params) -> Params | None:
     """Gradient used for the inner step at ``params``.   (replace)
 
-    Default: ``autograd.grad(loss, params, create_graph=task.create_graph)``.  Sharp-MAML
-    returns the gradient at a perturbed point.  Use ``task.inner_grad_at(p)`` to get the
-    plain support gradient at any other point.
+    Default: ``task.inner_grad_at(params)``, the support gradient (through ``inner_loss``),
+    differentiable when ``task.create_graph``.  Sharp-MAML returns the gradient at a perturbed
+    point.  Take every gradient with ``task.grad(fn, params)`` or ``task.inner_grad_at(p)``,
+    never ``torch.autograd.grad``: under ``engine="vmap"`` they use ``torch.func.grad``.
     """
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaopt.backend import make_backend
+from metaopt.engine import VmapEngine, check_engine, choose_engine, vmap_refusals
 from metaopt.errors import ConfigError, DataError, MetaOptError, PluginError, PluginHookError
 from metaopt.inner_optim import fresh_state, make_template
 from metaopt.manager import PluginHost
@@ -140,6 +141,11 @@ class MetaLearner(nn.Module):
             ends (default: one task's graph in memory at a time); False: one backward of the
             batch mean (fewer autograd calls, every task's graph in memory until the end).
             Same gradient either way; a plugin that replaces ``outer_step`` always gets the batch graph.
+        engine: ``"loop"`` (default: task by task), ``"vmap"`` (every task of a meta-batch at once,
+            ``torch.func.vmap`` over tasks; same hooks, same meta-gradient) or ``"auto"`` (vmap
+            for models without convolutions, else loop; see docs/engines.md).
+        task_chunk: with the vmap engine, tasks per vmap call (default: the whole batch); each
+            chunk is backpropagated before the next, so a smaller chunk holds less memory.
     """
 
     def __init__(
@@ -158,6 +164,8 @@ class MetaLearner(nn.Module):
         check_finite: bool = True,
         backend: str = "higher",
         per_task_backward: bool = True,
+        engine: str = "loop",
+        task_chunk: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -221,6 +229,19 @@ class MetaLearner(nn.Module):
             **self.inner_optimizer_kwargs,
         )
         self._validated = False
+        check_engine(engine)
+        if task_chunk is not None and (not isinstance(task_chunk, int) or task_chunk < 1):
+            raise ConfigError(f"task_chunk={task_chunk!r} must be a positive integer (or None: the whole batch).")
+        self.engine, self.task_chunk = engine, task_chunk
+        #: why engine="vmap" cannot run this learner (empty when it can)
+        self.vmap_reasons = vmap_refusals(self)
+        if engine == "vmap" and self.vmap_reasons:
+            raise ConfigError(
+                "engine='vmap' cannot run this learner: "
+                + "; ".join(self.vmap_reasons)
+                + ". Use engine='loop' (or 'auto', which falls back to the loop for it)."
+            )
+        self._vmap_engine: VmapEngine | None = None
 
     # -- plugins ---------------------------------------------------------------------
     @property
@@ -328,10 +349,28 @@ class MetaLearner(nn.Module):
         hook.task_end(task=task)
         return loss
 
+    def engine_for(self, data: list[TaskData]) -> str:
+        """The engine that runs a batch: ``"loop"`` or ``"vmap"`` (``engine="auto"`` decides here)."""
+        return choose_engine(self, data) if self.engine == "auto" else self.engine
+
     def run_tasks(self, batch: Batch) -> torch.Tensor:
         """Adapt to every task in the batch and return the mean outer loss."""
+        if self.engine_for(batch.data) == "vmap":
+            if self._vmap_engine is None:
+                self._vmap_engine = VmapEngine(self)
+            try:
+                batch.meta_loss = self._vmap_engine.run(self, batch)
+            except PluginHookError as exc:
+                raise PluginHookError(
+                    f"{exc} [engine='vmap': hooks run once for all tasks, inside torch.func.vmap; a hook must take "
+                    "gradients with task.grad(...) / task.inner_grad_at(...), not torch.autograd.grad, and must not "
+                    "read values (.item(), float(), if on a tensor). Use engine='loop' for this plugin.]",
+                    plugin=exc.plugin,
+                    hook=exc.hook,
+                ) from exc.__cause__
+            return batch.meta_loss
         self.backend.prepare(batch.training)
-        batch.tasks = []
+        batch.tasks, batch.stacked, batch.make_tasks = [], None, None
         losses = []
         grad_mode = torch.enable_grad()
         try:
@@ -363,8 +402,11 @@ class MetaLearner(nn.Module):
         return batch
 
     def _finish(self, batch: Batch) -> BatchResult:
-        keys = sorted({k for t in batch.tasks for k in t.metrics})
-        stacked = {k: torch.stack([t.metrics[k].float() for t in batch.tasks if k in t.metrics]) for k in keys}
+        if batch._tasks is None and batch.stacked is not None:  # vmap engine, no per-task records read
+            stacked = {k: v.float() for k, v in sorted(batch.stacked[1].items())}
+        else:
+            keys = sorted({k for t in batch.tasks for k in t.metrics})
+            stacked = {k: torch.stack([t.metrics[k].float() for t in batch.tasks if k in t.metrics]) for k in keys}
         batch.metrics = {k: float(v.mean()) for k, v in stacked.items()}
         assert batch.meta_loss is not None
         batch.metrics["meta_loss"] = float(batch.meta_loss.detach())

@@ -94,10 +94,26 @@ class FiniteCheck:
     def __init__(self) -> None:
         self._records: list[_Record] = []
         self._iteration = 0
+        #: set by the vmap engine while it runs: per-hook values are per-task views that cannot
+        #: leave vmap; the engine records each task's loss afterwards (:meth:`record_task_losses`)
+        self.suspended = False
 
     def _record(self, values: list[torch.Tensor], hook: str, describe: Callable[..., str], task: Task) -> None:
+        if self.suspended:
+            return
         # detached: a record must not keep a task's graph alive until the batch ends
         self._records.append(_Record([v.detach() for v in values], hook, describe, task))
+
+    def record_task_losses(self, index: list[int], losses: torch.Tensor) -> None:
+        """The vmap engine's check: the final loss of the tasks ``index``, one record per chunk (a
+        NaN/inf anywhere in a task's inner loop reaches its loss)."""
+
+        def describe(_: list[bool], values: list[torch.Tensor]) -> str:
+            bad = [i for i, ok in zip(index, torch.isfinite(values[0]).tolist(), strict=True) if not ok]
+            return f"task loss (engine='vmap', tasks {bad[:5]})"
+
+        if not self.suspended:
+            self._records.append(_Record([losses.detach()], "outer_loss", describe, None))
 
     def reset(self, iteration: int) -> None:
         """Drop pending flags (a new batch, or a new ``learner.adapt`` call, begins)."""
@@ -145,9 +161,9 @@ class FiniteCheck:
         return loss
 
     @hookimpl(wrapper=True, tryfirst=True)
-    def inner_grad(self, task: Task, params: Params, loss: torch.Tensor):
+    def inner_grad(self, task: Task, params: Params):
         grads = yield
-        if grads:
+        if grads and not self.suspended:
             self._records.append(_grads_record(grads, "inner_grad", "inner gradient", task))
         return grads
 

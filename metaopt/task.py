@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -60,7 +60,7 @@ class Task:
     """One task inside a meta-batch.  Hooks read it and put per-task state in ``stash``."""
 
     learner: MetaLearner
-    index: int
+    index: int | None  # None inside the vmap engine: one Task object stands for every task of a chunk
     support_x: torch.Tensor
     support_y: torch.Tensor
     query_x: torch.Tensor
@@ -74,6 +74,9 @@ class Task:
     loss: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     stash: Stash = field(default_factory=Stash)
+    #: True inside the batched-task engine (``engine="vmap"``): tensors are per-task views of
+    #: a batch, gradients come from ``torch.func.grad`` (see :meth:`grad`)
+    vectorised: bool = False
 
     @property
     def create_graph(self) -> bool:
@@ -88,10 +91,29 @@ class Task:
         """The support loss at ``params`` (through the ``inner_loss`` hook)."""
         return self.learner.hook.inner_loss(task=self, params=params)
 
+    def grad(self, fn: Callable[[Params], torch.Tensor], params: Params, create_graph: bool | None = None) -> Params:
+        """The gradient of the scalar ``fn(params)`` w.r.t. ``params``, under either engine.
+
+        Plugins take gradients through this, never with ``torch.autograd.grad`` (which cannot
+        run inside ``vmap``): the loop engine uses autograd, the vmap engine ``torch.func.grad``.
+        ``create_graph`` (default ``task.create_graph``) keeps the gradient differentiable for
+        the meta-gradient; False detaches it (first order).
+        """
+        graph = self.create_graph if create_graph is None else create_graph
+        if not self.vectorised:
+            return grad_dict(fn(params), params, create_graph=graph)
+        grads = torch.func.grad(fn)(params)
+        return grads if graph else {n: g.detach() for n, g in grads.items()}
+
+    def detached(self, params: Params) -> Params:
+        """``params`` cut from the meta-graph, ready to adapt from (a fresh start point)."""
+        if self.vectorised:
+            return {n: p.detach() for n, p in params.items()}
+        return {n: p.detach().requires_grad_() for n, p in params.items()}
+
     def inner_grad_at(self, params: Params, create_graph: bool | None = None) -> Params:
         """The plain support gradient at any point (for perturbations and finite differences)."""
-        graph = self.create_graph if create_graph is None else create_graph
-        return grad_dict(self.support_loss(params), params, create_graph=graph)
+        return self.grad(self.support_loss, params, create_graph)
 
     def adapt(
         self,
@@ -114,7 +136,11 @@ class Batch:
     learner: MetaLearner
     data: list[TaskData]
     training: bool
-    tasks: list[Task] = field(default_factory=list)
+    _tasks: list[Task] | None = field(default=None, repr=False)
+    #: the vmap engine's per-task results: losses and metrics stacked over the batch, and how to
+    #: build the per-task ``Task`` records from them (only when someone reads ``tasks``)
+    stacked: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    make_tasks: Callable[[], list[Task]] | None = field(default=None, repr=False)
     meta_loss: torch.Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     stash: Stash = field(default_factory=Stash)
@@ -122,6 +148,17 @@ class Batch:
     #: the default outer step: each task's loss is backpropagated as soon as it is computed
     #: (one task graph alive at a time; ``meta_loss`` is then detached)
     backward_per_task: bool = False
+
+    @property
+    def tasks(self) -> list[Task]:
+        """The batch's tasks (after the vmap engine: per-task records, built when first read)."""
+        if self._tasks is None:
+            self._tasks = self.make_tasks() if self.make_tasks is not None else []
+        return self._tasks
+
+    @tasks.setter
+    def tasks(self, tasks: list[Task]) -> None:
+        self._tasks = tasks
 
     def rerun(self) -> torch.Tensor:
         """Recompute the whole meta-loss (every inner loop) from the current meta-parameters."""

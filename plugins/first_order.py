@@ -116,6 +116,11 @@ class ConvergentFO:
 
     name = "convergent_fo"
     forces_first_order = True
+    #: read by engine="vmap" (refused) and engine="auto" (runs the loop)
+    vmap_unsupported = (
+        "its finite differences step by each task's own vector norm and replay the ReLU/max-pool pieces recorded "
+        "on that task, which needs per-task values on the host"
+    )
 
     def __init__(self, delta: float = 1e-3, estimator: str = "symmetric", freeze_activations: bool = True) -> None:
         if delta <= 0:

@@ -12,7 +12,7 @@ import torch
 
 from metaopt.errors import ConfigError, PluginConflictError
 from metaopt.hookspecs import hookimpl
-from metaopt.task import Batch, Params, Task, global_norm, grad_dict
+from metaopt.task import Batch, Params, Task, global_norm
 
 EPS = 1e-12
 DEFAULT_RHO = 0.05
@@ -71,16 +71,15 @@ class SharpMAML:
         return {n: self.rho_inner * g / (norm + EPS) for n, g in grads.items()}
 
     @hookimpl
-    def inner_grad(self, task: Task, params: Params, loss: torch.Tensor) -> Params | None:
+    def inner_grad(self, task: Task, params: Params) -> Params | None:
         if not task.training and not self.at_eval:
             return None
         keep = task.create_graph and self.differentiate_epsilon
-        g = grad_dict(loss, params, create_graph=keep)
-        eps = self.perturbation(g)
+        eps = self.perturbation(task.inner_grad_at(params, create_graph=keep))
         if not keep:
             eps = {n: e.detach() for n, e in eps.items()}
         perturbed = {n: params[n] + eps[n] for n in params}
-        return grad_dict(task.support_loss(perturbed), perturbed, create_graph=task.create_graph)
+        return task.grad(task.support_loss, perturbed)
 
     @hookimpl
     def outer_step(self, batch: Batch) -> bool:

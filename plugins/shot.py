@@ -81,7 +81,7 @@ class SHOT:
             target, output = main_out.detach(), task.forward(task.query_x, big)
         else:
             fine_lrs = [lr / self.substeps for lr in trajectory.lrs for _ in range(self.substeps)]
-            detached = {n: p.detach().requires_grad_() for n, p in task.start.items()}
+            detached = task.detached(task.start)
             second_order, task.second_order = task.second_order, False
             try:
                 fine, _ = task.adapt(steps=len(fine_lrs), lr=fine_lrs, start=detached)

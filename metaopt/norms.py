@@ -1,0 +1,111 @@
+"""Normalisation layers written with plain tensor ops, for the batched-task (vmap) engine.
+
+``torch.func.vmap`` gives a wrong second-order gradient through ``F.batch_norm`` and
+``F.layer_norm`` (their backward's batching rule for ``grad_input``; pytorch/functorch #534,
+still open on torch 2.14): a float64 meta-gradient through two inner steps of a conv+BN net
+differs from finite differences.  The same maths as mean / variance / normalise / affine is
+exact under vmap.  :class:`SafeNorms` routes ``F.batch_norm``, ``F.layer_norm`` and
+``F.group_norm`` (however the model spells them: ``nn.BatchNorm2d``, timm's norm layers, a
+direct ``F.layer_norm`` call) through these decompositions while the engine runs.
+
+Running statistics are never written here: under ``bn_policy="transductive"`` they are never
+read either, and under ``"running"`` BatchNorm runs in eval mode and only reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+#: modules whose forward reaches one of the decomposed functions
+NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+#: normalisations vmap also batches through a fused kernel that metaopt does not decompose
+UNCOVERED_MODULES = (nn.modules.instancenorm._InstanceNorm,)
+
+
+def _affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, shape: list[int]) -> torch.Tensor:
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.batch_norm`` without the running-statistics update (see the module docstring)."""
+    shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
+    if training or running_mean is None or running_var is None:
+        dims = [0, *range(2, input.dim())]
+        mean = input.mean(dim=dims, keepdim=True)
+        var = (input - mean).square().mean(dim=dims, keepdim=True)
+    else:
+        mean, var = running_mean.reshape(shape), running_var.reshape(shape)
+    return _affine((input - mean) * torch.rsqrt(var + eps), weight, bias, shape)
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    dims = list(range(-len(normalized_shape), 0))
+    mean = input.mean(dim=dims, keepdim=True)
+    var = (input - mean).square().mean(dim=dims, keepdim=True)
+    y = (input - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    n, c = input.shape[0], input.shape[1]
+    grouped = input.reshape(n, num_groups, -1)
+    mean = grouped.mean(dim=-1, keepdim=True)
+    var = (grouped - mean).square().mean(dim=-1, keepdim=True)
+    y = ((grouped - mean) * torch.rsqrt(var + eps)).reshape(input.shape)
+    return _affine(y, weight, bias, [1, c] + [1] * (input.dim() - 2))
+
+
+_REPLACEMENTS = {F.batch_norm: batch_norm, F.layer_norm: layer_norm, F.group_norm: group_norm}
+
+
+class SafeNorms(TorchFunctionMode):
+    """While active, ``F.batch_norm`` / ``F.layer_norm`` / ``F.group_norm`` run as plain tensor ops."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        replacement = _REPLACEMENTS.get(func)
+        return (replacement or func)(*args, **(kwargs or {}))
+
+
+def has_norms(model: nn.Module) -> bool:
+    """Whether the model holds a normalisation module that :class:`SafeNorms` must cover."""
+    return any(isinstance(m, NORM_MODULES) for m in model.modules())
+
+
+def uncovered_norms(model: nn.Module) -> list[str]:
+    """Names of modules whose normalisation vmap would batch wrongly and that are not decomposed."""
+    return [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if isinstance(m, UNCOVERED_MODULES)]
