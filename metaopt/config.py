@@ -27,6 +27,8 @@ RESUME_SAFE_KEYS = (
     "device",
     "keep_best",
     "workers",
+    "engine",
+    "task_chunk",
 )
 
 
@@ -90,7 +92,10 @@ FIELD_HELP: dict[str, str] = {
     "first_order": "drop second-order terms (FOMAML-style meta-gradient)",
     "inner_optimizer": "differentiable inner optimizer",
     "bn_policy": "BatchNorm during adaptation: batch statistics (transductive) or running statistics",
-    "backend": "functional engine of the inner loop",
+    "backend": "functional engine of the inner loop (loop engine)",
+    "engine": "loop: task by task; vmap: every task of a meta-batch at once (torch.func.vmap, same gradients); "
+    "auto: vmap for models without convolutions, else loop (docs/engines.md)",
+    "task_chunk": "vmap engine: tasks per vmap call (unset: the whole meta-batch); smaller holds less memory",
     "meta_batch": "tasks per meta-iteration",
     "iterations": "meta-iterations to train (a resumed run may raise it)",
     "meta_lr": "outer learning rate",
@@ -117,6 +122,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "inner_optimizer": ("sgd", "adam", "higher_adam", "rmsprop", "adagrad"),
     "bn_policy": ("transductive", "running"),
     "backend": ("higher", "torch.func"),
+    "engine": ("loop", "vmap", "auto"),
     "lr_schedule": ("none", "cosine", "tanh", "step", "multistep", "poly"),
     "keep_best": ("accuracy", "mse", "query_loss"),
     "precision": ("no", "bf16", "fp16"),
@@ -152,6 +158,8 @@ class TrainConfig:
     inner_optimizer: str = "sgd"
     bn_policy: str = "transductive"
     backend: str = "higher"
+    engine: str = "loop"
+    task_chunk: int | None = None
     meta_batch: int = 4
     iterations: int = 300
     meta_lr: float = 1e-3

@@ -101,6 +101,8 @@ def build_learner(config: TrainConfig, model: torch.nn.Module) -> MetaLearner:
         inner_optimizer=config.inner_optimizer,
         bn_policy=config.bn_policy,
         backend=config.backend,
+        engine=config.engine,
+        task_chunk=config.task_chunk,
     )
 
 

@@ -11,7 +11,7 @@ from conftest import class_tasks
 from reference import combo_meta_grad
 from torch import nn
 
-from metaopt import HeadedModel, MetaLearner, PluginConflictError
+from metaopt import ConfigError, HeadedModel, MetaLearner, PluginConflictError
 from metaopt.plugins import ANIL, FOMAML, SHOT, ConvergentFO, HyperMAML, MAMLPlusPlus, MetaSGD, Reptile, SharpMAML
 
 STEPS, LR, RHO, SHOT_WEIGHT = 2, 0.3, 0.05, 0.5
@@ -59,21 +59,26 @@ def _model():
     return HeadedModel(nn.Sequential(nn.Linear(4, 6), nn.Tanh()), nn.Linear(6, 3)).double()
 
 
-def _build(pair):
+def _build(pair, engine="loop"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SHOT with a first-order learner warns
-        return MetaLearner(_model(), [ENTRIES[n][0]() for n in pair], inner_steps=STEPS, inner_lr=LR)
+        return MetaLearner(_model(), [ENTRIES[n][0]() for n in pair], inner_steps=STEPS, inner_lr=LR, engine=engine)
 
 
+@pytest.mark.parametrize("engine", ["loop", "vmap"])
 @pytest.mark.parametrize("pair", PAIRS, ids="+".join)
-def test_pair_is_refused_at_build_or_matches_its_reference(pair):
+def test_pair_is_refused_at_build_or_matches_its_reference(pair, engine):
     if frozenset(pair) in REFUSED:
         with pytest.raises(PluginConflictError) as info:
-            _build(pair)
+            _build(pair, engine)
         names = {"sharp_inner": "sharp_maml", "sharp_both": "sharp_maml"}
         assert all(names.get(n, n) in str(info.value) for n in pair), str(info.value)
         return
-    learner = _build(pair)
+    if engine == "vmap" and "convergent_fo" in pair:  # refused by the batched engine, with the reason
+        with pytest.raises(ConfigError, match="engine='vmap' cannot run this learner: plugin 'convergent_fo'"):
+            _build(pair, engine)
+        return
+    learner = _build(pair, engine)
     options = {}
     for name in pair:
         options.update(ENTRIES[name][1])

@@ -24,7 +24,7 @@ class CountInnerGrads:
         self.calls = 0
 
     @hookimpl(wrapper=True)
-    def inner_grad(self, task, params, loss):
+    def inner_grad(self, task, params):
         self.calls += 1
         return (yield)
 

@@ -23,7 +23,7 @@ class GradSpy:
         self.seen = []
 
     @hookimpl(wrapper=True)
-    def inner_grad(self, task, params, loss):
+    def inner_grad(self, task, params):
         grads = yield
         self.seen.append(
             (
