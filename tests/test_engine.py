@@ -9,8 +9,8 @@ from conftest import class_tasks, regression_tasks
 from torch import nn
 
 from metaopt import ConfigError, DataError, HeadedModel, MetaLearner, hookimpl
-from metaopt.errors import NumericalError, PluginHookError
 from metaopt.engine import choose_engine
+from metaopt.errors import NumericalError, PluginHookError
 from metaopt.models import mlp
 from metaopt.plugins import FOMAML, SHOT, ConvergentFO, HyperMAML, MAMLPlusPlus, MetaSGD, Reptile, SharpMAML
 
