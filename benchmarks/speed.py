@@ -37,6 +37,9 @@ METAOPT_PLUGINS: dict[str, list[Any]] = {
     "metaopt maml (torch.func backend)": [],
     "metaopt maml (torch.func, check_finite=False)": [],
     "metaopt maml (per_task_backward=False)": [],
+    "metaopt maml (vmap)": [],
+    "metaopt maml (vmap, check_finite=False)": [],
+    "metaopt maml (auto)": [],
     "metaopt fomaml": ["fomaml"],
     "metaopt convergent_fo": ["convergent_fo"],
     "metaopt shot": ["shot"],
@@ -45,10 +48,18 @@ METAOPT_PLUGINS: dict[str, list[Any]] = {
     "metaopt anil": ["anil"],
     "metaopt meta_sgd": ["meta_sgd"],
     "metaopt maml_pp": [("maml_pp", {"msl_iters": 100})],
+    "metaopt fomaml (vmap)": ["fomaml"],
+    "metaopt shot (vmap)": ["shot"],
+    "metaopt sharp_maml (both, vmap)": [("sharp_maml", {"rho_inner": 0.05, "rho_outer": 0.05})],
+    "metaopt shot+sharp_maml (both, vmap)": ["shot", ("sharp_maml", {"rho_inner": 0.05, "rho_outer": 0.05})],
+    "metaopt shot+sharp_maml (both)": ["shot", ("sharp_maml", {"rho_inner": 0.05, "rho_outer": 0.05})],
 }
-CONTENDERS = [*METAOPT_PLUGINS, "raw higher", "torch.func", "torchopt"]
+CONTENDERS = [*METAOPT_PLUGINS, "raw higher", "torch.func", "torchopt", "hand vmap"]
+#: the engine a contender's name asks for
+ENGINE_TAGS = {"(vmap": "vmap", ", vmap)": "vmap", "(auto)": "auto"}
 WORKLOADS: dict[str, dict[str, Any]] = {
     "sinusoid mlp, 10-shot, mb 25, K=1": dict(model="mlp", meta_batch=25, steps=1, lr=0.01),
+    "sinusoid mlp, 10-shot, mb 25, K=5": dict(model="mlp", meta_batch=25, steps=5, lr=0.01),
     "conv4 28px 5w1s, mb 8, K=1": dict(model="conv4", meta_batch=8, steps=1, lr=0.4),
     "conv4 28px 5w1s, mb 32, K=1": dict(model="conv4", meta_batch=32, steps=1, lr=0.4),
     "conv4 28px 5w1s, mb 8, K=5": dict(model="conv4", meta_batch=8, steps=5, lr=0.1),
@@ -64,6 +75,7 @@ MEMORY_CONTENDERS = [
     "metaopt fomaml",
     "metaopt convergent_fo",
     "metaopt maml (per_task_backward=False)",
+    "metaopt maml (vmap)",
 ]
 # glibc: a fixed mmap threshold returns every large freed block to the OS at once, so the
 # resident set follows live memory and "peak - resident before the timed steps" is the step's need.
@@ -155,6 +167,32 @@ def func_step_fn(model, steps: int, lr: float, loss_fn):
     return step
 
 
+def hand_vmap_step_fn(model, steps: int, lr: float, loss_fn):
+    """All tasks at once: torch.func.vmap over tasks of an inner loop written with torch.func.grad.
+
+    BatchNorm modules lose their running statistics (functorch's replace_all_batch_norm_modules_,
+    the documented way to run them under vmap); their second-order gradient under vmap is then
+    torch's (see the float64 check column: pytorch/functorch #534).
+    """
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    torch.func.replace_all_batch_norm_modules_(model)
+
+    def task(params, sx, sy, qx, qy):
+        for _ in range(steps):
+            g = grad(lambda p: loss_fn(functional_call(model, p, (sx,)), sy))(params)
+            params = {n: params[n] - lr * g[n] for n in params}
+        return loss_fn(functional_call(model, params, (qx,)), qy)
+
+    def step(tasks):
+        stacked = [torch.stack([t[i] for t in tasks]) for i in range(4)]
+        params = dict(model.named_parameters())
+        vmap(task, in_dims=(None, 0, 0, 0, 0), randomness="different")(params, *stacked).mean().backward()
+
+    return step
+
+
 def torchopt_step_fn(model, steps: int, lr: float, loss_fn):
     import torchopt
 
@@ -239,6 +277,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     model = make_model(wl["model"]).to(device)
     if contender in METAOPT_PLUGINS:
         options = {
+            "engine": next((e for tag, e in ENGINE_TAGS.items() if tag in contender), "loop"),
             "backend": "torch.func" if "torch.func" in contender else "higher",
             "check_finite": "check_finite=False" not in contender,
             "per_task_backward": "per_task_backward=False" not in contender,
@@ -247,6 +286,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         params = list(learner.meta_parameters())
     elif contender == "raw higher":
         step, params = higher_step_fn(model, steps, wl["lr"], loss_fn), list(model.parameters())
+    elif contender == "hand vmap":
+        step, params = hand_vmap_step_fn(model, steps, wl["lr"], loss_fn), list(model.parameters())
     elif contender == "torch.func":
         step, params = func_step_fn(model, steps, wl["lr"], loss_fn), list(model.parameters())
     elif contender == "torchopt":
@@ -260,6 +301,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     optimizer = torch.optim.Adam(params, lr=1e-3)
 
     result: dict[str, Any] = {}
+    if contender in METAOPT_PLUGINS:
+        result["engine"] = learner.engine_for(list(batches[0]))
     optimizer.zero_grad(set_to_none=True)
     step(batches[0])
     if reference is not None:
@@ -388,6 +431,37 @@ def ratio_table(title: str, rows: dict[str, dict[str, Any]], contenders: list[st
     return lines + [""]
 
 
+HAND = ("raw higher", "torch.func", "torchopt", "hand vmap")
+ENGINE_ROWS = {"loop": "metaopt maml", "vmap": "metaopt maml (vmap)", "auto": "metaopt maml (auto)"}
+
+
+def engine_table(results: dict[str, Any]) -> list[str]:
+    """Per workload: metaopt's MAML under each engine against the fastest hand-written loop."""
+    lines = [
+        "## Engines against the fastest hand-written loop",
+        "",
+        "From the tables below (same runs): metaopt's second-order MAML under each engine, divided by the",
+        "fastest of the hand-written contenders (raw higher, torch.func per-task loop, TorchOpt, hand vmap).",
+        "",
+        "| workload | fastest hand loop | loop × | vmap × | auto × (engine it picks) | best engine |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for wl, rows in results["speed"].items():
+        hand = {c: rows[c]["median_s"] for c in HAND if "median_s" in rows.get(c, {})}
+        ours = {e: rows[c]["median_s"] for e, c in ENGINE_ROWS.items() if "median_s" in rows.get(c, {})}
+        if not hand or not ours:
+            continue
+        best_hand = min(hand, key=hand.get)
+        cells = [f"{ours[e] / hand[best_hand]:.2f}" if e in ours else "—" for e in ("loop", "vmap")]
+        auto = "—"
+        if "auto" in ours:
+            picked = rows[ENGINE_ROWS["auto"]].get("engine", "?")
+            auto = f"{ours['auto'] / hand[best_hand]:.2f} ({picked})"
+        best = min((e for e in ("loop", "vmap") if e in ours), key=ours.get)
+        lines.append(f"| {wl} | {best_hand} ({hand[best_hand]:.4f} s) | {cells[0]} | {cells[1]} | {auto} | {best} |")
+    return lines + [""]
+
+
 def plot(results: dict[str, Any], out: Path) -> list[str]:
     try:
         import matplotlib
@@ -408,11 +482,12 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
             ref = ok.get("raw higher", min(ok.values()))
             for c in (
                 "metaopt maml",
-                "metaopt maml (per_task_backward=False)",
-                "metaopt maml (torch.func backend)",
+                "metaopt maml (vmap)",
+                "metaopt maml (auto)",
                 "raw higher",
                 "torch.func",
                 "torchopt",
+                "hand vmap",
             ):
                 if c in ok:
                     labels.append(f"{wl} | {c}")
@@ -459,6 +534,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "measure taken against metaopt's float32 MAML). The algorithm plugins compute different",
         "gradients by design and are not checked here (their maths is tested in tests/plugins).",
         "",
+    ]
+    lines += engine_table(results)
+    lines += [
         "## Time and memory per workload",
         "",
     ]
@@ -492,16 +570,17 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             "",
         ]
         lines += [
-            "| K | " + " | ".join(f"{c} (MiB)" for c in MEMORY_CONTENDERS) + " | maml / fomaml | maml / conv. FO |"
+            "| K | " + " | ".join(f"{c} (MiB)" for c in MEMORY_CONTENDERS) + " | maml / fomaml | maml / conv. FO | vmap / loop |"
         ]
-        lines += ["|" + " --- |" * (len(MEMORY_CONTENDERS) + 3)]
+        lines += ["|" + " --- |" * (len(MEMORY_CONTENDERS) + 4)]
         for k in MEMORY_K:
             row = results["memory"].get(str(k), {})
             peaks = [row.get(c, {}).get("extra_mib") for c in MEMORY_CONTENDERS]
             cells = [f"{p:.0f}" if p else "—" for p in peaks]
             r1 = f"{peaks[0] / peaks[1]:.2f}" if all(peaks[:2]) else "—"
             r2 = f"{peaks[0] / peaks[2]:.2f}" if peaks[0] and peaks[2] else "—"
-            lines.append(f"| {k} | " + " | ".join(cells) + f" | {r1} | {r2} |")
+            r3 = f"{peaks[4] / peaks[0]:.2f}" if peaks[0] and peaks[4] else "—"
+            lines.append(f"| {k} | " + " | ".join(cells) + f" | {r1} | {r2} | {r3} |")
         lines.append("")
     for name in plot(results, out):
         lines += [f"![{name}]({name})", ""]

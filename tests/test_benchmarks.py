@@ -40,7 +40,9 @@ def test_speed_harness_times_and_checks_gradients(tmp_path):
         "sinusoid mlp, 10-shot, mb 25, K=1",
         "--contenders",
         "metaopt maml",
+        "metaopt maml (vmap)",
         "raw higher",
+        "hand vmap",
         "--iters",
         "2",
         "--warmup",
@@ -52,8 +54,10 @@ def test_speed_harness_times_and_checks_gradients(tmp_path):
     result = json.loads((tmp_path / "speed.json").read_text())["speed"]["sinusoid mlp, 10-shot, mb 25, K=1"]
     assert result["metaopt maml"]["median_s"] > 0
     # float32 against the float64 reference: rounding only, and never exactly equal
-    for contender in ("metaopt maml", "raw higher"):
+    for contender in ("metaopt maml", "metaopt maml (vmap)", "raw higher", "hand vmap"):
         assert 0 < result[contender]["rel_err_vs_float64"] < 1e-4
+    assert result["metaopt maml (vmap)"]["engine"] == "vmap" and result["metaopt maml"]["engine"] == "loop"
+    assert "## Engines against the fastest hand-written loop" in (tmp_path / "speed.md").read_text()
     assert "| raw higher |" in (tmp_path / "speed.md").read_text()
     # the checks alone can be redone on an existing result file; the timings stay as they were
     _run("speed.py", "--check-only", "--workloads", "sinusoid mlp, 10-shot, mb 25, K=1", "--docs", str(tmp_path))
