@@ -570,7 +570,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             "",
         ]
         lines += [
-            "| K | " + " | ".join(f"{c} (MiB)" for c in MEMORY_CONTENDERS) + " | maml / fomaml | maml / conv. FO | vmap / loop |"
+            "| K | "
+            + " | ".join(f"{c} (MiB)" for c in MEMORY_CONTENDERS)
+            + " | maml / fomaml | maml / conv. FO | vmap / loop |"
         ]
         lines += ["|" + " --- |" * (len(MEMORY_CONTENDERS) + 4)]
         for k in MEMORY_K:

@@ -1,0 +1,150 @@
+"""Plugin effects over seeds: every algorithm trained with several seeds, mean ± spread per cell.
+
+    python benchmarks/seeds.py --setting sinusoid --seeds 0 1 2            # plugins at the sinusoid setting
+    python benchmarks/seeds.py --setting sinusoid --algorithms "maml (loop)" "maml (vmap)"   # engines
+    python benchmarks/seeds.py --setting sinusoid --algorithms convergent_fo:lr=0.003,m=0.9 ...
+
+Each (setting, algorithm, seed) is trained and evaluated through the CLI (600 test tasks drawn with
+one fixed test seed, the same for every row), and kept in docs/benchmarks/seeds.json (a cell already
+there is kept unless --rerun).  docs/benchmarks/seeds.md is regenerated from that file: per cell the
+mean over seeds ± the sample standard deviation, the per-seed values, and each plugin against MAML
+(difference of the means and its standard error, sqrt(sd_a²/n_a + sd_b²/n_b) over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from accuracy import ALGORITHMS, algorithm_flags
+from common import DOCS, device_name, train_eval, write_json
+
+TEST_SEED = 12345
+SETTINGS: dict[str, dict[str, Any]] = {
+    "sinusoid": {
+        "flags": ["--data", "sinusoid", "--shots", "10", "--query", "10", "--inner-lr", "0.01", "--inner-steps", "1"]
+        + ["--meta-batch", "25"],
+        "iterations": 2000,
+        "eval_steps": [1, 10],
+        "metric": "mse",
+    },
+}
+
+
+def algorithm_args(name: str, iterations: int) -> list[str]:
+    """CLI flags of an algorithm: an accuracy-harness name, "NAME (loop|vmap)", or convergent FO's outer step."""
+    if name.endswith((" (loop)", " (vmap)")):
+        base, engine = name[:-7], name[-5:-1]
+        return [*algorithm_args(base, iterations), "--engine", engine]
+    if name.startswith("convergent_fo:"):  # convergent_fo:lr=0.01,m=0.9[,clip=1.0]
+        options = dict(item.split("=") for item in name.split(":", 1)[1].split(","))
+        kwargs = {"momentum": float(options.get("m", 0.9))}
+        if "clip" in options:
+            kwargs.update(mode="clip", clip=float(options["clip"]))
+        return ["--plugin", "convergent_fo", "--outer-optimizer", "normalized_sgd", "--meta-lr", options["lr"]] + [
+            "--outer-optimizer-kwargs",
+            json.dumps(kwargs),
+        ]
+    return [*algorithm_flags(name, iterations), "--engine", "auto"]
+
+
+def run_cell(setting: str, algo: str, seed: int, work: Path, iterations: int) -> dict[str, Any]:
+    spec = SETTINGS[setting]
+    train = [*spec["flags"], "--iterations", str(iterations), "--seed", str(seed), "--checkpoint-every", "0"]
+    train += algorithm_args(algo, iterations)
+    out = work / f"{setting}_{algo}_{seed}".replace(" ", "_").replace("/", "_")
+    row = train_eval(out, train, spec["eval_steps"], eval_args=["--seed", str(TEST_SEED), "--no-baseline"])
+    row.update(device=device_name(), finished=time.strftime("%Y-%m-%d %H:%M"), iterations=iterations)
+    return row
+
+
+def summary(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def write_report(results: dict[str, Any], docs: Path) -> None:
+    lines = [
+        "# Plugin effects over seeds",
+        "",
+        "Produced by `python benchmarks/seeds.py` (see its docstring). Each cell: the mean over training",
+        "seeds ± the sample standard deviation over seeds, then the per-seed values; every seed is evaluated",
+        f"on the same 600 test tasks (test seed {TEST_SEED}). 'vs maml' is the difference of the means and",
+        "its standard error over seeds; an effect is called measurable only when the difference exceeds",
+        "twice its standard error (with 3 seeds this is a rough screen, not a significance test).",
+        "",
+    ]
+    for setting, algos in results.items():
+        spec = SETTINGS[setting]
+        metric, steps = spec["metric"], [str(s) for s in spec["eval_steps"]]
+        lines += [f"## {setting}", ""]
+        first = next(iter(next(iter(algos.values())).values()))
+        lines += [f"Shared flags: `{' '.join(spec['flags'])} --iterations {first['iterations']}`; device: "]
+        lines[-1] += f"{first['device']}; `--engine auto` unless the name says the engine."
+        lines += ["", "| algorithm | seeds | " + " | ".join(f"{metric} after {s} step(s)" for s in steps)]
+        lines[-1] += " | vs maml (last steps) | train wall s (mean) |"
+        lines += ["|" + " --- |" * (len(steps) + 4)]
+        reference = None
+        if "maml" in algos:
+            reference = summary([r["evals"][steps[-1]][metric] for r in algos["maml"].values()]), len(algos["maml"])
+        for algo, seeds in algos.items():
+            cells = [algo, ",".join(sorted(seeds, key=int))]
+            for s in steps:
+                values = [r["evals"][s].get(metric, float("nan")) for r in seeds.values()]
+                mean, sd = summary(values)
+                cells.append(f"{mean:.4f} ± {sd:.4f} ({', '.join(f'{v:.3f}' for v in values)})")
+            if reference is not None and algo != "maml":
+                (ref_mean, ref_sd), n_ref = reference
+                mean, sd = summary([r["evals"][steps[-1]][metric] for r in seeds.values()])
+                se = (sd**2 / len(seeds) + ref_sd**2 / n_ref) ** 0.5
+                diff = mean - ref_mean
+                verdict = "measurable" if abs(diff) > 2 * se else "within noise"
+                cells.append(f"{diff:+.4f} ± {se:.4f} ({verdict})")
+            else:
+                cells.append("—")
+            cells.append(f"{statistics.fmean(r['train_wall_s'] for r in seeds.values()):.0f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    (docs / "seeds.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=list(SETTINGS), default="sinusoid")
+    parser.add_argument("--algorithms", nargs="+", default=["maml", "fomaml", "shot", "sharp_inner"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--iterations", type=int, help="default: the setting's")
+    parser.add_argument("--work", default="runs/seeds")
+    parser.add_argument("--docs", default=str(DOCS))
+    parser.add_argument("--rerun", action="store_true")
+    args = parser.parse_args()
+    for algo in args.algorithms:
+        base = algo.removesuffix(" (loop)").removesuffix(" (vmap)")
+        if base not in ALGORITHMS and not base.startswith("convergent_fo:"):
+            parser.error(f"unknown algorithm {algo!r}; use one of {sorted(ALGORITHMS)}")
+    docs = Path(args.docs)
+    path = docs / "seeds.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    iterations = args.iterations or SETTINGS[args.setting]["iterations"]
+    for algo in args.algorithms:
+        for seed in args.seeds:
+            cells = results.setdefault(args.setting, {}).setdefault(algo, {})
+            if str(seed) in cells and not args.rerun:
+                continue
+            cells[str(seed)] = run_cell(args.setting, algo, seed, Path(args.work), iterations)
+            print(
+                args.setting,
+                algo,
+                seed,
+                {k: v.get("mse", v.get("accuracy")) for k, v in cells[str(seed)]["evals"].items()},
+            )
+            write_json(path, results)
+            write_report(results, docs)
+    write_report(results, docs)
+
+
+if __name__ == "__main__":
+    main()
