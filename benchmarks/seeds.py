@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from accuracy import ALGORITHMS, algorithm_flags
-from common import DOCS, device_name, train_eval, write_json
+from common import DOCS, SHARED_DATA, device_name, train_eval, write_json
 
 TEST_SEED = 12345
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -31,6 +31,26 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "iterations": 2000,
         "eval_steps": [1, 10],
         "metric": "mse",
+    },
+    # the same, scored on other tasks (validation): for tuning (convergent FO's outer step) without the test tasks
+    "sinusoid-validation": {
+        "flags": ["--data", "sinusoid", "--shots", "10", "--query", "10", "--inner-lr", "0.01", "--inner-steps", "1"]
+        + ["--meta-batch", "25"],
+        "iterations": 2000,
+        "eval_steps": [1, 10],
+        "metric": "mse",
+        "test_seed": 777,
+    },
+    # 5-way 1-shot, meta-trained on every alphabet of small1, tested on small2's alphabets small1 lacks
+    "omniglot5": {
+        "flags": ["--data", f"omniglot:{SHARED_DATA / 'images_background_small1.zip'}", "--ways", "5"]
+        + ["--shots", "1", "--query", "15", "--inner-lr", "0.4", "--inner-steps", "1", "--meta-batch", "8"],
+        "all_alphabets": True,
+        "eval_args": ["--data", f"omniglot:{SHARED_DATA / 'images_background_small2.zip'}", "--split", "test"]
+        + [arg for a in ("Japanese_(katakana)", "Sanskrit", "Tagalog") for arg in ("--test-alphabet", a)],
+        "iterations": 300,
+        "eval_steps": [1, 3],
+        "metric": "accuracy",
     },
 }
 
@@ -56,8 +76,14 @@ def run_cell(setting: str, algo: str, seed: int, work: Path, iterations: int) ->
     spec = SETTINGS[setting]
     train = [*spec["flags"], "--iterations", str(iterations), "--seed", str(seed), "--checkpoint-every", "0"]
     train += algorithm_args(algo, iterations)
+    if spec.get("all_alphabets"):  # meta-train on every alphabet of the archive
+        config = work / "all-alphabets.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text("test_alphabets: []\n")
+        train = ["--config", str(config), *train]
     out = work / f"{setting}_{algo}_{seed}".replace(" ", "_").replace("/", "_")
-    row = train_eval(out, train, spec["eval_steps"], eval_args=["--seed", str(TEST_SEED), "--no-baseline"])
+    eval_args = [*spec.get("eval_args", []), "--seed", str(spec.get("test_seed", TEST_SEED)), "--no-baseline"]
+    row = train_eval(out, train, spec["eval_steps"], eval_args=eval_args)
     row.update(device=device_name(), finished=time.strftime("%Y-%m-%d %H:%M"), iterations=iterations)
     return row
 
@@ -81,6 +107,8 @@ def write_report(results: dict[str, Any], docs: Path) -> None:
         spec = SETTINGS[setting]
         metric, steps = spec["metric"], [str(s) for s in spec["eval_steps"]]
         lines += [f"## {setting}", ""]
+        if "test_seed" in spec:
+            lines += [f"Scored on validation tasks (test seed {spec['test_seed']}), used for tuning only.", ""]
         first = next(iter(next(iter(algos.values())).values()))
         lines += [f"Shared flags: `{' '.join(spec['flags'])} --iterations {first['iterations']}`; device: "]
         lines[-1] += f"{first['device']}; `--engine auto` unless the name says the engine."
