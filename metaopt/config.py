@@ -94,7 +94,7 @@ FIELD_HELP: dict[str, str] = {
     "bn_policy": "BatchNorm during adaptation: batch statistics (transductive) or running statistics",
     "backend": "functional engine of the inner loop (loop engine)",
     "engine": "loop: task by task; vmap: every task of a meta-batch at once (torch.func.vmap, same gradients); "
-    "auto: vmap for models without convolutions, else loop (docs/engines.md)",
+    "auto (the CLI's default): vmap for models without convolutions, else loop (docs/engines.md)",
     "task_chunk": "vmap engine: tasks per vmap call (unset: the whole meta-batch); smaller holds less memory",
     "meta_batch": "tasks per meta-iteration",
     "iterations": "meta-iterations to train (a resumed run may raise it)",
@@ -158,7 +158,7 @@ class TrainConfig:
     inner_optimizer: str = "sgd"
     bn_policy: str = "transductive"
     backend: str = "higher"
-    engine: str = "loop"
+    engine: str = "auto"
     task_chunk: int | None = None
     meta_batch: int = 4
     iterations: int = 300

@@ -71,15 +71,25 @@ def ragged(data: list[TaskData]) -> str | None:
     return None
 
 
+def unvetted_plugins(learner: MetaLearner) -> list[str]:
+    """Plugins that are neither built in nor declare ``vmap_safe = True`` (auto keeps them in the loop)."""
+    return [
+        name
+        for name, plugin in zip(learner.host.names, learner.host.plugins, strict=True)
+        if not name.startswith("builtin:") and not getattr(plugin, "vmap_safe", False)
+    ]
+
+
 def choose_engine(learner: MetaLearner, data: list[TaskData]) -> str:
     """``engine="auto"``: vmap for models without convolutions, loop otherwise (see docs/engines.md).
 
     Measured on CPU (docs/benchmarks/speed.md): vmap is several times faster on the
     overhead-bound sinusoid MLP and slower on conv4 / ResNets, where the per-task loop's
     convolutions are the faster kernels.  Also loop whenever vmap cannot run the batch
-    (ragged tasks, a refused plugin or optimizer).
+    (ragged tasks, a refused plugin or optimizer), and with a third-party plugin that does not
+    declare ``vmap_safe = True`` (it may call ``torch.autograd.grad`` or read values).
     """
-    if learner.vmap_reasons or ragged(data) is not None:
+    if learner.vmap_reasons or ragged(data) is not None or unvetted_plugins(learner):
         return "loop"
     return "loop" if any(isinstance(m, CONV_MODULES) for m in learner.model.modules()) else "vmap"
 

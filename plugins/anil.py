@@ -33,6 +33,7 @@ class ANIL:
     """ANIL: only the head (or the parameters named by ``prefixes``) is adapted per task."""
 
     name = "anil"
+    vmap_safe = True  # runs under engine="vmap" (tests/test_engine.py, tests/plugins/test_combinations.py)
     incompatible_with = {
         "hypermaml": "HyperMAML already adapts only the head (with its own update); use one of them.",
         "reptile": "Reptile's meta-gradient covers only the adapted parameters and ignores the query loss, so with "

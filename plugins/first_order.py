@@ -30,6 +30,7 @@ class FOMAML:
     """First-order MAML: the meta-gradient is grad L_Q at the adapted parameters."""
 
     name = "fomaml"
+    vmap_safe = True  # runs under engine="vmap" (tests/test_engine.py, tests/plugins/test_combinations.py)
     forces_first_order = True
     incompatible_with = {
         "reptile": "Reptile defines its own first-order meta-gradient and replaces FOMAML's; list only one of them.",
@@ -46,6 +47,7 @@ class Reptile:
     """Reptile: meta-gradient (theta - theta_K) / (sum of inner learning rates)."""
 
     name = "reptile"
+    vmap_safe = True  # runs under engine="vmap" (tests/test_engine.py, tests/plugins/test_combinations.py)
     forces_first_order = True
     incompatible_with = {"convergent_fo": "both define the meta-gradient; use one of them."}
 

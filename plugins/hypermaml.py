@@ -42,6 +42,7 @@ class HyperMAML(IterationCounter):
     """HyperMAML: a hypernetwork maps the support set to the head update (with a MAML warm-up)."""
 
     name = "hypermaml"
+    vmap_safe = True  # runs under engine="vmap" (tests/test_engine.py, tests/plugins/test_combinations.py)
     incompatible_with = {
         "shot": "SHOT regularises an inner gradient trajectory, which HyperMAML does not have. Drop one of them: "
         "SHOT with MAML or another gradient-based learner, or HyperMAML without SHOT.",

@@ -24,6 +24,7 @@ class MAMLPlusPlus(IterationCounter):
     """MAML++: per-layer per-step learned inner rates, multi-step loss, derivative-order annealing."""
 
     name = "maml_pp"
+    vmap_safe = True  # runs under engine="vmap" (tests/test_engine.py, tests/plugins/test_combinations.py)
     incompatible_with = NO_INNER_STEP
 
     def __init__(self, lslr: bool = True, msl: bool = True, msl_iters: int = 1000, first_order_iters: int = 0) -> None:

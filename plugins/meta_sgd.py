@@ -44,6 +44,7 @@ class MetaSGD:
     """Meta-SGD: one learnable inner learning-rate tensor per adapted parameter."""
 
     name = "meta_sgd"
+    vmap_safe = True  # runs under engine="vmap" (tests/test_engine.py, tests/plugins/test_combinations.py)
     incompatible_with = NO_INNER_STEP
 
     def __init__(self, per_element: bool = True, init: float | None = None) -> None:

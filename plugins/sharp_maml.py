@@ -26,6 +26,7 @@ class SharpMAML:
     """
 
     name = "sharp_maml"
+    vmap_safe = True  # runs under engine="vmap" (tests/test_engine.py, tests/plugins/test_combinations.py)
 
     def __init__(
         self,

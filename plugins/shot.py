@@ -37,6 +37,7 @@ class SHOT:
     """SHOT: penalise disagreement of a cheaper/finer inner trajectory with the normal one."""
 
     name = "shot"
+    vmap_safe = True  # runs under engine="vmap" (tests/test_engine.py, tests/plugins/test_combinations.py)
     incompatible_with = {
         "hypermaml": "HyperMAML has no inner gradient trajectory to regularise; use SHOT with a gradient-based learner."
     }

@@ -229,6 +229,17 @@ def test_a_plugin_that_calls_autograd_gets_advice_under_vmap():
     assert info.value.plugin == "old_style"
 
 
+def test_auto_keeps_third_party_plugins_in_the_loop_unless_they_declare_vmap_safe():
+    tasks = [tuple(t.float() for t in task) for task in regression_tasks(3)]
+    assert MetaLearner(mlp(), [AutogradInsideHook()], engine="auto").engine_for(tasks) == "loop"
+
+    class Vetted(AutogradInsideHook):
+        vmap_safe = True
+
+    assert MetaLearner(mlp(), [Vetted()], engine="auto").engine_for(tasks) == "vmap"
+    assert MetaLearner(mlp(), [SHOT(), SharpMAML()], engine="auto").engine_for(tasks) == "vmap"
+
+
 def test_batch_hooks_see_per_task_records_under_vmap():
     seen = []
 

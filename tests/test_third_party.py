@@ -88,7 +88,9 @@ def test_installed_plugin_is_used_by_name_only_when_asked(site, tmp_path):
     assert asked.returncode == 0, asked.stderr
     record = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["counted_steps"] == 6.0  # 3 steps x scale 2: the plugin ran with its option
-    batched = _metaopt(site, *train, "--plugin", "count_steps:scale=2", "--engine", "vmap", "--out", str(tmp_path / "v"))
+    batched = _metaopt(
+        site, *train, "--plugin", "count_steps:scale=2", "--engine", "vmap", "--out", str(tmp_path / "v")
+    )
     assert batched.returncode == 0, batched.stderr  # the same plugin under the batched-task engine
     assert json.loads((tmp_path / "v" / "metrics.jsonl").read_text().splitlines()[-1])["counted_steps"] == 6.0
     plain = _metaopt(site, *train, "--out", str(tmp_path / "b"))
