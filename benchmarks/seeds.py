@@ -100,7 +100,8 @@ def write_report(results: dict[str, Any], docs: Path) -> None:
         "seeds ± the sample standard deviation over seeds, then the per-seed values; every seed is evaluated",
         f"on the same 600 test tasks (test seed {TEST_SEED}). 'vs maml' is the difference of the means and",
         "its standard error over seeds; an effect is called measurable only when the difference exceeds",
-        "twice its standard error (with 3 seeds this is a rough screen, not a significance test).",
+        "twice its standard error (with 3 seeds this is a rough screen, not a significance test). A cell",
+        "with one seed shows the 95% confidence half-width over test tasks instead.",
         "",
     ]
     for setting, algos in results.items():
@@ -123,6 +124,9 @@ def write_report(results: dict[str, Any], docs: Path) -> None:
             for s in steps:
                 values = [r["evals"][s].get(metric, float("nan")) for r in seeds.values()]
                 mean, sd = summary(values)
+                if len(values) == 1:  # one seed: the 95% interval over test tasks instead
+                    cells.append(f"{mean:.4f} ± {next(iter(seeds.values()))['evals'][s]['ci95']:.4f} (95% CI, tasks)")
+                    continue
                 cells.append(f"{mean:.4f} ± {sd:.4f} ({', '.join(f'{v:.3f}' for v in values)})")
             if reference is not None and algo != "maml":
                 (ref_mean, ref_sd), n_ref = reference
