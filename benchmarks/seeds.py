@@ -8,7 +8,7 @@ Each (setting, algorithm, seed) is trained and evaluated through the CLI (600 te
 one fixed test seed, the same for every row), and kept in docs/benchmarks/seeds.json (a cell already
 there is kept unless --rerun).  docs/benchmarks/seeds.md is regenerated from that file: per cell the
 mean over seeds ± the sample standard deviation, the per-seed values, and each plugin against MAML
-(difference of the means and its standard error, sqrt(sd_a²/n_a + sd_b²/n_b) over seeds).
+(the per-seed differences, paired by seed, and their standard error).
 """
 
 from __future__ import annotations
@@ -98,9 +98,10 @@ def write_report(results: dict[str, Any], docs: Path) -> None:
         "",
         "Produced by `python benchmarks/seeds.py` (see its docstring). Each cell: the mean over training",
         "seeds ± the sample standard deviation over seeds, then the per-seed values; every seed is evaluated",
-        f"on the same 600 test tasks (test seed {TEST_SEED}). 'vs maml' is the difference of the means and",
-        "its standard error over seeds; an effect is called measurable only when the difference exceeds",
-        "twice its standard error (with 3 seeds this is a rough screen, not a significance test). A cell",
+        f"on the same 600 test tasks (test seed {TEST_SEED}). 'vs maml' pairs the runs by seed (a seed fixes",
+        "the initialisation and the training tasks for every algorithm): the mean of the per-seed differences",
+        "to MAML ± its standard error; **measurable** marks a mean difference beyond twice its standard error",
+        "(with 3 seeds a rough screen, not a significance test; negative = lower, i.e. better, MSE). A cell",
         "with one seed shows the 95% confidence half-width over test tasks instead.",
         "",
     ]
@@ -114,11 +115,9 @@ def write_report(results: dict[str, Any], docs: Path) -> None:
         lines += [f"Shared flags: `{' '.join(spec['flags'])} --iterations {first['iterations']}`; device: "]
         lines[-1] += f"{first['device']}; `--engine auto` unless the name says the engine."
         lines += ["", "| algorithm | seeds | " + " | ".join(f"{metric} after {s} step(s)" for s in steps)]
-        lines[-1] += " | vs maml (last steps) | train wall s (mean) |"
+        lines[-1] += " | vs maml (" + " / ".join(f"{s} step(s)" for s in steps) + ") | train wall s (mean) |"
         lines += ["|" + " --- |" * (len(steps) + 4)]
-        reference = None
-        if "maml" in algos:
-            reference = summary([r["evals"][steps[-1]][metric] for r in algos["maml"].values()]), len(algos["maml"])
+        reference = algos.get("maml")
         for algo, seeds in algos.items():
             cells = [algo, ",".join(sorted(seeds, key=int))]
             for s in steps:
@@ -128,13 +127,15 @@ def write_report(results: dict[str, Any], docs: Path) -> None:
                     cells.append(f"{mean:.4f} ± {next(iter(seeds.values()))['evals'][s]['ci95']:.4f} (95% CI, tasks)")
                     continue
                 cells.append(f"{mean:.4f} ± {sd:.4f} ({', '.join(f'{v:.3f}' for v in values)})")
-            if reference is not None and algo != "maml":
-                (ref_mean, ref_sd), n_ref = reference
-                mean, sd = summary([r["evals"][steps[-1]][metric] for r in seeds.values()])
-                se = (sd**2 / len(seeds) + ref_sd**2 / n_ref) ** 0.5
-                diff = mean - ref_mean
-                verdict = "measurable" if abs(diff) > 2 * se else "within noise"
-                cells.append(f"{diff:+.4f} ± {se:.4f} ({verdict})")
+            if reference is not None and algo != "maml" and len(set(seeds) & set(reference)) > 1:
+                parts = []
+                common = sorted(set(seeds) & set(reference), key=int)
+                for s in steps:  # paired by seed: the same seed draws the same init and training tasks
+                    diffs = [seeds[k]["evals"][s][metric] - reference[k]["evals"][s][metric] for k in common]
+                    diff, sd = summary(diffs)
+                    se = sd / len(diffs) ** 0.5
+                    parts.append(f"{diff:+.4f} ± {se:.4f}" + (" **measurable**" if abs(diff) > 2 * se else ""))
+                cells.append(" / ".join(parts))
             else:
                 cells.append("—")
             cells.append(f"{statistics.fmean(r['train_wall_s'] for r in seeds.values()):.0f}")
