@@ -2,7 +2,8 @@
 
     python benchmarks/seeds.py --setting sinusoid --seeds 0 1 2            # plugins at the sinusoid setting
     python benchmarks/seeds.py --setting sinusoid --algorithms "maml (loop)" "maml (vmap)"   # engines
-    python benchmarks/seeds.py --setting sinusoid --algorithms convergent_fo:lr=0.003,m=0.9 ...
+    python benchmarks/seeds.py --setting sinusoid --algorithms convergent_fo:lr=0.03,m=0.9 maml:lr=0.03,m=0.9
+                                                   # NAME:lr=..,m=..[,clip=..]: a normalized-SGD outer step
 
 Each (setting, algorithm, seed) is trained and evaluated through the CLI (600 test tasks drawn with
 one fixed test seed, the same for every row), and kept in docs/benchmarks/seeds.json (a cell already
@@ -60,12 +61,14 @@ def algorithm_args(name: str, iterations: int) -> list[str]:
     if name.endswith((" (loop)", " (vmap)")):
         base, engine = name[:-7], name[-5:-1]
         return [*algorithm_args(base, iterations), "--engine", engine]
-    if name.startswith("convergent_fo:"):  # convergent_fo:lr=0.01,m=0.9[,clip=1.0]
-        options = dict(item.split("=") for item in name.split(":", 1)[1].split(","))
+    if ":" in name:  # NAME:lr=0.01,m=0.9[,clip=1.0]: the normalized (or clipped) SGD outer step
+        base, spec = name.split(":", 1)
+        options = dict(item.split("=") for item in spec.split(","))
         kwargs = {"momentum": float(options.get("m", 0.9))}
         if "clip" in options:
             kwargs.update(mode="clip", clip=float(options["clip"]))
-        return ["--plugin", "convergent_fo", "--outer-optimizer", "normalized_sgd", "--meta-lr", options["lr"]] + [
+        flags = ["--plugin", "convergent_fo"] if base == "convergent_fo" else algorithm_flags(base, iterations)
+        return [*flags, "--engine", "auto", "--outer-optimizer", "normalized_sgd", "--meta-lr", options["lr"]] + [
             "--outer-optimizer-kwargs",
             json.dumps(kwargs),
         ]
@@ -156,7 +159,7 @@ def main() -> None:
     args = parser.parse_args()
     for algo in args.algorithms:
         base = algo.removesuffix(" (loop)").removesuffix(" (vmap)")
-        if base not in ALGORITHMS and not base.startswith("convergent_fo:"):
+        if base.split(":", 1)[0] not in ALGORITHMS:
             parser.error(f"unknown algorithm {algo!r}; use one of {sorted(ALGORITHMS)}")
     docs = Path(args.docs)
     path = docs / "seeds.json"
