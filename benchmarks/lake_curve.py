@@ -73,7 +73,14 @@ def write_report(results: dict[str, Any], docs: Path) -> None:
             cells = [str(p["iteration"]), f"{p['train_s'] / 60:.1f}"] + [f"{100 * p['error'][s]:.2f}%" for s in steps]
             lines.append("| " + " | ".join(cells) + " |")
         best = min((p["error"][s], s, p["iteration"]) for p in row["points"] for s in steps)
-        lines += ["", f"Best: {100 * best[0]:.2f}% after {best[2]} iterations, {best[1]} test steps.", ""]
+        last = row["points"][-1]
+        final = ", ".join(f"{100 * last['error'][s]:.2f}% ({s} test steps)" for s in steps)
+        lines += [
+            "",
+            f"Final checkpoint (what the run produces): {final}. Lowest over the checkpoints: {100 * best[0]:.2f}% "
+            f"after {best[2]} iterations, {best[1]} test steps (picked on these runs, so optimistic).",
+            "",
+        ]
     plot = _plot(results, docs)
     if plot:
         lines += [f"![error versus training time]({plot})", ""]
