@@ -22,7 +22,7 @@ from common import DOCS, device_name, write_json
 def score(run: Path, lake_runs: str, steps: list[int]) -> list[dict[str, Any]]:
     from metaopt.checkpoint import load_safe
     from metaopt.config import TrainConfig
-    from metaopt.data.lake import read_lake_runs
+    from metaopt.data.lake import lake_errors, read_lake_runs
     from metaopt.trainer import CONFIG_FILE, build_learner, build_model, checkpoint_files, restore_learner
 
     config = TrainConfig.from_dict(json.loads((run / CONFIG_FILE).read_text()), source=str(run))
@@ -34,11 +34,7 @@ def score(run: Path, lake_runs: str, steps: list[int]) -> list[dict[str, Any]]:
         restore_learner(learner, state, path)
         errors = {}
         for k in steps:
-            wrong = total = 0
-            for task in tasks:
-                accuracy = learner.evaluate([task], steps=k).metrics["accuracy"]
-                wrong += round((1 - accuracy) * len(task.query_y))
-                total += len(task.query_y)
+            wrong, total, _ = lake_errors(learner, tasks, k)
             errors[str(k)] = wrong / total
         iteration = int(state.get("iteration", learner.iteration))
         point = {"iteration": iteration, "train_s": round(float(state.get("elapsed", 0.0)), 1), "error": errors}

@@ -219,17 +219,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_lake(args: argparse.Namespace, config: Any, learner: Any) -> int:
-    from metaopt.data.lake import read_lake_runs
+    from metaopt.data.lake import lake_errors, read_lake_runs
 
     tasks = read_lake_runs(args.lake_runs, size=config.image_size)
-    wrong = total = 0
-    per_run = []
-    for task in tasks:
-        accuracy = learner.evaluate([task], steps=args.steps).metrics["accuracy"]
-        n = len(task.query_y)
-        errors = round((1 - accuracy) * n)
-        wrong, total = wrong + errors, total + n
-        per_run.append(errors / n)
+    wrong, total, per_run = lake_errors(learner, tasks, args.steps)
     report = {
         "runs": len(tasks),
         "items": total,

@@ -18,7 +18,7 @@ from torch import nn
 from metaopt.backend import TorchFuncBackend
 from metaopt.errors import ConfigError, DataError, suggest
 from metaopt.norms import SafeNorms, has_norms, uncovered_norms
-from metaopt.task import Batch, Task, TaskData
+from metaopt.task import Batch, Task, TaskData, upcast
 
 if TYPE_CHECKING:
     from metaopt.learner import MetaLearner
@@ -123,8 +123,9 @@ class VmapEngine:
         self.backend = VmapBackend(learner.model, learner.backend.bn_policy)
         self.safe_norms = has_norms(learner.model)
 
-    def run(self, learner: MetaLearner, batch: Batch) -> torch.Tensor:
-        problem = ragged(batch.data)
+    def run(self, learner: MetaLearner, batch: Batch, stacks: bool = False) -> torch.Tensor:
+        """The batch's mean loss; ``stacks``: the caller (``engine="auto"``) already checked the shapes."""
+        problem = None if stacks else ragged(batch.data)
         if problem is not None:
             raise DataError(
                 f"engine='vmap' stacks the tasks of a meta-batch, but they differ in shape: {problem}. Give every "
@@ -148,7 +149,7 @@ class VmapEngine:
                         finite.record_task_losses(list(range(first, first + len(loss))), loss)
                     chunks.append((first, parts, loss.detach(), metrics))
                     if batch.backward_per_task:
-                        batch.backward(loss.to(torch.promote_types(loss.dtype, torch.float32)).sum() / count)
+                        batch.backward(upcast(loss).sum() / count)
                         loss = loss.detach()
                     losses.append(loss)
         finally:
@@ -159,7 +160,7 @@ class VmapEngine:
         batch._tasks = None  # built from the chunks when read
         batch.stacked = (total.detach(), {k: torch.cat([c[3][k] for c in chunks]) for k in keys})
         batch.make_tasks = lambda: [t for c in chunks for t in self._views(learner, batch, *c)]
-        return total.to(torch.promote_types(total.dtype, torch.float32)).mean()
+        return upcast(total).mean()
 
     def _chunk(
         self, learner: MetaLearner, batch: Batch, start: dict[str, torch.Tensor], parts: list[torch.Tensor], finite: Any

@@ -17,7 +17,7 @@ from metaopt.engine import VmapEngine, check_engine, choose_engine, vmap_refusal
 from metaopt.errors import ConfigError, DataError, MetaOptError, PluginError, PluginHookError
 from metaopt.inner_optim import fresh_state, make_template
 from metaopt.manager import PluginHost
-from metaopt.task import Batch, Params, Task, TaskData, Trajectory
+from metaopt.task import Batch, Params, Task, TaskData, Trajectory, upcast
 
 BatchInput = Sequence[TaskData] | Sequence[Sequence[torch.Tensor]] | Sequence[torch.Tensor]
 #: data-parallel wrappers a learner cannot be built on (checked by class name: FSDP may not import)
@@ -31,11 +31,6 @@ class BatchResult:
     loss: torch.Tensor
     metrics: dict[str, float]
     per_task: dict[str, list[float]]
-
-
-def _upcast(loss: torch.Tensor) -> torch.Tensor:
-    """A loss in at least float32 for averaging (bf16/fp16 upcast; float64 stays float64)."""
-    return loss.to(torch.promote_types(loss.dtype, torch.float32))
 
 
 def as_tasks(batch: BatchInput) -> list[TaskData]:
@@ -359,7 +354,7 @@ class MetaLearner(nn.Module):
             if self._vmap_engine is None:
                 self._vmap_engine = VmapEngine(self)
             try:
-                batch.meta_loss = self._vmap_engine.run(self, batch)
+                batch.meta_loss = self._vmap_engine.run(self, batch, stacks=self.engine == "auto")
             except PluginHookError as exc:
                 raise PluginHookError(
                     f"{exc} [engine='vmap': hooks run once for all tasks, inside torch.func.vmap; a hook must take "
@@ -382,12 +377,12 @@ class MetaLearner(nn.Module):
                     with self._autocast():
                         loss = self.run_task(task)
                     if batch.backward_per_task:  # outside autocast, as torch.amp advises
-                        batch.backward(_upcast(loss) / len(batch.data))
+                        batch.backward(upcast(loss) / len(batch.data))
                         loss = loss.detach()
                     losses.append(loss)
         finally:
             self.backend.release()
-        batch.meta_loss = torch.stack([_upcast(loss) for loss in losses]).mean()
+        batch.meta_loss = torch.stack([upcast(loss) for loss in losses]).mean()
         return batch.meta_loss
 
     def _begin(self, tasks: BatchInput, training: bool) -> Batch:

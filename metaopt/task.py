@@ -33,6 +33,11 @@ def grad_dict(loss: torch.Tensor, params: Params, *, create_graph: bool, retain_
     return {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads, strict=True)}
 
 
+def upcast(loss: torch.Tensor) -> torch.Tensor:
+    """A loss in at least float32 for averaging (bf16/fp16 upcast; float64 stays float64)."""
+    return loss.to(torch.promote_types(loss.dtype, torch.float32))
+
+
 def global_norm(tensors: Params | Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm over all entries of several tensors."""
     values = tensors.values() if isinstance(tensors, dict) else tensors

@@ -13,6 +13,7 @@ import re
 import zipfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -113,3 +114,16 @@ def read_lake_runs(path: str | Path, size: int = 28) -> list[TaskData]:
         support = torch.stack([image_to_tensor(p, size, 1, True, str(p)) for p in classes])
         tasks.append(TaskData(support, torch.arange(len(classes)), torch.stack(items), torch.tensor(labels)))
     return tasks
+
+
+def lake_errors(learner: Any, tasks: list[TaskData], steps: int | None = None) -> tuple[int, int, list[float]]:
+    """Score one-shot runs: (wrong items, items, per-run error rate) after ``steps`` test steps."""
+    wrong = total = 0
+    per_run = []
+    for task in tasks:
+        accuracy = learner.evaluate([task], steps=steps).metrics["accuracy"]
+        n = len(task.query_y)
+        errors = round((1 - accuracy) * n)
+        wrong, total = wrong + errors, total + n
+        per_run.append(errors / n)
+    return wrong, total, per_run
