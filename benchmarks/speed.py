@@ -13,6 +13,10 @@ each contender that computes the MAML meta-gradient is checked on the first batc
 float64 reference (the hand-written torch.func loop in double precision, its own process):
 largest entry error relative to the reference's largest entry.  --check-only redoes just these
 checks (no timing) for the given workloads of an existing speed.json.
+Every contender's process gets the same allocator setting (--malloc): ``keep`` (default) calls
+metaopt.allocator.keep_freed_memory() first, as ``metaopt train`` does on CPU; ``default`` keeps
+glibc's thresholds, under which a per-task loop faults its freed graph memory in again on every
+task.  Minor page faults per timed iteration are recorded next to the time.
 Writes docs/benchmarks/speed.{json,md} and PNG plots.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -264,6 +269,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec.get("float64_reference"):
         return float64_reference(spec)
+    malloc = "glibc defaults"
+    if spec.get("malloc", "keep") == "keep":  # the same allocator setting for every contender of a run
+        from metaopt.allocator import keep_freed_memory
+
+        malloc = "keep freed memory" if keep_freed_memory() else "defaults (keep_freed_memory: not glibc)"
     wl = WORKLOADS.get(spec["workload"]) or spec["workload_spec"]
     steps = spec.get("steps", wl["steps"])
     loss_fn = loss_of(wl["model"])
@@ -300,7 +310,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(contender)
     optimizer = torch.optim.Adam(params, lr=1e-3)
 
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"malloc": malloc}
     if contender in METAOPT_PLUGINS:
         result["engine"] = learner.engine_for(list(batches[0]))
     optimizer.zero_grad(set_to_none=True)
@@ -324,6 +334,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         Path("/proc/self/clear_refs").write_text("5")
         result["baseline_mib"] = _status_mib("VmRSS")
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for tasks in batches[spec["warmup"] :]:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -334,6 +345,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mib("VmHWM")
     result["extra_mib"] = result["peak_mib"] - result["baseline_mib"]
+    result["minor_faults_per_iter"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(times)
     result["median_s"] = statistics.median(times)
     result["times"] = times
     return result
@@ -394,6 +406,8 @@ def combine_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("peak_mib", "extra_mib"):
         if key in runs[0]:
             combined[key] = max(r[key] for r in runs)
+    if all("minor_faults_per_iter" in r for r in runs):
+        combined["minor_faults_per_iter"] = statistics.median(r["minor_faults_per_iter"] for r in runs)
     return combined
 
 
@@ -402,9 +416,10 @@ def ratio_table(title: str, rows: dict[str, dict[str, Any]], contenders: list[st
         f"### {title}",
         "",
         *note,
-        "| contender | median s/iter (rounds' medians) | × fastest | peak MiB | × smallest | meta-grad error vs float64 |",
+        "| contender | median s/iter (rounds' medians) | × fastest | peak MiB | × smallest | page faults/iter "
+        "| meta-grad error vs float64 |",
     ]
-    lines.append("| --- | --- | --- | --- | --- | --- |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
     ok = {c: r for c, r in rows.items() if "median_s" in r}
     fastest = min((r["median_s"] for r in ok.values()), default=1.0)
     smallest = min((r["peak_mib"] for r in ok.values()), default=1.0)
@@ -413,7 +428,7 @@ def ratio_table(title: str, rows: dict[str, dict[str, Any]], contenders: list[st
         if r is None:
             continue
         if "error" in r:
-            lines.append(f"| {c} | — | — | — | — | not run: {r['error'][:120]} |")
+            lines.append(f"| {c} | — | — | — | — | — | not run: {r['error'][:120]} |")
             continue
         check_text = "—"
         if "rel_err_vs_float64" in r:
@@ -422,15 +437,20 @@ def ratio_table(title: str, rows: dict[str, dict[str, Any]], contenders: list[st
             check_text = f"{r['max_rel_grad_diff_vs_metaopt']:.1e} vs metaopt"
         elif c == "metaopt maml":
             check_text = "(reference of the older check)"
+        faults = f"{r['minor_faults_per_iter']:,.0f}" if "minor_faults_per_iter" in r else "—"
         spread = r.get("round_medians", [])
         spread_text = f" ({min(spread):.4f}–{max(spread):.4f})" if len(spread) > 1 else ""
         lines.append(
             f"| {c} | {r['median_s']:.4f}{spread_text} | {r['median_s'] / fastest:.2f} | {r['peak_mib']:.0f} | "
-            f"{r['peak_mib'] / smallest:.2f} | {check_text} |"
+            f"{r['peak_mib'] / smallest:.2f} | {faults} | {check_text} |"
         )
     return lines + [""]
 
 
+MALLOC_TEXT = {
+    "keep": "freed memory kept in every contender's process (metaopt.allocator.keep_freed_memory)",
+    "default": "glibc defaults (runs before --malloc existed, or --malloc default)",
+}
 HAND = ("raw higher", "torch.func", "torchopt", "hand vmap")
 ENGINE_ROWS = {"loop": "metaopt maml", "vmap": "metaopt maml (vmap)", "auto": "metaopt maml (auto)"}
 
@@ -548,7 +568,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
                 f"Run {meta['started']} on {meta['device']}: `python benchmarks/speed.py {meta['argv']}`, "
                 f"{meta.get('rounds', 1)} interleaved round(s) of {meta['iters']} timed iterations after "
                 f"{meta['warmup']} warm-up; 1-min load average at start "
-                f"{meta['load_at_start']:.2f} on {meta['cpus']} CPUs.",
+                f"{meta['load_at_start']:.2f} on {meta['cpus']} CPUs; allocator: "
+                f"{MALLOC_TEXT[meta.get('malloc', 'default')]}.",
                 "",
             ]
         checked = results.get("check_runs", {}).get(wl)
@@ -605,13 +626,20 @@ def time_workloads(
             "warmup": args.warmup,
             "load_at_start": os.getloadavg()[0],
             "cpus": os.cpu_count(),
+            "malloc": args.malloc,
         }
         checked = any(computes_maml_gradient(c) for c in args.contenders)
         reference = make_reference(wl, scratch) if checked else None
         runs: dict[str, list[dict[str, Any]]] = {c: [] for c in args.contenders}
         for r in range(args.rounds):
             for c in args.contenders if r % 2 == 0 else args.contenders[::-1]:
-                spec = {"workload": wl, "contender": c, "iters": args.iters, "warmup": args.warmup}
+                spec = {
+                    "workload": wl,
+                    "contender": c,
+                    "iters": args.iters,
+                    "warmup": args.warmup,
+                    "malloc": args.malloc,
+                }
                 runs[c].append(run_worker({**spec, "reference_file": reference} if r == 0 and reference else spec))
                 print(wl, f"round {r}", c, {k: v for k, v in runs[c][-1].items() if k != "times"}, flush=True)
             results["speed"][wl] = {c: combine_rounds(done) for c, done in runs.items()}
@@ -646,6 +674,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every contender")
     parser.add_argument("--iters", type=int, default=4, help="timed iterations per contender and round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per process")
+    parser.add_argument(
+        "--malloc",
+        choices=["keep", "default"],
+        default="keep",
+        help="keep: every contender's process calls metaopt.allocator.keep_freed_memory() (as metaopt train "
+        "does on CPU); default: glibc's own thresholds",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip memory versus K")
     parser.add_argument("--docs", default=str(DOCS))
     parser.add_argument("--update", action="store_true", help="keep the other workloads of an existing speed.json")

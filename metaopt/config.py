@@ -29,6 +29,7 @@ RESUME_SAFE_KEYS = (
     "workers",
     "engine",
     "task_chunk",
+    "keep_freed_memory",
 )
 
 
@@ -96,6 +97,8 @@ FIELD_HELP: dict[str, str] = {
     "engine": "loop: task by task; vmap: every task of a meta-batch at once (torch.func.vmap, same gradients); "
     "auto (the CLI's default): vmap for models without convolutions, else loop (docs/engines.md)",
     "task_chunk": "vmap engine: tasks per vmap call (unset: the whole meta-batch); smaller holds less memory",
+    "keep_freed_memory": "CPU runs on Linux/glibc: keep freed memory in the process instead of returning it to the "
+    "OS after every task (fewer page faults, faster loop engine; metaopt.allocator)",
     "meta_batch": "tasks per meta-iteration",
     "iterations": "meta-iterations to train (a resumed run may raise it)",
     "meta_lr": "outer learning rate",
@@ -160,6 +163,7 @@ class TrainConfig:
     backend: str = "higher"
     engine: str = "auto"
     task_chunk: int | None = None
+    keep_freed_memory: bool = True
     meta_batch: int = 4
     iterations: int = 300
     meta_lr: float = 1e-3

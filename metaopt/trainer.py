@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from metaopt.allocator import keep_freed_memory
 from metaopt.checkpoint import load_safe, rng_state, save_atomic, seed_everything, set_rng_state
 from metaopt.config import RESUME_SAFE_KEYS, TrainConfig, plugin_specs
 from metaopt.data.sampler import TaskSampler
@@ -266,6 +267,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if config.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' but torch sees no CUDA device; use --device cpu (or auto).")
+        if config.keep_freed_memory and self.accelerator.device.type == "cpu":
+            keep_freed_memory()  # process-wide; this program is the CLI's (docs/engines.md)
         seed_everything(config.seed)
         self.model = build_model(config)
         self.learner = prepare(build_learner(config, self.model), self.accelerator)
