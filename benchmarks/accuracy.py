@@ -162,6 +162,7 @@ def write_report(results: dict[str, Any]) -> None:
         group, algo = key.rsplit("/", 1)
         groups.setdefault(group, []).append((algo, row))
     lines += summary_tables(groups)
+    lines += over_seeds()
     for group, rows in groups.items():
         first = rows[0][1]
         steps = list(first["evals"])
@@ -192,6 +193,18 @@ def write_report(results: dict[str, Any]) -> None:
         if plot:
             lines += [f"![{group}]({plot})", ""]
     (OUTPUT["docs"] / "accuracy.md").write_text("\n".join(lines))
+
+
+def over_seeds() -> list[str]:
+    """The over-seed tables of benchmarks/seeds.py (docs/benchmarks/seeds.json), where they exist."""
+    from seeds import INTRO, seed_tables  # seeds.py imports this module: import at use
+
+    path = OUTPUT["docs"] / "seeds.json"
+    if not path.is_file():
+        return []
+    head = ["## Plugin effects over seeds", "", "The per-setting tables further down are one seed each."]
+    head += ["These are several seeds per algorithm, from `docs/benchmarks/seeds.md`:", ""]
+    return head + INTRO + seed_tables(json.loads(path.read_text()), level="###")
 
 
 def _train_wall(row: dict[str, Any]) -> str:
@@ -316,12 +329,16 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=600)
     parser.add_argument("--work", default=str(ROOT / "runs" / "accuracy"))
     parser.add_argument("--rerun", action="store_true", help="redo rows already in accuracy.json")
+    parser.add_argument("--report-only", action="store_true", help="rewrite accuracy.md from accuracy.json")
     parser.add_argument("--docs", default=str(DOCS), help="output folder (default: docs/benchmarks)")
     args = parser.parse_args()
     OUTPUT["docs"] = Path(args.docs)
     results_file = OUTPUT["docs"] / "accuracy.json"
 
     results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    if args.report_only:
+        write_report(results)
+        return
     rows = []
     if args.section in ("sinusoid", "all"):
         rows += sinusoid_rows(args)

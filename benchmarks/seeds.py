@@ -88,23 +88,25 @@ def summary(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def write_report(results: dict[str, Any], docs: Path) -> None:
-    lines = [
-        "# Plugin effects over seeds",
-        "",
-        "Produced by `python benchmarks/seeds.py` (see its docstring). Each cell: the mean over training",
-        "seeds ± the sample standard deviation over seeds, then the per-seed values; every seed is evaluated",
-        f"on the same 600 test tasks (test seed {TEST_SEED}). 'vs maml' pairs the runs by seed (a seed fixes",
-        "the initialisation and the training tasks for every algorithm): the mean of the per-seed differences",
-        "to MAML ± its standard error; **measurable** marks a mean difference beyond twice its standard error",
-        "(with 3 seeds a rough screen, not a significance test; negative = lower, i.e. better, MSE). A cell",
-        "with one seed shows the 95% confidence half-width over test tasks instead.",
-        "",
-    ]
+INTRO = [
+    "Produced by `python benchmarks/seeds.py` (see its docstring). Each cell: the mean over training",
+    "seeds ± the sample standard deviation over seeds, then the per-seed values; every seed is evaluated",
+    f"on the same 600 test tasks (test seed {TEST_SEED}). 'vs maml' pairs the runs by seed (a seed fixes",
+    "the initialisation and the training tasks for every algorithm): the mean of the per-seed differences",
+    "to MAML ± its standard error; **measurable** marks a mean difference beyond twice its standard error",
+    "(with 3 seeds a rough screen, not a significance test; better is negative for MSE, positive for accuracy). A cell",
+    "with one seed shows the 95% confidence half-width over test tasks instead.",
+    "",
+]
+
+
+def seed_tables(results: dict[str, Any], level: str = "##") -> list[str]:
+    """One table per setting: mean ± spread over seeds and the paired difference to MAML."""
+    lines: list[str] = []
     for setting, algos in results.items():
         spec = SETTINGS[setting]
         metric, steps = spec["metric"], [str(s) for s in spec["eval_steps"]]
-        lines += [f"## {setting}", ""]
+        lines += [f"{level} {setting}", ""]
         if "test_seed" in spec:
             lines += [f"Scored on validation tasks (test seed {spec['test_seed']}), used for tuning only.", ""]
         first = next(iter(next(iter(algos.values())).values()))
@@ -137,7 +139,11 @@ def write_report(results: dict[str, Any], docs: Path) -> None:
             cells.append(f"{statistics.fmean(r['train_wall_s'] for r in seeds.values()):.0f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    (docs / "seeds.md").write_text("\n".join(lines))
+    return lines
+
+
+def write_report(results: dict[str, Any], docs: Path) -> None:
+    (docs / "seeds.md").write_text("\n".join(["# Plugin effects over seeds", "", *INTRO, *seed_tables(results)]))
 
 
 def main() -> None:
