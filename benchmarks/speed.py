@@ -455,15 +455,30 @@ HAND = ("raw higher", "torch.func", "torchopt", "hand vmap")
 ENGINE_ROWS = {"loop": "metaopt maml", "vmap": "metaopt maml (vmap)", "auto": "metaopt maml (auto)"}
 
 
+def paired(rows: dict[str, dict[str, Any]], contender: str, fastest_hand_s: float) -> str:
+    """A contender's time over the fastest hand loop's; with rounds, the range of the per-round
+    ratios to the fastest hand contender of the same round (rounds interleave, so a ratio within a
+    round cancels slow drifts of the machine)."""
+    ratio = f"{rows[contender]['median_s'] / fastest_hand_s:.2f}"
+    rounds = rows[contender].get("round_medians", [])
+    hands = [rows[c]["round_medians"] for c in HAND if len(rows.get(c, {}).get("round_medians", [])) == len(rounds)]
+    if len(rounds) < 2 or not hands:
+        return ratio
+    per_round = [mine / min(h[i] for h in hands) for i, mine in enumerate(rounds)]
+    return f"{ratio} ({min(per_round):.2f}–{max(per_round):.2f})"
+
+
 def engine_table(results: dict[str, Any]) -> list[str]:
     """Per workload: metaopt's MAML under each engine against the fastest hand-written loop."""
     lines = [
         "## Engines against the fastest hand-written loop",
         "",
         "From the tables below (same runs): metaopt's second-order MAML under each engine, divided by the",
-        "fastest of the hand-written contenders (raw higher, torch.func per-task loop, TorchOpt, hand vmap).",
+        "fastest of the hand-written contenders (raw higher, torch.func per-task loop, TorchOpt, hand vmap);",
+        "in brackets, where the run had several rounds, the range of the same ratio within each round (each",
+        "round's median over the fastest hand contender of that round).",
         "",
-        "| workload | fastest hand loop | loop × | vmap × | auto × (engine it picks) | best engine |",
+        "| workload | fastest hand loop | loop × | vmap × | auto × [engine it picks] | best engine |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for wl, rows in results["speed"].items():
@@ -472,11 +487,11 @@ def engine_table(results: dict[str, Any]) -> list[str]:
         if not hand or not ours:
             continue
         best_hand = min(hand, key=hand.get)
-        cells = [f"{ours[e] / hand[best_hand]:.2f}" if e in ours else "—" for e in ("loop", "vmap")]
+        cells = [paired(rows, ENGINE_ROWS[e], hand[best_hand]) if e in ours else "—" for e in ("loop", "vmap")]
         auto = "—"
         if "auto" in ours:
             picked = rows[ENGINE_ROWS["auto"]].get("engine", "?")
-            auto = f"{ours['auto'] / hand[best_hand]:.2f} ({picked})"
+            auto = f"{paired(rows, ENGINE_ROWS['auto'], hand[best_hand])} [{picked}]"
         best = min((e for e in ("loop", "vmap") if e in ours), key=ours.get)
         lines.append(f"| {wl} | {best_hand} ({hand[best_hand]:.4f} s) | {cells[0]} | {cells[1]} | {auto} | {best} |")
     return lines + [""]
