@@ -95,7 +95,9 @@ INTRO = [
     "the initialisation and the training tasks for every algorithm): the mean of the per-seed differences",
     "to MAML ± its standard error; **measurable** marks a mean difference beyond twice its standard error",
     "(with 3 seeds a rough screen, not a significance test; better is negative for MSE, positive for accuracy). A cell",
-    "with one seed shows the 95% confidence half-width over test tasks instead.",
+    "with one seed shows the 95% confidence half-width over test tasks instead. Train wall times come from",
+    "a machine shared with other runs (and rows trained before and after the CLI began keeping freed",
+    "memory on CPU): for orientation only, not a cost comparison; `speed.md` measures cost.",
     "",
 ]
 
