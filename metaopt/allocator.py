@@ -3,9 +3,10 @@
 The loop engine builds one task's graph, runs its backward and frees it, task after task.  With
 glibc's default settings a large free at the top of the heap goes back to the operating system
 (``M_TRIM_THRESHOLD``, at most 64 MiB under the dynamic rule) and large blocks are ``mmap``-ed,
-so the next task faults every page of its graph in again: ~160,000 minor page faults per
+so the next task faults every page of its graph in again: 161,249 minor page faults per
 meta-iteration on conv4 5-way 1-shot, meta-batch 8, K=5 (about 630 MiB zeroed by the kernel),
-against ~1,000 with the thresholds raised (``benchmarks/speed.py``, the "malloc" contenders).
+against 3,067 with the thresholds raised (``benchmarks/speed.py --malloc default`` and ``keep``:
+docs/benchmarks/malloc-default/speed.md and docs/benchmarks/speed.md).
 
 :func:`keep_freed_memory` raises both thresholds with ``mallopt``: freed memory stays in the
 process and is reused.  The resident set then stays at its high-water mark instead of shrinking
