@@ -21,4 +21,15 @@ register_plugin("meta_sgd", MetaSGD)
 register_plugin("maml_pp", MAMLPlusPlus)
 register_plugin("proto_head", ProtoHead)
 
-__all__ = ["ANIL", "FOMAML", "SHOT", "ConvergentFO", "HyperMAML", "MAMLPlusPlus", "MetaSGD", "ProtoHead", "Reptile", "SharpMAML"]
+__all__ = [
+    "ANIL",
+    "FOMAML",
+    "SHOT",
+    "ConvergentFO",
+    "HyperMAML",
+    "MAMLPlusPlus",
+    "MetaSGD",
+    "ProtoHead",
+    "Reptile",
+    "SharpMAML",
+]
