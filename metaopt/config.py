@@ -84,7 +84,7 @@ FIELD_HELP: dict[str, str] = {
     "workers": "DataLoader worker processes decoding folder:/csv: tasks (the same tasks for any number)",
     "within_alphabet": "Omniglot: draw all classes of a task from one alphabet (as the Lake one-shot runs do)",
     "test_alphabets": "Omniglot alphabets held out for testing (repeatable)",
-    "model": "auto (conv4 for images, the MLP for sinusoid), conv4, mlp, or any timm model name",
+    "model": "auto (conv4 for images, the MLP for sinusoid), conv4, conv4_3pool (the last block keeps its 3x3 map), mlp, or any timm model name",
     "pretrained_path": "a local state_dict file for a timm model (nothing is downloaded)",
     "plugins": "algorithm plugin, NAME or NAME:key=value,... (see `metaopt plugins`)",
     "inner_steps": "inner gradient steps per task during training",

@@ -68,7 +68,7 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
     if config.regression:
         return create_model(config.model) if config.model == "mlp" else create_model(config.model, num_classes=1)
     kwargs: dict[str, Any] = {"num_classes": config.ways, "img_size": config.image_size}
-    if config.model == "conv4":
+    if config.model in ("conv4", "conv4_3pool"):
         kwargs.update(in_chans=config.channels or 1)
     elif config.model != "mlp":
         kwargs.update(in_chans=config.channels or 1, pretrained_path=config.pretrained_path)
