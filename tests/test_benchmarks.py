@@ -65,3 +65,25 @@ def test_speed_harness_times_and_checks_gradients(tmp_path):
     assert again["speed"]["sinusoid mlp, 10-shot, mb 25, K=1"]["raw higher"]["times"] == result["raw higher"]["times"]
     assert "sinusoid mlp, 10-shot, mb 25, K=1" in again["check_runs"]
     assert "Float64 checks redone" in (tmp_path / "speed.md").read_text()
+
+
+def test_recipe_knobs_harness_stops_each_arm_and_scores_it(tmp_path, omniglot_dir):
+    from metaopt.cli import main
+
+    lake = tmp_path / "lake"
+    assert main(["lake-runs", "--omniglot", str(omniglot_dir / "images_background_small2.zip"), "--alphabet",
+                 "Sanskrit", "--out", str(lake), "--runs", "2", "--ways", "5"]) == 0  # fmt: skip
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"data: omniglot:{omniglot_dir / 'images_background_small1.zip'}\nwithin_alphabet: true\nways: 5\n"
+        "shots: 1\nquery: 1\nmeta_batch: 1\ninner_steps: 1\neval_inner_steps: 1\niterations: 3000\n"
+        "checkpoint_every: 2\nkeep_checkpoints: 3000\neval_tasks: 2\nplugins: [proto_head]\n"
+    )
+    _run("recipe_knobs.py", str(recipe), "--stop-at", "2", "--lake-runs", str(lake), "--steps", "0", "1",
+         "--arm", "no augmentation=--no-augment", "--out-root", str(tmp_path / "arms"), "--docs", str(tmp_path))  # fmt: skip
+    results = json.loads((tmp_path / "recipe_knobs.json").read_text())["recipe"]
+    row = results["arms"]["no augmentation"]
+    assert row["change"] == "--no-augment" and results["stop_at"] == 2
+    assert set(row["errors"]["lake (2 runs, 10 items)"]) == {"0", "1"}
+    assert not (tmp_path / "arms" / "no_augmentation" / "checkpoints" / "ckpt-00003000.pt").exists()  # stopped
+    assert "| no augmentation | `--no-augment` |" in (tmp_path / "recipe_knobs.md").read_text()
