@@ -36,6 +36,7 @@ ALGORITHMS: dict[str, list[str]] = {
     "anil": ["--plugin", "anil"],
     "meta_sgd": ["--plugin", "meta_sgd"],
     "maml_pp": ["--plugin", "maml_pp:msl_iters={warm},first_order_iters={warm}"],
+    "proto_head": ["--plugin", "proto_head"],
 }
 
 # cross-split Omniglot: (train archive, test archive, alphabets of the test archive not in the train one)
