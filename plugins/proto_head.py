@@ -39,7 +39,7 @@ class ProtoHead:
     """Proto-MAML: every task's head starts at its support prototypes (then adapts as usual)."""
 
     name = "proto_head"
-    vmap_safe = True  # runs under engine="vmap" (tests/plugins/test_proto_head.py)
+    vmap_safe = True  # runs under engine="vmap" (tests/plugins/test_proto_head.py, tests/test_engine.py)
     classification_only = True  # its head holds one row per class
     incompatible_with = {
         "hypermaml": "HyperMAML generates the head update from the meta-learned head; with proto_head that head "

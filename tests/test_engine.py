@@ -12,7 +12,7 @@ from metaopt import ConfigError, DataError, HeadedModel, MetaLearner, hookimpl
 from metaopt.engine import choose_engine
 from metaopt.errors import NumericalError, PluginHookError
 from metaopt.models import mlp
-from metaopt.plugins import FOMAML, SHOT, ConvergentFO, HyperMAML, MAMLPlusPlus, MetaSGD, Reptile, SharpMAML
+from metaopt.plugins import FOMAML, SHOT, ConvergentFO, HyperMAML, MAMLPlusPlus, MetaSGD, ProtoHead, Reptile, SharpMAML
 
 
 def conv_bn(norm: str = "bn") -> nn.Module:
@@ -64,6 +64,7 @@ PLUGINS = {
     "hypermaml_blend": lambda: [HyperMAML(hidden=8, layers=2, warmup_iters=1, blend_iters=2, maml_steps=2)],
     "meta_sgd": lambda: [MetaSGD()],
     "maml_pp": lambda: [MAMLPlusPlus(msl_iters=4)],
+    "proto_head": lambda: [ProtoHead()],
 }
 
 
@@ -78,7 +79,9 @@ def meta_gradient(model_name, plugins, engine, steps, **options):
         for p in learner.meta_parameters():
             p.grad = None
         results.append(learner.backward(tasks))
-    grads = torch.cat([p.grad.flatten() for p in learner.meta_parameters()])
+    grads = torch.cat(
+        [(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in learner.meta_parameters()]
+    )
     return grads, results[-1], learner.evaluate(tasks, steps=steps + 1)
 
 
