@@ -101,6 +101,8 @@ def write_report(results: dict[str, Any], docs: Path) -> None:
             cells = [f"{100 * row['errors'][r][k]:.2f}%" for r, k in columns]
             lines.append(f"| {arm} | `{row['change']}` | {row['train_s'] / 60:.1f} | " + " | ".join(cells) + " |")
         lines.append("")
+        if block.get("note"):
+            lines += [block["note"], ""]
     (docs / "recipe_knobs.md").write_text("\n".join(lines))
 
 
@@ -120,8 +122,18 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="arms trained at once (1 torch thread each)")
     parser.add_argument("--out-root", default="runs/recipe_knobs")
     parser.add_argument("--name", default=None, help="section name (default: the recipe's file name)")
+    parser.add_argument("--note", default=None, help="what the section shows (kept with it; replaces an earlier note)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the note and the table; train nothing")
     parser.add_argument("--docs", default=str(DOCS))
     args = parser.parse_args()
+    if args.report_only:
+        path = Path(args.docs) / "recipe_knobs.json"
+        results = json.loads(path.read_text())
+        if args.note is not None:
+            results[args.name or Path(args.recipe).stem]["note"] = args.note
+        write_json(path, results)
+        write_report(results, Path(args.docs))
+        return
     arms = dict(a.split("=", 1) for a in args.arm)
     existing = {n: (r.split("|", 1) + [""])[:2] for n, r in (e.split("=", 1) for e in args.existing)}
     changes = {n: change or "(none: the recipe as it is)" for n, (_, change) in existing.items()}
@@ -147,6 +159,8 @@ def main() -> None:
         {"recipe": args.recipe, "stop_at": args.stop_at, "arms": {}},
     )
     block.update(device=device_name(), scored=time.strftime("%Y-%m-%d %H:%M"))
+    if args.note is not None:
+        block["note"] = args.note
     for name, checkpoint in checkpoints.items():
         row = score(checkpoint, args.lake_runs, args.steps)
         row["change"] = changes[name]
