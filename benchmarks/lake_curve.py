@@ -20,18 +20,14 @@ from common import DOCS, device_name, write_json
 
 
 def score(run: Path, lake_runs: str, steps: list[int]) -> list[dict[str, Any]]:
-    from metaopt.checkpoint import load_safe
-    from metaopt.config import TrainConfig
     from metaopt.data.lake import lake_errors, read_lake_runs
-    from metaopt.trainer import CONFIG_FILE, build_learner, build_model, checkpoint_files, restore_learner
+    from metaopt.trainer import checkpoint_files, load_checkpoint
 
-    config = TrainConfig.from_dict(json.loads((run / CONFIG_FILE).read_text()), source=str(run))
-    tasks = read_lake_runs(lake_runs, size=config.image_size)
+    tasks = None
     points = []
     for path in checkpoint_files(run):
-        state = load_safe(path)
-        learner = build_learner(config, build_model(config))
-        restore_learner(learner, state, path)
+        config, learner, state = load_checkpoint(run, path)
+        tasks = read_lake_runs(lake_runs, size=config.image_size) if tasks is None else tasks
         errors = {}
         for k in steps:
             wrong, total, _ = lake_errors(learner, tasks, k)

@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +52,10 @@ def train_until(recipe: str, out: Path, flags: list[str], stop_at: int) -> Path:
 
 
 def score(checkpoint: Path, lake_runs: list[str], steps: list[int]) -> dict[str, Any]:
-    from metaopt.checkpoint import load_safe
-    from metaopt.config import TrainConfig
     from metaopt.data.lake import lake_errors, read_lake_runs
-    from metaopt.trainer import CONFIG_FILE, build_learner, build_model, restore_learner
+    from metaopt.trainer import load_checkpoint
 
-    run = checkpoint.parent.parent
-    config = TrainConfig.from_dict(json.loads((run / CONFIG_FILE).read_text()), source=str(run))
-    state = load_safe(checkpoint)
-    learner = build_learner(config, build_model(config))
-    restore_learner(learner, state, checkpoint)
+    config, learner, state = load_checkpoint(checkpoint.parent.parent, checkpoint)
     errors: dict[str, dict[str, float]] = {}
     for path in lake_runs:
         tasks = read_lake_runs(path, size=config.image_size)
@@ -139,15 +134,12 @@ def main() -> None:
     changes = {n: change or "(none: the recipe as it is)" for n, (_, change) in existing.items()}
     changes.update(arms)
     checkpoints = {n: Path(r) / "checkpoints" / f"ckpt-{args.stop_at:08d}.pt" for n, (r, _) in existing.items()}
-    pending = list(arms.items())
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         futures = {
             name: pool.submit(
                 train_until, args.recipe, Path(args.out_root) / name.replace(" ", "_"), flags.split(), args.stop_at
             )
-            for name, flags in pending
+            for name, flags in arms.items()
         }
         for name, future in futures.items():
             checkpoints[name] = future.result()

@@ -66,6 +66,8 @@ def mlp(num_classes: int = 1, in_features: int = 1, hidden: tuple[int, ...] = (4
 
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {"conv4": conv4, "conv4_3pool": conv4_3pool, "mlp": mlp}
+#: metaopt's own image networks: built with ``in_chans`` (timm models also take ``pretrained_path``)
+OWN_IMAGE_MODELS = ("conv4", "conv4_3pool")
 
 
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:

@@ -25,7 +25,7 @@ from metaopt.data.sampler import TaskSampler
 from metaopt.data.sources import make_sampler
 from metaopt.errors import CheckpointError, ConfigError, DataError, NumericalError, TrainingInterrupted
 from metaopt.learner import MetaLearner
-from metaopt.models import conv4, create_model, mlp
+from metaopt.models import OWN_IMAGE_MODELS, conv4, create_model, mlp
 from metaopt.numerics import all_finite
 from metaopt.optim import make_outer_optimizer, param_groups
 from metaopt.registry import create_plugin
@@ -68,7 +68,7 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
     if config.regression:
         return create_model(config.model) if config.model == "mlp" else create_model(config.model, num_classes=1)
     kwargs: dict[str, Any] = {"num_classes": config.ways, "img_size": config.image_size}
-    if config.model in ("conv4", "conv4_3pool"):
+    if config.model in OWN_IMAGE_MODELS:
         kwargs.update(in_chans=config.channels or 1)
     elif config.model != "mlp":
         kwargs.update(in_chans=config.channels or 1, pretrained_path=config.pretrained_path)
@@ -550,6 +550,14 @@ class Trainer:
 
 def load_run(run_dir: str | Path) -> tuple[TrainConfig, MetaLearner]:
     """Rebuild the learner of a finished run from its config and latest checkpoint."""
+    config, learner, _ = load_checkpoint(run_dir)
+    return config, learner
+
+
+def load_checkpoint(
+    run_dir: str | Path, path: str | Path | None = None
+) -> tuple[TrainConfig, MetaLearner, dict[str, Any]]:
+    """A run's config, its learner at checkpoint ``path`` (default: the latest), and the checkpoint."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
@@ -557,8 +565,11 @@ def load_run(run_dir: str | Path) -> tuple[TrainConfig, MetaLearner]:
     config = TrainConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
     seed_everything(config.seed)
     learner = build_learner(config, build_model(config))
-    found = checkpoint_files(run_dir)
-    if not found:
-        raise CheckpointError(f"run {str(run_dir)!r} has no checkpoint yet.")
-    restore_learner(learner, load_safe(found[-1]), found[-1])
-    return config, learner
+    if path is None:
+        found = checkpoint_files(run_dir)
+        if not found:
+            raise CheckpointError(f"run {str(run_dir)!r} has no checkpoint yet.")
+        path = found[-1]
+    state = load_safe(path)
+    restore_learner(learner, state, Path(path))
+    return config, learner, state
