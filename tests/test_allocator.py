@@ -33,9 +33,18 @@ print(json.dumps({"applied": applied, "faults": faults() - start}))
 """
 
 
-def _faults(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _faults(mode: str, tries: int = 3) -> dict:
+    """The fewest faults over ``tries`` fresh processes: the allocator's own count.
+
+    The kernel can add faults to one process now and then (one CI run counted 49,152 where idle runs
+    count 16,384 every time); the smallest of a few runs is the allocator's own behaviour.  Both modes
+    are measured alike, so the check on the defaults (> 100,000) gets no easier.
+    """
+    runs = []
+    for _ in range(tries):
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return min(runs, key=lambda run: run["faults"])
 
 
 @needs_glibc
