@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="evaluate on a folder of Omniglot one-shot runs (runNN/class_labels.txt ...); reports the error rate",
     )
+    ev.add_argument(
+        "--ensemble",
+        metavar="RUN_DIR",
+        action="append",
+        default=[],
+        help="repeatable, with --lake-runs: score RUN_DIR and these runs as one ensemble (mean softmax probability)",
+    )
 
     lk = sub.add_parser("lake-runs", help="write Omniglot one-shot runs (official format) from held-out alphabets")
     lk.add_argument("--omniglot", required=True, help="an images_background*.zip archive")
@@ -182,9 +189,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.tasks < 1:
         raise MetaOptError(f"--tasks {args.tasks} must be >= 1.")
+    if args.ensemble and not args.lake_runs:
+        raise MetaOptError(f"--ensemble {args.ensemble[0]!r} needs --lake-runs (ensembles score one-shot runs).")
     config, learner = load_run(args.run_dir)
     if args.lake_runs:
-        return _eval_lake(args, config, learner)
+        return _eval_lake(args, [(config, learner), *(load_run(run) for run in args.ensemble)])
 
     def sampler():
         return make_eval_sampler(
@@ -218,23 +227,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_lake(args: argparse.Namespace, config: Any, learner: Any) -> int:
-    from metaopt.data.lake import lake_errors, read_lake_runs
+def _eval_lake(args: argparse.Namespace, members: list[tuple[Any, Any]]) -> int:
+    from metaopt.data.lake import lake_ensemble_errors, lake_errors, read_lake_runs
 
-    tasks = read_lake_runs(args.lake_runs, size=config.image_size)
-    wrong, total, per_run = lake_errors(learner, tasks, args.steps)
+    sizes = {config.image_size for config, _ in members}
+    runs = {size: read_lake_runs(args.lake_runs, size=size) for size in sorted(sizes)}
+    learners = [learner for _, learner in members]
+    if len(members) == 1:
+        wrong, total, per_run = lake_errors(learners[0], runs[members[0][0].image_size], args.steps)
+    else:
+        tasks = [runs[config.image_size] for config, _ in members]
+        wrong, total, per_run = lake_ensemble_errors(learners, tasks, args.steps)
+    own = [learner.eval_inner_steps for learner in learners]
     report = {
-        "runs": len(tasks),
+        "runs": len(per_run),
         "items": total,
         "error_rate": wrong / total,
         "per_run_error": per_run,
-        "steps": learner.eval_inner_steps if args.steps is None else args.steps,
+        "steps": (own[0] if len(set(own)) == 1 else own) if args.steps is None else args.steps,
         "lake_runs": args.lake_runs,
+        "members": [args.run_dir, *args.ensemble],
     }
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"error rate {report['error_rate']:.4f} over {len(tasks)} runs ({total} test items)")
+        members = f" (ensemble of {len(members)} runs)" if len(members) > 1 else ""
+        print(f"error rate {report['error_rate']:.4f} over {len(per_run)} runs ({total} test items){members}")
     return 0
 
 

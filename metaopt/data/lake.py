@@ -12,13 +12,14 @@ import json
 import re
 import zipfile
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from metaopt.data.images import image_to_tensor
-from metaopt.errors import DataError
+from metaopt.errors import ConfigError, DataError
 from metaopt.task import TaskData
 
 _DRAWER = re.compile(r"_(\d+)\.png$")
@@ -126,4 +127,31 @@ def lake_errors(learner: Any, tasks: list[TaskData], steps: int | None = None) -
         errors = round((1 - accuracy) * n)
         wrong, total = wrong + errors, total + n
         per_run.append(errors / n)
+    return wrong, total, per_run
+
+
+def lake_ensemble_errors(
+    learners: Sequence[Any], tasks: list[TaskData] | Sequence[list[TaskData]], steps: int | None = None
+) -> tuple[int, int, list[float]]:
+    """Score one-shot runs with an ensemble: each item goes to the class of highest mean softmax
+    probability over the members, each adapted to the run on its own (``steps`` test steps, default
+    each member's own).  ``tasks`` is one list for all members, or one list per member (members
+    trained at different image sizes read the runs at their own size).
+    """
+    if not learners:
+        raise ConfigError("an ensemble needs at least one learner.")
+    per_member = [tasks] * len(learners) if not tasks or isinstance(tasks[0], TaskData) else list(tasks)
+    if len(per_member) != len(learners) or len({len(t) for t in per_member}) != 1:
+        raise ConfigError(
+            f"got {len(learners)} learners but task lists of lengths {[len(t) for t in per_member]}; give one "
+            "list for all members or one list of the same runs per member."
+        )
+    wrong = total = 0
+    per_run = []
+    for runs in zip(*per_member, strict=True):
+        probs = sum(learner.predict(run, steps=steps).float().softmax(dim=1) for learner, run in zip(learners, runs))
+        labels = runs[0].query_y.to(probs.device)
+        errors = int((probs.argmax(dim=1) != labels).sum())
+        wrong, total = wrong + errors, total + len(labels)
+        per_run.append(errors / len(labels))
     return wrong, total, per_run

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
+import torch.nn.functional as F
+from conftest import class_tasks, image_tasks
 
+from metaopt import MetaLearner
 from metaopt.cli import main
-from metaopt.data.lake import read_lake_runs, write_lake_runs
+from metaopt.data.lake import lake_ensemble_errors, lake_errors, read_lake_runs, write_lake_runs
+from metaopt.errors import ConfigError
+from metaopt.models import conv4
+from metaopt.task import TaskData
 
 HELD_OUT = ["Japanese_(katakana)", "Sanskrit", "Tagalog"]
 
@@ -59,3 +66,53 @@ def test_eval_reports_the_error_rate_and_refuses_a_5_way_model(tmp_path, capsys,
     assert abs(report["error_rate"] - sum(report["per_run_error"]) / 3) < 1e-9
     assert main(["eval", str(tmp_path / "model5"), "--lake-runs", str(runs)]) == 2
     assert "num_classes=20" in capsys.readouterr().err
+    model20 = str(tmp_path / "model20")
+    assert main(["eval", model20, "--lake-runs", str(runs), "--ensemble", model20, "--json"]) == 0
+    twice = json.loads(capsys.readouterr().out)  # two identical members decide as one
+    assert twice["members"] == [model20, model20] and twice["per_run_error"] == report["per_run_error"]
+    assert main(["eval", model20, "--ensemble", model20]) == 2
+    err = capsys.readouterr().err
+    assert "--ensemble" in err and "needs --lake-runs" in err
+
+
+@pytest.mark.parametrize("plugins", [[], ["proto_head"]])
+def test_an_ensemble_of_one_scores_as_evaluate_does(plugins):
+    torch.manual_seed(0)
+    learner = MetaLearner(conv4(num_classes=5).double(), inner_steps=1, inner_lr=0.4, plugins=plugins)
+    tasks = [TaskData(*t) for t in image_tasks(n=3, ways=5, query=4)]
+    for steps in (0, 1):
+        assert lake_ensemble_errors([learner], tasks, steps) == lake_errors(learner, tasks, steps)
+
+
+def test_an_ensemble_votes_with_its_members_mean_probabilities():
+    """Against a by-hand computation: each member takes one SGD step on its support loss, then the
+    softmax probabilities of the adapted linear models are averaged."""
+    torch.manual_seed(1)
+    models = [torch.nn.Linear(4, 3).double() for _ in range(3)]
+    learners = [MetaLearner(m, inner_steps=1, inner_lr=0.5) for m in models]
+    tasks = [TaskData(*t) for t in class_tasks(n=6, seed=3)]
+    for steps in (0, 1):
+        wrong, per_run = 0, []
+        for sx, sy, qx, qy in tasks:
+            probs = 0
+            for m in models:
+                w, b = m.weight, m.bias
+                if steps:
+                    gw, gb = torch.autograd.grad(F.cross_entropy(F.linear(sx, w, b), sy), [w, b])
+                    w, b = w - 0.5 * gw, b - 0.5 * gb
+                probs = probs + F.linear(qx, w, b).softmax(dim=1)
+            errors = int((probs.argmax(dim=1) != qy).sum())
+            wrong += errors
+            per_run.append(errors / len(qy))
+        assert lake_ensemble_errors(learners, tasks, steps) == (wrong, 9 * len(tasks), per_run)
+        if steps:
+            assert any(lake_errors(one, tasks, steps)[2] != per_run for one in learners)  # not one member's vote
+
+
+def test_an_ensemble_refuses_mismatched_task_lists():
+    learner = MetaLearner(torch.nn.Linear(4, 3).double(), inner_steps=1, inner_lr=0.5)
+    tasks = [TaskData(*t) for t in class_tasks(n=2)]
+    with pytest.raises(ConfigError, match="at least one learner"):
+        lake_ensemble_errors([], tasks)
+    with pytest.raises(ConfigError, match="lengths \\[2, 1\\]"):
+        lake_ensemble_errors([learner, learner], [tasks, tasks[:1]])
