@@ -87,3 +87,27 @@ def test_recipe_knobs_harness_stops_each_arm_and_scores_it(tmp_path, omniglot_di
     assert set(row["errors"]["lake (2 runs, 10 items)"]) == {"0", "1"}
     assert not (tmp_path / "arms" / "no_augmentation" / "checkpoints" / "ckpt-00003000.pt").exists()  # stopped
     assert "| no augmentation | `--no-augment` |" in (tmp_path / "recipe_knobs.md").read_text()
+
+
+def test_lake_seeds_harness_scores_each_seed_and_their_ensemble(tmp_path, omniglot_dir):
+    from metaopt.cli import main
+    from metaopt.data.lake import lake_ensemble_errors, read_lake_runs
+    from metaopt.trainer import load_run
+
+    lake = tmp_path / "lake"
+    assert main(["lake-runs", "--omniglot", str(omniglot_dir / "images_background_small2.zip"), "--alphabet",
+                 "Sanskrit", "--out", str(lake), "--runs", "2", "--ways", "5"]) == 0  # fmt: skip
+    runs = [tmp_path / f"seed{s}" for s in (0, 1)]
+    for seed, run in enumerate(runs):
+        train = ["train", "--data", f"omniglot:{omniglot_dir / 'images_background_small1.zip'}", "--ways", "5"]
+        train += ["--iterations", "2", "--meta-batch", "1", "--query", "1", "--seed", str(seed), "--no-progress"]
+        assert main([*train, "--out", str(run)]) == 0
+    _run("lake_seeds.py", "--runs", *map(str, runs), "--lake-runs", str(lake), "--steps", "0", "1",
+         "--name", "tiny", "--docs", str(tmp_path))  # fmt: skip
+    row = json.loads((tmp_path / "lake_seeds.json").read_text())["tiny"]
+    assert row["seeds"] == [0, 1] and row["iterations"] == [2, 2]
+    learners = [load_run(run)[1] for run in runs]
+    wrong, total, _ = lake_ensemble_errors(learners, read_lake_runs(lake), 1)
+    cell = row["scores"][str(lake)]["1"]
+    assert cell["items"] == total == 10 and cell["ensemble"] == wrong / total and len(cell["seeds"]) == 2
+    assert "| ensemble of the seeds |" in (tmp_path / "lake_seeds.md").read_text()
