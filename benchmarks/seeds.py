@@ -54,6 +54,8 @@ SETTINGS["omniglot5-validation"] = {
     "train_config": "test_alphabets: [Korean]\n",
     "eval_args": ["--split", "test", "--test-alphabet", "Korean"],
     "test_seed": 777,
+    "note": "Meta-trained on small1 without Korean (`test_alphabets: [Korean]`), scored on Korean tasks "
+    "(`--split test --test-alphabet Korean`, test seed 777): used for tuning only.",
 }
 
 
@@ -118,7 +120,8 @@ def seed_tables(results: dict[str, Any], level: str = "##") -> list[str]:
         metric, steps = spec["metric"], [str(s) for s in spec["eval_steps"]]
         lines += [f"{level} {setting}", ""]
         if "test_seed" in spec:
-            lines += [f"Scored on validation tasks (test seed {spec['test_seed']}), used for tuning only.", ""]
+            default = f"Scored on validation tasks (test seed {spec['test_seed']}), used for tuning only."
+            lines += [spec.get("note", default), ""]
         first = next(iter(next(iter(algos.values())).values()))
         lines += [f"Shared flags: `{' '.join(spec['flags'])} --iterations {first['iterations']}`; device: "]
         lines[-1] += f"{first['device']}; `--engine auto` unless the name says the engine."
