@@ -23,7 +23,7 @@ from common import DOCS, device_name, write_json
 
 
 def score(runs: list[Path], lake_runs: list[str], steps: list[int]) -> dict[str, Any]:
-    from metaopt.data.lake import lake_ensemble_errors, lake_errors, read_lake_runs
+    from metaopt.data.lake import lake_ensemble_errors, lake_errors, read_lake_runs_per_member
     from metaopt.trainer import load_checkpoint
 
     members = [load_checkpoint(run) for run in runs]
@@ -33,7 +33,7 @@ def score(runs: list[Path], lake_runs: list[str], steps: list[int]) -> dict[str,
     learners = [learner for _, learner, _ in members]
     scores: dict[str, Any] = {}
     for folder in lake_runs:
-        tasks = [read_lake_runs(folder, size=config.image_size) for config, _, _ in members]
+        tasks = read_lake_runs_per_member(folder, [config.image_size for config, _, _ in members])
         errors: dict[str, Any] = {}
         for k in steps:
             per_seed = [lake_errors(learner, t, k) for learner, t in zip(learners, tasks, strict=True)]

@@ -228,15 +228,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_lake(args: argparse.Namespace, members: list[tuple[Any, Any]]) -> int:
-    from metaopt.data.lake import lake_ensemble_errors, lake_errors, read_lake_runs
+    from metaopt.data.lake import lake_ensemble_errors, lake_errors, read_lake_runs_per_member
 
-    sizes = {config.image_size for config, _ in members}
-    runs = {size: read_lake_runs(args.lake_runs, size=size) for size in sorted(sizes)}
+    tasks = read_lake_runs_per_member(args.lake_runs, [config.image_size for config, _ in members])
     learners = [learner for _, learner in members]
     if len(members) == 1:
-        wrong, total, per_run = lake_errors(learners[0], runs[members[0][0].image_size], args.steps)
+        wrong, total, per_run = lake_errors(learners[0], tasks[0], args.steps)
     else:
-        tasks = [runs[config.image_size] for config, _ in members]
         wrong, total, per_run = lake_ensemble_errors(learners, tasks, args.steps)
     own = [learner.eval_inner_steps for learner in learners]
     report = {
@@ -251,8 +249,8 @@ def _eval_lake(args: argparse.Namespace, members: list[tuple[Any, Any]]) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        members = f" (ensemble of {len(members)} runs)" if len(members) > 1 else ""
-        print(f"error rate {report['error_rate']:.4f} over {len(per_run)} runs ({total} test items){members}")
+        ensemble = f" (ensemble of {len(members)} runs)" if len(members) > 1 else ""
+        print(f"error rate {report['error_rate']:.4f} over {len(per_run)} runs ({total} test items){ensemble}")
     return 0
 
 

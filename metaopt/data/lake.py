@@ -117,6 +117,12 @@ def read_lake_runs(path: str | Path, size: int = 28) -> list[TaskData]:
     return tasks
 
 
+def read_lake_runs_per_member(path: str | Path, sizes: Sequence[int]) -> list[list[TaskData]]:
+    """The runs at each ensemble member's image size (``sizes``, one per member), each size read once."""
+    by_size = {size: read_lake_runs(path, size=size) for size in dict.fromkeys(sizes)}
+    return [by_size[size] for size in sizes]
+
+
 def lake_errors(learner: Any, tasks: list[TaskData], steps: int | None = None) -> tuple[int, int, list[float]]:
     """Score one-shot runs: (wrong items, items, per-run error rate) after ``steps`` test steps."""
     wrong = total = 0

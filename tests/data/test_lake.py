@@ -12,7 +12,13 @@ from conftest import class_tasks, image_tasks
 
 from metaopt import MetaLearner
 from metaopt.cli import main
-from metaopt.data.lake import lake_ensemble_errors, lake_errors, read_lake_runs, write_lake_runs
+from metaopt.data.lake import (
+    lake_ensemble_errors,
+    lake_errors,
+    read_lake_runs,
+    read_lake_runs_per_member,
+    write_lake_runs,
+)
 from metaopt.errors import ConfigError
 from metaopt.models import conv4
 from metaopt.task import TaskData
@@ -43,6 +49,8 @@ def test_reader_maps_items_to_their_classes(tmp_path, omniglot_dir):
         shutil.copy(tmp_path / label, tmp_path / item)
     sx, sy, qx, qy = read_lake_runs(tmp_path)[0]
     assert torch.equal(qx, sx[qy])
+    at28, again, at14 = read_lake_runs_per_member(tmp_path, [28, 28, 14])  # one read per size
+    assert at28 is again and at14[0].support_x.shape[-1] == 14 and torch.equal(at28[0].query_x, qx)
 
 
 def test_eval_reports_the_error_rate_and_refuses_a_5_way_model(tmp_path, capsys, omniglot_dir):
