@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from common import DOCS, device_name, write_json
+from common import DOCS, device_name, summary, write_json
 
 
 def score(runs: list[Path], lake_runs: list[str], steps: list[int]) -> dict[str, Any]:
@@ -71,8 +70,7 @@ def write_report(results: dict[str, Any], docs: Path) -> None:
         lines += ["| --- | --- | --- | --- | --- | --- |"]
         for folder, errors in row["scores"].items():
             for k, e in errors.items():
-                mean = statistics.fmean(e["seeds"])
-                sd = statistics.stdev(e["seeds"]) if len(e["seeds"]) > 1 else 0.0
+                mean, sd = summary(e["seeds"])
                 per_seed = ", ".join(f"{100 * v:.2f}%" for v in e["seeds"])
                 cells = [f"`{folder}`", k, str(e["items"]), per_seed, f"{100 * mean:.2f}% ± {100 * sd:.2f}"]
                 lines.append("| " + " | ".join([*cells, f"**{100 * e['ensemble']:.2f}%**"]) + " |")

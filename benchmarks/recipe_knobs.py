@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import DOCS, device_name, write_json
+from common import DOCS, device_name, summary, write_json
 
 
 def train_until(recipe: str, out: Path, flags: list[str], stop_at: int) -> Path:
@@ -68,6 +69,49 @@ def score(checkpoint: Path, lake_runs: list[str], steps: list[int]) -> dict[str,
     return {"train_s": round(float(state.get("elapsed", 0.0)), 1), "errors": errors}
 
 
+SEEDED = re.compile(r"^(?P<group>.+) seed (?P<seed>\d+)$")
+
+
+def seed_groups(arms: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Arms named ``"GROUP seed N"``, by group and seed (other arms are left out)."""
+    groups: dict[str, dict[int, dict[str, Any]]] = {}
+    for name, row in arms.items():
+        if match := SEEDED.match(name):
+            groups.setdefault(match["group"], {})[int(match["seed"])] = row
+    return groups
+
+
+def seed_table(arms: dict[str, Any], columns: list[tuple[str, str]], reference: str = "recipe") -> list[str]:
+    """Mean ± sd over seeds per group, and each group minus ``reference`` paired by seed ± its standard
+    error (**resolved** beyond twice it); empty when no arm is named ``"... seed N"``."""
+    groups = seed_groups(arms)
+    if not groups:
+        return []
+    lines = [
+        f"Over seeds (arms named `GROUP seed N`): mean ± sample sd in points; vs `{reference}`: the mean of the",
+        "per-seed differences (same seed: same initialisation and training tasks) ± its standard error,",
+        "**resolved** where beyond twice that.",
+        "",
+        "| group | seeds | " + " | ".join(f"{r}, {k} test steps" for r, k in columns) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in columns) + " |",
+    ]
+    base = groups.get(reference, {})
+    for group, by_seed in groups.items():
+        cells = []
+        for r, k in columns:
+            mean, sd = summary([100 * row["errors"][r][k] for row in by_seed.values()])
+            cell = f"{mean:.2f}% ± {sd:.2f}"
+            common = sorted(set(by_seed) & set(base))
+            if group != reference and len(common) > 1:
+                diffs = [100 * (by_seed[s]["errors"][r][k] - base[s]["errors"][r][k]) for s in common]
+                diff, dsd = summary(diffs)
+                se = dsd / len(diffs) ** 0.5
+                cell += f"; vs {reference} {diff:+.2f} ± {se:.2f}" + (" **resolved**" if abs(diff) > 2 * se else "")
+            cells.append(cell)
+        lines.append(f"| {group} | {', '.join(str(s) for s in sorted(by_seed))} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_report(results: dict[str, Any], docs: Path) -> None:
     lines = [
         "# Omniglot one-shot recipe: one knob at a time",
@@ -96,6 +140,7 @@ def write_report(results: dict[str, Any], docs: Path) -> None:
             cells = [f"{100 * row['errors'][r][k]:.2f}%" for r, k in columns]
             lines.append(f"| {arm} | `{row['change']}` | {row['train_s'] / 60:.1f} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += seed_table(arms, columns)
         if block.get("note"):
             lines += [block["note"], ""]
     (docs / "recipe_knobs.md").write_text("\n".join(lines))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from accuracy import ALGORITHMS, algorithm_flags
-from common import DOCS, SHARED_DATA, device_name, train_eval, write_json
+from common import DOCS, SHARED_DATA, device_name, summary, train_eval, write_json
 
 TEST_SEED = 12345
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -92,10 +92,6 @@ def run_cell(setting: str, algo: str, seed: int, work: Path, iterations: int) ->
     row = train_eval(out, train, spec["eval_steps"], eval_args=eval_args)
     row.update(device=device_name(), finished=time.strftime("%Y-%m-%d %H:%M"), iterations=iterations)
     return row
-
-
-def summary(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 INTRO = [

@@ -89,6 +89,26 @@ def test_recipe_knobs_harness_stops_each_arm_and_scores_it(tmp_path, omniglot_di
     assert "| no augmentation | `--no-augment` |" in (tmp_path / "recipe_knobs.md").read_text()
 
 
+def test_recipe_knobs_report_pairs_seeded_arms_with_the_recipe(tmp_path):
+    def arm(error: float) -> dict:
+        return {"train_s": 60.0, "change": "x", "errors": {"lake (1 runs, 100 items)": {"0": error}}}
+
+    values = {"recipe": (0.20, 0.18, 0.22), "shot": (0.19, 0.16, 0.20), "sharp": (0.20, 0.19, 0.21)}
+    arms = {f"{group} seed {s}": arm(v) for group, vs in values.items() for s, v in enumerate(vs)}
+    arms["running BN"] = arm(0.6)  # not seeded: only in the per-arm table
+    block = {"recipe": "r.yaml", "stop_at": 400, "device": "cpu", "scored": "now", "arms": arms}
+    (tmp_path / "recipe_knobs.json").write_text(json.dumps({"section": block}))
+    _run("recipe_knobs.py", "r.yaml", "--stop-at", "400", "--lake-runs", "x", "--report-only", "--name", "section",
+         "--docs", str(tmp_path))  # fmt: skip
+    table = (tmp_path / "recipe_knobs.md").read_text()
+    # recipe 20/18/22: mean 20, sd 2; shot 19/16/20 minus recipe: -1, -2, -2 -> -1.67, se 0.577/sqrt(3)
+    assert "| recipe | 0, 1, 2 | 20.00% ± 2.00 |" in table
+    assert "| shot | 0, 1, 2 | 18.33% ± 2.08; vs recipe -1.67 ± 0.33 **resolved** |" in table
+    # sharp minus recipe: 0, +1, -1 -> 0 ± 0.58, not resolved
+    assert "| sharp | 0, 1, 2 | 20.00% ± 1.00; vs recipe +0.00 ± 0.58 |" in table
+    assert "| running BN |" in table and "| running BN | 0" not in table
+
+
 def test_lake_seeds_harness_scores_each_seed_and_their_ensemble(tmp_path, omniglot_dir):
     from metaopt.cli import main
     from metaopt.data.lake import lake_ensemble_errors, read_lake_runs
