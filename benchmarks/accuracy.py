@@ -198,14 +198,25 @@ def write_report(results: dict[str, Any]) -> None:
 
 def over_seeds() -> list[str]:
     """The over-seed tables of benchmarks/seeds.py (docs/benchmarks/seeds.json), where they exist."""
+    from recipe_knobs import columns_of, seed_table
     from seeds import INTRO, seed_tables  # seeds.py imports this module: import at use
 
-    path = OUTPUT["docs"] / "seeds.json"
-    if not path.is_file():
+    path, knobs = OUTPUT["docs"] / "seeds.json", OUTPUT["docs"] / "recipe_knobs.json"
+    lines = []
+    if path.is_file():
+        lines += ["These are several seeds per algorithm, from `docs/benchmarks/seeds.md`:", "", *INTRO]
+        lines += seed_tables(json.loads(path.read_text()), level="###")
+    for name, block in (json.loads(knobs.read_text()) if knobs.is_file() else {}).items():
+        table = seed_table(block["arms"], columns_of(block["arms"]))
+        if table:  # the one-shot recipe with plugins added, several seeds (recipe_knobs.py)
+            source = (
+                f"From `docs/benchmarks/recipe_knobs.md`: error on Lake-format runs at iteration {block['stop_at']}"
+            )
+            lines += [f"### {name}", "", f"{source} (device: {block['device']}).", ""]
+            lines += [*table, *([block["note"], ""] if block.get("note") else [])]
+    if not lines:
         return []
-    head = ["## Plugin effects over seeds", "", "The per-setting tables further down are one seed each."]
-    head += ["These are several seeds per algorithm, from `docs/benchmarks/seeds.md`:", ""]
-    return head + INTRO + seed_tables(json.loads(path.read_text()), level="###")
+    return ["## Plugin effects over seeds", "", "The per-setting tables further down are one seed each.", *lines]
 
 
 def _train_wall(row: dict[str, Any]) -> str:

@@ -81,6 +81,12 @@ def seed_groups(arms: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
     return groups
 
 
+def columns_of(arms: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(Lake runs, test steps)`` of the first arm's scores: the table's columns."""
+    first = next(iter(arms.values()))
+    return [(runs, k) for runs, by_steps in first["errors"].items() for k in by_steps]
+
+
 def seed_table(arms: dict[str, Any], columns: list[tuple[str, str]], reference: str = "recipe") -> list[str]:
     """Mean ± sd over seeds per group, and each group minus ``reference`` paired by seed ± its standard
     error (**resolved** beyond twice it); empty when no arm is named ``"... seed N"``."""
@@ -125,8 +131,7 @@ def write_report(results: dict[str, Any], docs: Path) -> None:
     ]
     for name, block in results.items():
         arms = block["arms"]
-        first = next(iter(arms.values()))
-        columns = [(runs, k) for runs, by_steps in first["errors"].items() for k in by_steps]
+        columns = columns_of(arms)
         lines += [
             f"## {name}",
             "",
