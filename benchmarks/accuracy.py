@@ -197,7 +197,8 @@ def write_report(results: dict[str, Any]) -> None:
 
 
 def over_seeds() -> list[str]:
-    """The over-seed tables of benchmarks/seeds.py (docs/benchmarks/seeds.json), where they exist."""
+    """The over-seed tables, where they exist: benchmarks/seeds.py's (docs/benchmarks/seeds.json) and the
+    seeded arms of benchmarks/recipe_knobs.py's sections (docs/benchmarks/recipe_knobs.json)."""
     from recipe_knobs import columns_of, seed_table
     from seeds import INTRO, seed_tables  # seeds.py imports this module: import at use
 

@@ -84,3 +84,11 @@ def write_json(path: Path, data: Any) -> None:
 def summary(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_difference(diffs: list[float]) -> tuple[float, float, bool]:
+    """Per-seed differences to a reference: their mean, its standard error, and whether the mean lies
+    beyond twice that (the harnesses' screen, not a significance test)."""
+    mean, sd = summary(diffs)
+    se = sd / len(diffs) ** 0.5
+    return mean, se, abs(mean) > 2 * se

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import DOCS, device_name, summary, write_json
+from common import DOCS, device_name, paired_difference, summary, write_json
 
 
 def train_until(recipe: str, out: Path, flags: list[str], stop_at: int) -> Path:
@@ -104,15 +104,14 @@ def seed_table(arms: dict[str, Any], columns: list[tuple[str, str]], reference: 
     base = groups.get(reference, {})
     for group, by_seed in groups.items():
         cells = []
+        common = sorted(set(by_seed) & set(base)) if group != reference else []
         for r, k in columns:
             mean, sd = summary([100 * row["errors"][r][k] for row in by_seed.values()])
             cell = f"{mean:.2f}% ± {sd:.2f}"
-            common = sorted(set(by_seed) & set(base))
-            if group != reference and len(common) > 1:
+            if len(common) > 1:
                 diffs = [100 * (by_seed[s]["errors"][r][k] - base[s]["errors"][r][k]) for s in common]
-                diff, dsd = summary(diffs)
-                se = dsd / len(diffs) ** 0.5
-                cell += f"; vs {reference} {diff:+.2f} ± {se:.2f}" + (" **resolved**" if abs(diff) > 2 * se else "")
+                diff, se, beyond = paired_difference(diffs)
+                cell += f"; vs {reference} {diff:+.2f} ± {se:.2f}" + (" **resolved**" if beyond else "")
             cells.append(cell)
         lines.append(f"| {group} | {', '.join(str(s) for s in sorted(by_seed))} | " + " | ".join(cells) + " |")
     return [*lines, ""]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from accuracy import ALGORITHMS, algorithm_flags
-from common import DOCS, SHARED_DATA, device_name, summary, train_eval, write_json
+from common import DOCS, SHARED_DATA, device_name, paired_difference, summary, train_eval, write_json
 
 TEST_SEED = 12345
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -139,9 +139,8 @@ def seed_tables(results: dict[str, Any], level: str = "##") -> list[str]:
                 common = sorted(set(seeds) & set(reference), key=int)
                 for s in steps:  # paired by seed: the same seed draws the same init and training tasks
                     diffs = [seeds[k]["evals"][s][metric] - reference[k]["evals"][s][metric] for k in common]
-                    diff, sd = summary(diffs)
-                    se = sd / len(diffs) ** 0.5
-                    parts.append(f"{diff:+.4f} ± {se:.4f}" + (" **measurable**" if abs(diff) > 2 * se else ""))
+                    diff, se, beyond = paired_difference(diffs)
+                    parts.append(f"{diff:+.4f} ± {se:.4f}" + (" **measurable**" if beyond else ""))
                 cells.append(" / ".join(parts))
             else:
                 cells.append("—")
