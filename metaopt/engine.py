@@ -17,7 +17,7 @@ from torch import nn
 
 from metaopt.backend import TorchFuncBackend
 from metaopt.errors import ConfigError, DataError, suggest
-from metaopt.norms import SafeNorms, has_norms, uncovered_norms
+from metaopt.norms import SafeNorms
 from metaopt.task import Batch, Task, TaskData, upcast
 
 if TYPE_CHECKING:
@@ -47,12 +47,6 @@ def vmap_refusals(learner: MetaLearner) -> list[str]:
         reasons.append(
             f"inner_optimizer={learner.inner_optimizer_name!r} with {learner.inner_optimizer_kwargs}: higher's "
             "differentiable optimizers keep their state in place, which vmap cannot batch (use 'sgd' or 'adam')"
-        )
-    uncovered = uncovered_norms(learner.model)
-    if uncovered:
-        reasons.append(
-            f"the model's {uncovered[:3]} would get a wrong second-order gradient under vmap (InstanceNorm is not "
-            "decomposed by metaopt.norms)"
         )
     return reasons
 
@@ -121,7 +115,8 @@ class VmapEngine:
 
     def __init__(self, learner: MetaLearner) -> None:
         self.backend = VmapBackend(learner.model, learner.backend.bn_policy)
-        self.safe_norms = has_norms(learner.model)
+        #: always on: a model may call F.layer_norm / F.batch_norm itself, with no norm module to find
+        self.safe_norms = True
 
     def run(self, learner: MetaLearner, batch: Batch, stacks: bool = False) -> torch.Tensor:
         """The batch's mean loss; ``stacks``: the caller (``engine="auto"``) already checked the shapes."""

@@ -4,9 +4,13 @@
 ``F.layer_norm`` (their backward's batching rule for ``grad_input``; pytorch/functorch #534,
 still open on torch 2.14): a float64 meta-gradient through two inner steps of a conv+BN net
 differs from finite differences.  The same maths as mean / variance / normalise / affine is
-exact under vmap.  :class:`SafeNorms` routes ``F.batch_norm``, ``F.layer_norm`` and
-``F.group_norm`` (however the model spells them: ``nn.BatchNorm2d``, timm's norm layers, a
-direct ``F.layer_norm`` call) through these decompositions while the engine runs.
+exact under vmap.  :class:`SafeNorms` routes ``F.batch_norm``, ``F.layer_norm``,
+``F.group_norm`` and ``F.instance_norm`` (however the model spells them: ``nn.BatchNorm2d``,
+timm's norm layers, a direct ``F.layer_norm(x, shape, self.w, self.b)`` call in the functional
+style of MAML code) through these decompositions whenever the vmap engine runs: it is entered
+for every model, not only for models that hold an ``nn`` norm module (a functional call leaves
+no module to find).  Its cost on a model without normalisation is one Python dispatch per torch
+call (about 6% on the sinusoid MLP, docs/engines.md).
 
 Running statistics are never written here: under ``bn_policy="transductive"`` they are never
 read either, and under ``"running"`` BatchNorm runs in eval mode and only reads them.
@@ -19,13 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.overrides import TorchFunctionMode
-
-#: modules whose forward reaches one of the decomposed functions
-NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
-#: normalisations vmap also batches through a fused kernel that metaopt does not decompose
-UNCOVERED_MODULES = (nn.modules.instancenorm._InstanceNorm,)
 
 
 def batch_norm(
@@ -88,22 +86,39 @@ def group_norm(
     return y if bias is None else y + bias.reshape(shape)
 
 
-_REPLACEMENTS = {F.batch_norm: batch_norm, F.layer_norm: layer_norm, F.group_norm: group_norm}
+def instance_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.instance_norm`` without the running-statistics update: per example and channel."""
+    if not use_input_stats and running_mean is not None and running_var is not None:
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    var, mean = torch.var_mean(input, dim=list(range(2, input.dim())), keepdim=True, correction=0)
+    y = (input - mean) * torch.rsqrt(var + eps)
+    shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    return y if bias is None else y + bias.reshape(shape)
+
+
+_REPLACEMENTS = {
+    F.batch_norm: batch_norm,
+    F.layer_norm: layer_norm,
+    F.group_norm: group_norm,
+    F.instance_norm: instance_norm,
+}
 
 
 class SafeNorms(TorchFunctionMode):
-    """While active, ``F.batch_norm`` / ``F.layer_norm`` / ``F.group_norm`` run as plain tensor ops."""
+    """While active, ``F.batch_norm`` / ``F.layer_norm`` / ``F.group_norm`` / ``F.instance_norm`` run as
+    plain tensor ops."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         replacement = _REPLACEMENTS.get(func)
         return (replacement or func)(*args, **(kwargs or {}))
-
-
-def has_norms(model: nn.Module) -> bool:
-    """Whether the model holds a normalisation module that :class:`SafeNorms` must cover."""
-    return any(isinstance(m, NORM_MODULES) for m in model.modules())
-
-
-def uncovered_norms(model: nn.Module) -> list[str]:
-    """Names of modules whose normalisation vmap would batch wrongly and that are not decomposed."""
-    return [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if isinstance(m, UNCOVERED_MODULES)]
