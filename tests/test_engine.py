@@ -11,9 +11,9 @@ from torch import nn
 from metaopt import ConfigError, DataError, HeadedModel, MetaLearner, hookimpl
 from metaopt.engine import choose_engine
 from metaopt.errors import NumericalError, PluginHookError
-from metaopt.task import TaskData
 from metaopt.models import mlp
 from metaopt.plugins import FOMAML, SHOT, ConvergentFO, HyperMAML, MAMLPlusPlus, MetaSGD, ProtoHead, Reptile, SharpMAML
+from metaopt.task import TaskData
 
 
 def conv_bn(norm: str = "bn") -> nn.Module:
