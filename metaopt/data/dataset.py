@@ -3,7 +3,10 @@
 ``EpisodeDataset(dataset, ways, shots, query)`` is itself a map-style dataset whose item ``i``
 is task ``i``: a pure function of ``(seed, i)``, so a ``DataLoader`` with any number of workers
 yields the same tasks, and resuming at task ``i`` is exact.  Items are loaded lazily (only the
-images a task needs) and stay ``uint8`` until :func:`collate_tasks` batches them.
+images a task needs) and keep the dtype and values the user's dataset and transform give them
+(:func:`item_tensor`): a normalised float stays normalised, a feature vector stays as it is.
+Only decoded PIL images are held compactly, as ``uint8`` (lossless), until :func:`collate_tasks`
+turns ``uint8`` into float32 in [0, 1].
 """
 
 from __future__ import annotations
@@ -64,21 +67,45 @@ def _split_item(item: Any, image_key: str | None) -> tuple[Any, Any]:
     raise DataError(f"a dataset item must be (image, label) or a dict with an image; got {type(item).__name__}.")
 
 
-def to_uint8(image: Any, where: str) -> torch.Tensor:
-    """A PIL image, numpy array or tensor as a ``uint8`` tensor [C, H, W] (floats in [0, 1] scaled)."""
+#: PIL modes with 8 bits per channel: decoded to ``uint8`` without loss
+EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA", "RGBX", "LAB", "HSV")
+
+
+def item_tensor(image: Any, where: str) -> torch.Tensor:
+    """What a dataset item (after the transform) holds, as a tensor that loses nothing.
+
+    A tensor is kept as it is (dtype, values, shape); a numpy array (or a number, a list) becomes
+    the tensor of the same dtype and values.  A decoded PIL image becomes ``uint8`` [C, H, W]
+    (grey, or RGB for colour modes; 8 bits per channel, so nothing is lost), and a 16-bit or float
+    PIL image ("I", "I;16", "F") a float32 tensor [1, H, W] of the same values.  Only ``uint8``
+    items are changed later, by :func:`collate_tasks`: to float32 in [0, 1], as ``ToTensor`` would.
+    """
     try:
-        if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
-            array = np.asarray(image.convert("L") if image.mode in ("1", "L", "I", "F") else image.convert("RGB"))
+        if hasattr(image, "convert") and hasattr(image, "mode"):  # PIL
+            if image.mode in EIGHT_BIT_MODES:
+                array = np.asarray(image.convert("L") if image.mode in ("1", "L") else image.convert("RGB"))
+            else:
+                array = np.asarray(image, dtype=np.float32)
             tensor = torch.from_numpy(array.copy())
             return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
-        tensor = torch.as_tensor(image)
+        if isinstance(image, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(image))
+        return torch.as_tensor(image)
     except (OSError, ValueError, TypeError) as exc:
         raise DataError(f"cannot read image {where}: {exc}. Remove or replace that item.") from exc
-    if tensor.dim() == 2:
-        tensor = tensor.unsqueeze(0)
-    if tensor.is_floating_point():
-        tensor = (tensor.clamp(0, 1) * 255).round()
-    return tensor.to(torch.uint8)
+
+
+def _stack(items: list[torch.Tensor], indices: list[int]) -> torch.Tensor:
+    """The items of a task stacked; items that differ in dtype or shape are named."""
+    first = items[0]
+    for item, index in zip(items[1:], indices[1:], strict=True):
+        if item.dtype != first.dtype or item.shape != first.shape:
+            raise DataError(
+                f"dataset items {indices[0]} and {index} differ after the transform: {tuple(first.shape)} "
+                f"{first.dtype} vs {tuple(item.shape)} {item.dtype}. Give every item one shape and dtype "
+                "(e.g. a Resize and ToDtype in the transform)."
+            )
+    return torch.stack(items)
 
 
 class EpisodeDataset(Dataset):
@@ -170,20 +197,30 @@ class EpisodeDataset(Dataset):
             members = self.group_members[int(rng.integers(len(self.group_members)))]
             pool = [m + r * len(self.classes) for r in range(4 if self.rotations else 1) for m in members]
             picked = np.asarray(pool)[rng.choice(len(pool), size=self.ways, replace=False)]
-        support, query = [], []
+        support, query, support_items, query_items = [], [], [], []
         for virtual in picked:
             members = self.members[int(virtual) % len(self.classes)]
             items = rng.choice(len(members), size=self.shots + self.query, replace=False)
-            images = [self._load(members[int(i)]) for i in items]
+            chosen = [members[int(i)] for i in items]
+            images = [self._load(i) for i in chosen]
             if self.rotations:
-                images = [torch.rot90(x, int(virtual) // len(self.classes), dims=(1, 2)) for x in images]
-            support.append(torch.stack(images[: self.shots]))
-            query.append(torch.stack(images[self.shots :]))
+                if images[0].dim() < 2:
+                    raise DataError(
+                        f"rotations=True turns images by 90 degrees, but dataset item {chosen[0]} has shape "
+                        f"{tuple(images[0].shape)}; use rotations only with images ([C, H, W] or [H, W])."
+                    )
+                images = [torch.rot90(x, int(virtual) // len(self.classes), dims=(-2, -1)) for x in images]
+            support.extend(images[: self.shots])
+            query.extend(images[self.shots :])
+            support_items.extend(chosen[: self.shots])
+            query_items.extend(chosen[self.shots :])
         labels = torch.arange(self.ways)
+        stacked = _stack(support + query, support_items + query_items)
+        n = self.ways * self.shots
         return TaskData(
-            torch.cat(support),
+            stacked[:n],
             labels.repeat_interleave(self.shots),
-            torch.cat(query),
+            stacked[n:],
             labels.repeat_interleave(self.query),
         )
 
@@ -197,12 +234,20 @@ class EpisodeDataset(Dataset):
         image, _ = _split_item(item, self.image_key)
         if self.transform is not None:
             image = self.transform(image)
-        return to_uint8(image, f"item {index}")
+        return item_tensor(image, f"item {index}")
+
+
+def as_model_input(x: torch.Tensor) -> torch.Tensor:
+    """``uint8`` (decoded images) as float32 in [0, 1]; every other dtype unchanged."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
 def collate_tasks(tasks: list[TaskData]) -> list[TaskData]:
-    """A ``DataLoader`` ``collate_fn``: a meta-batch (list of tasks) with images as float32 in [0, 1]."""
-    return [TaskData(t.support_x.float().div_(255), t.support_y, t.query_x.float().div_(255), t.query_y) for t in tasks]
+    """A ``DataLoader`` ``collate_fn``: a meta-batch (list of tasks), ``uint8`` inputs as float32 in [0, 1].
+
+    Inputs of any other dtype (a normalising transform's floats, feature vectors) pass unchanged.
+    """
+    return [TaskData(as_model_input(t.support_x), t.support_y, as_model_input(t.query_x), t.query_y) for t in tasks]
 
 
 class DatasetTaskSampler(TaskSampler):

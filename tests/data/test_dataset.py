@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
@@ -137,3 +137,77 @@ def test_within_group_tasks_take_every_class_from_one_group():
         EpisodeDataset(
             list(zip(images, labels)), ways=5, shots=1, query=1, labels=labels, groups=groups, within_group=True
         )
+
+
+class Recorder(torch.nn.Module):
+    """A linear classifier that keeps every input it is given (what reaches the model)."""
+
+    def __init__(self, features: int, ways: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(features, ways, dtype=dtype)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.linear(x.flatten(1))
+
+
+def test_a_normalising_transform_reaches_the_task_and_the_model_bit_for_bit(tmp_path):
+    """Items were stored as uint8 and floats clipped to [0, 1]: a mean/std transform came back in
+    [0, 1] instead of about +-2."""
+    import metaopt
+
+    folder = ImageFolder(str(_image_folder(tmp_path, size=6)))
+    transform = v2.Compose(
+        [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.2] * 3)]
+    )
+    produced = [transform(folder[i][0]) for i in range(len(folder))]
+    episodes = EpisodeDataset(folder, ways=3, shots=1, query=2, transform=transform, seed=0)
+    task = episodes[0]
+    assert task.support_x.dtype == torch.float32 and task.support_x.shape == (3, 3, 6, 6)
+    for x in [*task.support_x, *task.query_x]:
+        assert any(torch.equal(x, p) for p in produced)  # bit for bit what the transform made
+    assert float(task.query_x.min()) < -2 and float(task.query_x.max()) > 2  # not squeezed into [0, 1]
+    loader = DataLoader(episodes, batch_size=2, collate_fn=collate_tasks)
+    batch = next(iter(loader))
+    assert torch.equal(batch[0].support_x, episodes[0].support_x)  # collation leaves floats alone
+    model = Recorder(3 * 6 * 6, 3, torch.float32)
+    metaopt.MetaLearner(model, inner_steps=1, inner_lr=0.1).backward(batch)
+    assert any(torch.equal(seen, episodes[0].support_x) for seen in model.seen)
+
+
+def test_feature_vectors_keep_their_dtype_and_values():
+    """N(0, 9) vectors came back as 8 distinct values in [0, 1]."""
+    import metaopt
+
+    g = torch.Generator().manual_seed(0)
+    features = 3 * torch.randn(40, 5, generator=g, dtype=torch.float64)
+    labels = torch.arange(4).repeat_interleave(10)
+    episodes = EpisodeDataset(TensorDataset(features, labels), ways=4, shots=2, query=3, labels=labels.tolist())
+    task = episodes[3]
+    assert task.support_x.dtype == torch.float64 and task.support_x.shape == (8, 5)
+    for x in [*task.support_x, *task.query_x]:
+        assert (features == x).all(1).any()
+    assert task.query_x.unique().numel() == task.query_x.numel()
+    batch = collate_tasks([episodes[i] for i in range(2)])
+    model = Recorder(5, 4, torch.float64)
+    metaopt.MetaLearner(model, inner_steps=1, inner_lr=0.1).backward(batch)
+    assert torch.equal(model.seen[0], episodes[0].support_x)
+
+
+def test_decoded_images_are_compact_and_collate_to_unit_floats(tmp_path):
+    folder = ImageFolder(str(_image_folder(tmp_path)))
+    task = EpisodeDataset(folder, ways=2, shots=1, query=1)[0]
+    assert task.support_x.dtype == torch.uint8  # lossless for 8-bit images
+    (collated,) = collate_tasks([task])
+    assert collated.support_x.dtype == torch.float32
+    assert torch.equal(collated.support_x, task.support_x.float() / 255)
+
+
+def test_items_of_different_shapes_or_dtypes_are_named():
+    items = [(torch.zeros(4), 0), (torch.zeros(4), 0), (torch.zeros(5), 1), (torch.zeros(5), 1)]
+    episodes = EpisodeDataset(items, ways=2, shots=1, query=1, labels=[0, 0, 1, 1])
+    with pytest.raises(DataError, match=r"dataset items \d and \d differ after the transform: \(\d,\)"):
+        episodes[0]
+    with pytest.raises(DataError, match="rotations=True turns images by 90 degrees, but dataset item"):
+        EpisodeDataset(items[:2] * 2, ways=2, shots=1, query=1, labels=[0, 0, 1, 1], rotations=True)[0]
