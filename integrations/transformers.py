@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from metaopt.checkpoint import load_safe, save_atomic
+from metaopt.data.dataset import collate_tasks
 from metaopt.errors import ConfigError
 from metaopt.learner import MetaLearner
 from metaopt.task import TaskData
@@ -47,8 +48,13 @@ class LogitsOf(nn.Module):
 
 
 def collate_meta_batch(tasks: list[Any]) -> dict[str, list[tuple[torch.Tensor, ...]]]:
-    """A meta-batch as the Trainer passes inputs: ``{"tasks": [(sx, sy, qx, qy), ...]}``."""
-    return {"tasks": [tuple(task) for task in tasks]}
+    """A meta-batch as the Trainer passes inputs: ``{"tasks": [(sx, sy, qx, qy), ...]}``.
+
+    Runs :func:`~metaopt.data.collate_tasks`, as the plain-loop path does: ``uint8`` images (an
+    :class:`~metaopt.data.EpisodeDataset` of decoded images) become float32 in [0, 1]; any other
+    dtype passes unchanged.  The default ``data_collator`` of :class:`MetaTrainer`.
+    """
+    return {"tasks": [tuple(task) for task in collate_tasks([TaskData(*task) for task in tasks])]}
 
 
 _Base: Any = transformers.Trainer if TRANSFORMERS_AVAILABLE else object
@@ -62,7 +68,8 @@ class MetaTrainer(_Base):
             raise ConfigError("transformers is not installed; pip install 'metaopt-torch[transformers]'.")
         if "model" in kwargs or args:
             raise ConfigError("pass the model inside learner=MetaLearner(model, ...), not as model= or positionally.")
-        kwargs.setdefault("data_collator", collate_meta_batch)
+        if kwargs.get("data_collator") is None:  # also when passed as None: the Trainer's default skips collate_tasks
+            kwargs["data_collator"] = collate_meta_batch
         super().__init__(model=learner, **kwargs)
         self.learner = learner
 

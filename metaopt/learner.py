@@ -54,6 +54,19 @@ def as_tasks(batch: BatchInput) -> list[TaskData]:
     return tasks
 
 
+def _check_inputs(tasks: list[TaskData]) -> None:
+    """Raw ``uint8`` pixels never reach the model: no model is meant to see 0..255 (some cast silently)."""
+    for i, task in enumerate(tasks):
+        for name in ("support_x", "query_x"):
+            x = getattr(task, name)
+            if x.dtype == torch.uint8:
+                raise DataError(
+                    f"task {i}: {name} is uint8 (raw pixels, values {int(x.min())}..{int(x.max())}); the model would "
+                    "train on 0..255. Collate the tasks with metaopt.data.collate_tasks (DataLoader(..., "
+                    "collate_fn=collate_tasks)), which turns uint8 into float32 in [0, 1], or convert them yourself."
+                )
+
+
 def _check_task(i: int, task: TaskData) -> None:
     if task.support_x.shape[0] != task.support_y.shape[0] or task.query_x.shape[0] != task.query_y.shape[0]:
         raise DataError(
@@ -387,6 +400,7 @@ class MetaLearner(nn.Module):
 
     def _begin(self, tasks: BatchInput, training: bool) -> Batch:
         data = as_tasks(tasks)
+        _check_inputs(data)
         if not self._validated:
             for i, task in enumerate(data):
                 _check_task(i, task)
@@ -523,6 +537,7 @@ class MetaLearner(nn.Module):
     def adapt(self, task: TaskData | Sequence[torch.Tensor], steps: int | None = None) -> Params:
         """Adapted parameters for one task (detached from the meta-parameters)."""
         data = TaskData(*task)
+        _check_inputs([data])
         _check_task(0, data)
         self.backend.prepare(False)
         if self.host.finite_check is not None:
@@ -551,6 +566,8 @@ class MetaLearner(nn.Module):
         """
         data = TaskData(*task)
         params = self.adapt(data, steps)
+        if x is not None:
+            _check_inputs([TaskData(data.support_x, data.support_y, x, data.query_y)])
         inputs = (data.query_x if x is None else x).to(self._device())
         self.backend.prepare(False)
         try:

@@ -106,3 +106,58 @@ def test_resume_from_checkpoint_restores_the_plugin_state(tmp_path):
     second, learner = trainer(3)
     second.train(resume_from_checkpoint=True)
     assert learner.get_plugin("maml_pp").iteration == 3  # 2 restored + 1 more step
+
+
+class SeenInputs(torch.nn.Module):
+    """Wraps a model and keeps the inputs it is given: what reaches the model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.model(x)
+
+
+def test_the_documented_trainer_path_feeds_the_model_what_the_plain_loop_does(tmp_path):
+    """docs/wrap-a-script.md's MetaTrainer + EpisodeDataset over decoded (uint8) images: the Trainer's
+    own collator skipped collate_tasks and the model got 0..255 pixels (loss ~1.9e4 against ~1.3)."""
+    from torch.utils.data import DataLoader
+
+    from metaopt.data import EpisodeDataset, collate_tasks
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (30, 1, 8, 8), generator=g, dtype=torch.uint8)
+    labels = torch.arange(3).repeat_interleave(10)
+    dataset = [{"pixel_values": x, "labels": y} for x, y in zip(pixels, labels)]
+    episodes = EpisodeDataset(
+        dataset, ways=3, shots=1, query=2, labels=labels.tolist(), image_key="pixel_values", length=4
+    )
+    expected = [
+        t for batch in DataLoader(episodes, batch_size=2, collate_fn=collate_tasks) for t in batch
+    ]  # plain loop
+
+    model = SeenInputs(_vit().float())
+    learner = MetaLearner(model, inner_steps=1, inner_lr=0.1)
+    trainer = MetaTrainer(
+        learner=learner, args=_args(tmp_path, max_steps=1, dataloader_drop_last=True), train_dataset=episodes
+    )
+    trainer.train()
+    assert len(model.seen) >= 3  # the learner's one-off shape check, then the tasks' forwards
+    for seen in model.seen:  # (the Trainer shuffles: each input is one of the plain loop's tasks)
+        assert seen.dtype == torch.float32 and float(seen.min()) >= 0.0 and float(seen.max()) <= 1.0
+        assert any(torch.equal(seen, x) for t in expected for x in (t.support_x, t.query_x))
+
+
+def test_raw_uint8_pixels_are_refused_with_the_fix():
+    from metaopt import DataError
+
+    task = (
+        torch.zeros(3, 1, 8, 8, dtype=torch.uint8),
+        torch.arange(3),
+        torch.zeros(3, 1, 8, 8, dtype=torch.uint8),
+        torch.arange(3),
+    )
+    with pytest.raises(DataError, match=r"support_x is uint8 \(raw pixels, values 0..0\).*collate_tasks"):
+        MetaLearner(_vit()).backward([task])
