@@ -298,7 +298,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     from metaopt.export import export_run
 
     path = export_run(args.run_dir, args.out)
+    how = json.loads(path.with_suffix(".json").read_text())
     print(f"wrote {path} (how to load it: {path.with_suffix('.json')})")
+    print(f"load: {how['load']}")
+    inputs = how["inputs"]
+    norm = inputs["normalize"]
+    scaling = (
+        "then (x - mean) / std with mean " + str(norm["mean"]) + ", std " + str(norm["std"])
+        if norm
+        else "no normalisation"
+    )
+    print(f"inputs: {inputs['shape']} {inputs['dtype']}, {scaling}")
     return 0
 
 

@@ -2,7 +2,9 @@
 
 A timm backbone (``HeadedModel(body=timm model without classifier, head=Linear)``) is written
 with timm's own key names (``body.`` dropped, ``head.`` renamed to the model's classifier), so
-``timm.create_model(name, num_classes=ways, in_chans=1)`` loads it with ``strict=True``.
+``timm.create_model(name, num_classes=ways, in_chans=C)`` loads it with ``strict=True``, ``C``
+being the run's input channels.  ``model.json`` records what the inputs must be: channels, image
+size, and the normalisation (mean/std, or none: float32 in [0, 1]) the run trained with.
 metaopt's own models (conv4, the MLP, a user's ``HeadedModel``) keep their keys.  Plugin-owned
 modules (a hypernetwork, learned inner rates) are not part of the model and are not exported.
 """
@@ -45,6 +47,20 @@ def export_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     return renamed, {"format": "timm", "classifier": classifier}
 
 
+def input_description(config: Any, model: nn.Module) -> dict[str, Any]:
+    """What the exported model expects: shape, value range, and the normalisation of training."""
+    from metaopt.trainer import data_normalization
+
+    if config.regression:
+        return {"shape": [1], "dtype": "float32 (sinusoid x in [-5, 5])", "normalize": None}
+    stats = data_normalization(config, model)
+    return {
+        "shape": [config.channels or 1, config.image_size, config.image_size],
+        "dtype": "float32, pixels scaled to [0, 1]",
+        "normalize": None if stats is None else {"mean": list(stats[0]), "std": list(stats[1])},
+    }
+
+
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``RUN/export/model.pt`` (or ``out``) and ``model.json`` beside it; return the weights' path."""
     from metaopt.trainer import load_run
@@ -53,13 +69,21 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     state, how = export_state(learner.model)
     path = Path(out) if out is not None else Path(run_dir) / "export" / "model.pt"
     save_atomic(state, path)
+    channels = config.channels or 1
     if how["format"] == "timm":
         how["load"] = (
-            f"timm.create_model({config.model!r}, num_classes={config.ways}, in_chans=1)"
+            f"timm.create_model({config.model!r}, num_classes={config.ways}, in_chans={channels})"
             f".load_state_dict(torch.load({str(path)!r}))"
         )
     else:
         how["load"] = f"metaopt.create_model({config.model!r}, ...).load_state_dict(torch.load({str(path)!r}))"
-    how.update(model=config.model, ways=config.ways, image_size=config.image_size, bn_policy=config.bn_policy)
+    how.update(
+        model=config.model,
+        ways=config.ways,
+        image_size=config.image_size,
+        channels=channels,
+        bn_policy=config.bn_policy,
+        inputs=input_description(config, learner.model),
+    )
     path.with_suffix(".json").write_text(json.dumps(how, indent=2))
     return path

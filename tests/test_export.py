@@ -61,3 +61,41 @@ def test_export_of_a_metaopt_model_keeps_its_keys(tmp_path):
     assert main(["export", str(run), "--out", str(tmp_path / "w.pt")]) == 0
     model = conv4(num_classes=5)
     model.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+
+
+def test_an_rgb_folder_run_exports_a_load_line_that_loads_and_gives_the_learners_outputs(tmp_path, capsys):
+    """The printed line said in_chans=1 for every run: an RGB run's weights did not load (size mismatch)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "rgb"
+    for c in range(6):
+        (data / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(data / f"c{c}" / f"{i}.png")
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--data", f"folder:{data}", "--model", "resnet10t", "--ways", "2"]
+    args += ["--query", "1", "--image-size", "12", "--meta-batch", "1", "--iterations", "1", "--no-progress"]
+    assert main([*args, "--inner-lr", "0.01", "--normalize", "true"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run)]) == 0
+    printed = capsys.readouterr().out
+    line = next(row[len("load: ") :] for row in printed.splitlines() if row.startswith("load: "))
+    assert "in_chans=3" in line
+    how = json.loads((run / "export" / "model.json").read_text())
+    assert how["load"] == line and how["channels"] == 3
+    mean, std = how["inputs"]["normalize"]["mean"], how["inputs"]["normalize"]["std"]
+    assert how["inputs"]["shape"] == [3, 12, 12] and len(mean) == len(std) == 3
+    exec(line, {"timm": timm, "torch": torch})  # the printed line, exactly as written: loads strictly
+    constructor, weights = line.split(".load_state_dict(")
+    plain = eval(constructor, {"timm": timm})
+    plain.load_state_dict(eval(weights[:-1], {"torch": torch}))
+    _, learner = load_run(run)
+    x = torch.rand(4, 3, 12, 12)
+    normalised = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    plain.eval()
+    learner.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(normalised), learner.model(normalised), atol=1e-5)
+    assert f"{[3, 12, 12]}" in printed and "mean" in printed
