@@ -284,11 +284,12 @@ def plugin_options(name: str) -> dict[str, Any]:
     """A registered plugin's options with their defaults (from its signature)."""
     import inspect
 
+    from metaopt.errors import PluginError
     from metaopt.registry import plugin_entry
 
     try:
         signature = inspect.signature(plugin_entry(name).factory)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, PluginError):  # a broken entry point is listed as such, without options
         return {}
     empty = inspect.Parameter.empty
     return {k: (None if p.default is empty else p.default) for k, p in signature.parameters.items() if k != "self"}
