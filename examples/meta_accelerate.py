@@ -1,7 +1,8 @@
 """meta.py on accelerate: any device, bf16, several processes (data-parallel over tasks).
 
 python examples/meta_accelerate.py --steps 30
-accelerate launch --cpu --num_processes 2 examples/meta_accelerate.py      # 2 CPU processes (gloo)
+ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 examples/meta_accelerate.py   # 2 CPU processes (gloo)
+(`accelerate launch --cpu --num_processes 2` starts one process only: accelerate issue #2741)
 accelerate launch --mixed_precision bf16 examples/meta_accelerate.py       # bf16 autocast
 """
 

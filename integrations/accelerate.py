@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from metaopt.errors import ConfigError
-from metaopt.learner import MetaLearner
+from metaopt.learner import MetaLearner, as_tasks
+from metaopt.task import TaskData
 
 SUPPORTED_PRECISION = ("no", "bf16")
 
@@ -30,7 +31,11 @@ def check_trackers(names: list[str]) -> None:
         if name not in TRACKERS:
             raise ConfigError(f"unknown tracker {name!r}.{suggest(name, TRACKERS)} Known: {', '.join(TRACKERS)}.")
         if not getattr(utils, f"is_{name}_available")():
-            extra = " (pip install 'metaopt[tensorboard]')" if name == "tensorboard" else ""
+            extra = (
+                " (pip install tensorboard, or pip install '.[tensorboard]' from a checkout)"
+                if name == "tensorboard"
+                else ""
+            )
             raise ConfigError(
                 f"tracker {name!r} is not installed; install its package{extra} or drop it from log_with."
             )
@@ -112,20 +117,40 @@ def register_for_checkpointing(accelerator: Any, learner: MetaLearner, sampler: 
     return state
 
 
-def shard(batch: list[Any], accelerator: Any, loader: Any = None) -> list[Any]:
-    """This process's tasks of a meta-batch.
+#: ``shard``'s ``loader`` when it is left out (``None`` says "not from a prepared loader")
+_NOT_GIVEN: Any = object()
 
-    A DataLoader passed through ``accelerator.prepare`` already gives each process its own
-    batch: returned as it is.  Otherwise every process drew the same batch and takes every
-    ``world``-th task (``batch[rank::world]``).  Slicing a prepared loader's batch again would
-    silently drop tasks, which is why the loader is passed in.
+
+def shard(batch: Any, accelerator: Any, loader: Any = _NOT_GIVEN) -> list[TaskData]:
+    """This process's tasks of a meta-batch, as a list of tasks.
+
+    ``loader`` is where the batch came from.  A DataLoader passed through ``accelerator.prepare``
+    already gives each process its own batch: it is used whole.  ``loader=None`` (or a loader that
+    was not prepared) says every process drew the same batch: each takes every ``world``-th task
+    (``tasks[rank::world]``).  With several processes the argument is required: slicing a prepared
+    loader's batch again would silently drop half the tasks, and no batch says where it came from.
+    ``batch`` may be a list of ``(sx, sy, qx, qy)`` tasks or four tensors stacked over tasks (a
+    ``DataLoader``'s default collation).
     """
     from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard
 
+    tasks = as_tasks(batch)
     world = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
-    if world == 1 or isinstance(loader, DataLoaderShard | DataLoaderDispatcher):
-        return list(batch)
+    if world == 1:
+        return tasks
+    if loader is _NOT_GIVEN:
+        raise ConfigError(
+            f"shard(batch, accelerator) with {world} processes needs the loader the batch came from: "
+            "shard(batch, accelerator, loader). A loader passed through accelerator.prepare already gives each "
+            "process its own tasks (used whole); loader=None means every process drew the same batch (each takes "
+            "every world-th task). Guessing wrong would silently drop or repeat tasks."
+        )
+    if isinstance(loader, DataLoaderShard | DataLoaderDispatcher):
+        return tasks
     rank = accelerator.process_index
-    if len(batch) % world:
-        raise ConfigError(f"a meta-batch of {len(batch)} tasks does not split evenly over {world} processes.")
-    return list(batch)[rank::world]
+    if len(tasks) % world:
+        raise ConfigError(
+            f"a meta-batch of {len(tasks)} tasks does not split evenly over {world} processes; use a meta-batch "
+            f"that is a multiple of {world}."
+        )
+    return tasks[rank::world]

@@ -79,11 +79,54 @@ def train_from_loader(accelerator=None, steps: int = STEPS) -> dict[str, torch.T
     return {k: v.detach().clone() for k, v in learner.state_dict().items()}
 
 
+def train_stacked(accelerator=None, prepared: bool = False, steps: int = STEPS) -> dict[str, torch.Tensor]:
+    """MAML fed by a default-collated DataLoader (four tensors stacked over tasks), prepared or not;
+    with two processes and an unprepared loader, ``shard(batch, accelerator, loader=None)`` slices."""
+    from torch.utils.data import DataLoader
+
+    from metaopt.integrations.accelerate import prepare, shard
+
+    torch.manual_seed(0)
+    learner = MetaLearner(mlp().double(), inner_steps=2, inner_lr=0.05, loss_fn=F.mse_loss).double()
+    tasks = [task for batch in batches() for task in batch]
+    world = 1 if accelerator is None else accelerator.num_processes
+    loader = DataLoader(tasks, batch_size=4 // world if prepared else 4, shuffle=False)  # default collation
+    if accelerator is not None:
+        learner = prepare(learner, accelerator)
+        if prepared:
+            loader = accelerator.prepare(loader)
+    optimizer = torch.optim.Adam(learner.meta_parameters(), lr=1e-2)
+    for step, batch in enumerate(loader):
+        if step == steps:
+            break
+        local = shard(batch, accelerator, loader if prepared else None)
+        assert len(local) == 4 // world, len(local)
+        optimizer.zero_grad(set_to_none=True)
+        learner.backward(local)
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in learner.state_dict().items()}
+
+
+def refuses_a_missing_loader(accelerator) -> torch.Tensor:
+    """1 when ``shard(batch, accelerator)`` without the loader is refused with the fix named."""
+    from metaopt.errors import ConfigError
+    from metaopt.integrations.accelerate import shard
+
+    try:
+        shard(batches()[0], accelerator)
+    except ConfigError as exc:
+        return torch.tensor(int("shard(batch, accelerator, loader)" in str(exc)))
+    return torch.tensor(0)
+
+
 if __name__ == "__main__":
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
     results = {name: train(name, accelerator) for name in CONFIGS}
     results["prepared_loader"] = train_from_loader(accelerator)
+    results["stacked_same_batch"] = train_stacked(accelerator, prepared=False)
+    results["stacked_prepared"] = train_stacked(accelerator, prepared=True)
+    results["_refuses_missing_loader"] = refuses_a_missing_loader(accelerator)
     results["_world"] = torch.tensor(accelerator.num_processes)
     torch.save(results, f"{sys.argv[1]}/rank{accelerator.process_index}.pt")

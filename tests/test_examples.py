@@ -49,6 +49,27 @@ def test_example_runs(script, tmp_path):
     assert "step 2: loss" in proc.stdout
 
 
+def test_the_documented_two_process_cpu_launch_starts_two_processes(tmp_path):
+    """meta_accelerate.py's docstring gave `accelerate launch --cpu --num_processes 2`, which starts one."""
+    import shlex
+    import socket
+
+    doc = (EXAMPLES / "meta_accelerate.py").read_text().split('"""')[1]
+    line = next(row for row in doc.splitlines() if "2 CPU processes" in row).split("#")[0]
+    env_part, command = line.split(" torchrun ", 1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = shlex.split(command)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    cmd += [*args[:-1], str(ROOT / args[-1]), "--steps", "2"]
+    key, value = env_part.split("=")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", key: value}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(2 process(es)" in proc.stdout
+
+
 def test_the_training_loop_changes_by_at_most_ten_lines():
     def loop(name: str) -> list[str]:
         lines = (EXAMPLES / name).read_text().splitlines()

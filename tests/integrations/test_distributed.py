@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_job import CONFIGS, train, train_from_loader
+from distributed_job import CONFIGS, train, train_from_loader, train_stacked
 
 JOB = Path(__file__).resolve().parents[1] / "distributed_job.py"
 
@@ -55,3 +55,21 @@ def test_a_prepared_task_loader_is_not_sliced_again(two_ranks):
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], single[key], rtol=1e-9, atol=1e-11, msg=key)
     assert max(float((single[k] - start[k]).abs().max()) for k in single) > 1e-3
+
+
+@pytest.mark.parametrize("key", ["stacked_same_batch", "stacked_prepared"])
+def test_stacked_batches_are_sharded_as_tasks(two_ranks, key):
+    """A default-collated batch (four stacked tensors) was sliced field-wise at 2 processes
+    (``PluginHookError ... 0D or 1D target tensor expected``); now it is split into tasks first,
+    from a prepared loader (used whole) or from the same batch on every process (sliced)."""
+    rank0, rank1 = (r[key] for r in two_ranks)
+    single, start = train_stacked(), train_stacked(steps=0)
+    for name in single:
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-9, atol=1e-11, msg=name)
+    assert max(float((single[k] - start[k]).abs().max()) for k in single) > 1e-3
+
+
+def test_shard_without_the_loader_is_refused_with_several_processes(two_ranks):
+    """``shard(batch, accelerator)`` on a prepared loader's batch used 8 of 16 tasks, silently."""
+    assert int(two_ranks[0]["_refuses_missing_loader"]) == 1 and int(two_ranks[1]["_refuses_missing_loader"]) == 1
