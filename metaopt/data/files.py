@@ -88,6 +88,18 @@ def folder_files(root: Path, split: str) -> tuple[list[tuple[Path, int]], list[s
     return files, names
 
 
+def nesting_hint(root: Path, names: list[str]) -> str:
+    """Advice when the class folders hold sub-folders of images: the classes may be one level deeper."""
+    for name in names:
+        subs = sorted(p for p in (root / name).iterdir() if p.is_dir())
+        if len(subs) >= 2 and any(any(q.suffix.lower() in IMAGE_SUFFIXES for q in sub.iterdir()) for sub in subs):
+            return (
+                f" {str(root / name)!r} holds sub-folders of images ({subs[0].name}, {subs[1].name}, ...): if they "
+                f"are the classes, the folder is nested one level deeper than expected; use --data folder:{root / name}."
+            )
+    return ""
+
+
 def csv_files(spec_path: str, split: str) -> tuple[list[tuple[Path, int]], list[str]]:
     """Rows ``filename,label`` (a header line is skipped); images under ROOT (``FILE@ROOT``),
     else ``images/`` beside the file, else the file's folder.  ``test``: the sibling ``test.csv``."""
@@ -159,6 +171,11 @@ def file_sampler(
         groups = {label: name.split("/")[0] for label, name in enumerate(dataset.classes)}  # alphabets
     else:
         files, names = folder_files(Path(path), split) if kind == "folder" else csv_files(path, split)
+        if kind == "folder" and ways > len(names) * (4 if rotations and training else 1):
+            raise DataError(
+                f"ways={ways} is larger than the {len(names)} classes of the {split} split of {path!r} "
+                f"({', '.join(names[:5])}); lower --ways or add classes.{nesting_hint(Path(path), names)}"
+            )
         dataset = ImageFiles(files, names, image_size, channels)
     episodes = EpisodeDataset(
         dataset,

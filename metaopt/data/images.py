@@ -114,12 +114,18 @@ def detect_channels(path: str | Path, probe: int = 8) -> int:
 
 
 def load_image_folder(
-    path: str | Path, size: int = 28, channels: int = 1, invert: bool = False
+    path: str | Path, size: int = 28, channels: int | None = None, invert: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Read ``root/<class>/<image>`` (any depth below the class folder) into class tensors."""
+    """Read ``root/<class>/<image>`` (any depth below the class folder) into class tensors.
+
+    ``channels``: 1 (grey) or 3 (RGB); default: detected by the rule ``metaopt train --data
+    folder:`` uses (:func:`detect_channels`: 3 if the images have colour, else 1).
+    """
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"image folder {str(root)!r} does not exist or is not a folder.")
+    if channels is None:
+        channels = detect_channels(root)
     classes = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -63,3 +63,24 @@ def test_an_imagenet_checkpoint_loads_through_timm_and_normalises_the_data(tmp_p
     trainer = Trainer(TrainConfig(**{**saved, "iterations": 1}), tmp_path / "again")
     images = torch.cat([t.support_x for t in trainer.sampler.sample(4)])
     assert images.min() < -1.0  # (x - 0.449) / 0.226 for x in [0, 1]: ImageNet statistics applied
+
+
+def test_the_library_folder_loader_uses_the_clis_channel_rule(tmp_path):
+    """load_image_folder returned 1 channel for RGB images while metaopt train --data folder: used 3."""
+    from metaopt.data import load_image_folder
+
+    rgb = load_image_folder(_folder(tmp_path / "rgb", colour=True), size=12)
+    grey = load_image_folder(_folder(tmp_path / "grey", colour=False), size=12)
+    assert next(iter(rgb.values())).shape == (3, 3, 12, 12)
+    assert next(iter(grey.values())).shape == (3, 1, 12, 12)
+    forced = load_image_folder(tmp_path / "rgb", size=12, channels=1)
+    assert next(iter(forced.values())).shape == (3, 1, 12, 12)
+
+
+def test_a_folder_nested_one_level_too_deep_names_the_fix(tmp_path, capsys):
+    """root/train/<classes> reported '1 classes available' with no hint."""
+    _folder(tmp_path / "root" / "train", colour=False, classes=6)
+    args = ["train", "--data", f"folder:{tmp_path / 'root'}", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main([*args, "--iterations", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "ways=5 is larger than the 1 classes" in err and f"use --data folder:{tmp_path / 'root' / 'train'}" in err
