@@ -177,10 +177,10 @@ def merge_settings(from_file: dict[str, Any], flags: dict[str, Any]) -> dict[str
 
 def resume_settings(run_dir: Path, given: dict[str, Any]) -> dict[str, Any]:
     """The run's saved config with ``given`` on top (the Trainer refuses keys that may not change)."""
-    from metaopt.trainer import CONFIG_FILE
+    from metaopt.trainer import CONFIG_FILE, read_run_config
 
     path = run_dir / CONFIG_FILE
-    saved = json.loads(path.read_text()) if path.is_file() else {}  # no config: the Trainer says so
+    saved = read_run_config(path) if path.is_file() else {}  # no config: the Trainer says so
     return {**saved, **given}
 
 

@@ -83,7 +83,13 @@ def choose_engine(learner: MetaLearner, data: list[TaskData]) -> str:
     (ragged tasks, a refused plugin or optimizer), and with a third-party plugin that does not
     declare ``vmap_safe = True`` (it may call ``torch.autograd.grad`` or read values).
     """
-    if learner.vmap_reasons or ragged(data) is not None or unvetted_plugins(learner):
+    return "loop" if ragged(data) is not None else auto_engine(learner)
+
+
+def auto_engine(learner: MetaLearner) -> str:
+    """What ``engine="auto"`` picks for this learner whenever the tasks of a batch stack (the
+    trainer's samplers always give such batches)."""
+    if learner.vmap_reasons or unvetted_plugins(learner):
         return "loop"
     return "loop" if any(isinstance(m, CONV_MODULES) for m in learner.model.modules()) else "vmap"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,14 @@ class BatchResult:
     loss: torch.Tensor
     metrics: dict[str, float]
     per_task: dict[str, list[float]]
+
+
+class SingleExampleBatchNormWarning(UserWarning):
+    """A transductive-BatchNorm prediction on one example (its own statistics: a worse answer)."""
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def as_tasks(batch: BatchInput) -> list[TaskData]:
@@ -250,6 +259,8 @@ class MetaLearner(nn.Module):
                 + ". Use engine='loop' (or 'auto', which falls back to the loop for it)."
             )
         self._vmap_engine: VmapEngine | None = None
+        #: the engine that ran the latest batch ("loop" or "vmap"; what engine="auto" chose)
+        self.last_engine: str | None = None
 
     # -- plugins ---------------------------------------------------------------------
     @property
@@ -363,7 +374,8 @@ class MetaLearner(nn.Module):
 
     def run_tasks(self, batch: Batch) -> torch.Tensor:
         """Adapt to every task in the batch and return the mean outer loss."""
-        if self.engine_for(batch.data) == "vmap":
+        self.last_engine = self.engine_for(batch.data)
+        if self.last_engine == "vmap":
             if self._vmap_engine is None:
                 self._vmap_engine = VmapEngine(self)
             try:
@@ -569,6 +581,15 @@ class MetaLearner(nn.Module):
         if x is not None:
             _check_inputs([TaskData(data.support_x, data.support_y, x, data.query_y)])
         inputs = (data.query_x if x is None else x).to(self._device())
+        if inputs.shape[0] == 1 and self.backend.bn_policy == "transductive" and has_batch_norm(self.model):
+            warnings.warn(
+                "learner.predict on a batch of 1 example under bn_policy='transductive': BatchNorm normalises it "
+                "with its own statistics, not as the model was trained (on whole support and query sets), which "
+                "gives worse predictions. Predict the whole query set at once, or train with bn_policy='running' "
+                "for single-example predictions.",
+                SingleExampleBatchNormWarning,
+                stacklevel=2,
+            )
         self.backend.prepare(False)
         try:
             with torch.no_grad(), self._autocast():

@@ -330,7 +330,7 @@ class Trainer:
                 raise ConfigError(
                     f"cannot resume: {str(self.run_dir)!r} holds no {CONFIG_FILE}; start a new run instead."
                 )
-            saved = json.loads(cfg_path.read_text())
+            saved = read_run_config(cfg_path)
             current = self.config.to_dict()  # coerced, so "1e-2" equals 0.01
             refused = sorted(
                 k for k in {*saved, *current} if saved.get(k) != current.get(k) and k not in RESUME_SAFE_KEYS
@@ -436,7 +436,8 @@ class Trainer:
         config = self.config
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+            record = {**config.to_dict(), "engine_chosen": self.engine_chosen}
+            (self.run_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2))
         metrics: dict[str, Any] = {}
         if config.log_with:
             hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in config.to_dict().items()}
@@ -450,7 +451,10 @@ class Trainer:
                 if stop.signal is not None:
                     self._stop(stop.signal)
                 step_metrics = self._step()
-                self._log({"iteration": self.iteration, "time": round(self._clock(), 3), **step_metrics})
+                record = {"iteration": self.iteration, "time": round(self._clock(), 3), **step_metrics}
+                if self.learner.last_engine is not None:
+                    record["engine"] = self.learner.last_engine
+                self._log(record)
                 if "skipped" not in step_metrics:
                     self.recent.append({k: v for k, v in step_metrics.items() if isinstance(v, int | float)})
                     metrics = self.running_means()
@@ -488,9 +492,19 @@ class Trainer:
                 save_atomic(self.state(), self.run_dir / BEST_FILE)
         return report
 
+    @property
+    def engine_chosen(self) -> str:
+        """The engine that runs this run's batches (``auto`` resolved; see docs/engines.md)."""
+        from metaopt.engine import auto_engine
+
+        return self.learner.engine if self.learner.engine != "auto" else auto_engine(self.learner)
+
     def summary(self) -> str:
-        """One line for the end of training: running means, best periodic eval, wall time."""
-        parts = [f"trained {self.iteration} iterations in {self._clock():.1f} s"]
+        """One line for the end of training: engine, running means, best periodic eval, wall time."""
+        how = " (chosen by --engine auto)" if self.config.engine == "auto" else ""
+        parts = [
+            f"trained {self.iteration} iterations in {self._clock():.1f} s on the {self.engine_chosen} engine{how}"
+        ]
         if self.recent:
             means = ", ".join(f"{k}={v:.4f}" for k, v in self.running_means().items())
             parts.append(f"mean of the last {len(self.recent)}: {means}")
@@ -548,6 +562,15 @@ class Trainer:
         )
 
 
+#: keys of config.json that record what the run resolved, not settings (left out when read back)
+DERIVED_KEYS = ("engine_chosen",)
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A run's ``config.json`` as settings (the keys in :data:`DERIVED_KEYS` left out)."""
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in DERIVED_KEYS}
+
+
 def load_run(run_dir: str | Path) -> tuple[TrainConfig, MetaLearner]:
     """Rebuild the learner of a finished run from its config and latest checkpoint."""
     config, learner, _ = load_checkpoint(run_dir)
@@ -562,7 +585,7 @@ def load_checkpoint(
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE}); pass the --out of a train run.")
-    config = TrainConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    config = TrainConfig.from_dict(read_run_config(cfg_path), source=str(cfg_path))
     seed_everything(config.seed)
     learner = build_learner(config, build_model(config))
     if path is None:

@@ -166,3 +166,37 @@ def test_overwrite_clears_old_tracker_event_files(tmp_path):
 def test_plugins_command_lists_options_with_defaults(capsys):
     assert main(["plugins"]) == 0
     assert "options: weight=0.1, form='auto'" in capsys.readouterr().out
+
+
+def test_engine_auto_says_which_engine_ran(tmp_path, capsys):
+    """--engine auto never said which engine ran: now the summary, every metrics line and config.json do."""
+    out = tmp_path / "run"
+    args = ["train", "--data", "sinusoid", "--engine", "auto", "--meta-batch", "2", "--iterations", "2"]
+    assert main([*args, "--no-progress", "--out", str(out)]) == 0
+    assert "on the vmap engine (chosen by --engine auto)" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["engine"] for r in records if "meta_loss" in r] == ["vmap", "vmap"]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["engine"] == "auto" and saved["engine_chosen"] == "vmap"
+    assert main([*args, "--no-progress", "--out", str(out), "--resume", "--iterations", "3"]) == 0  # still resumes
+    conv = tmp_path / "conv"
+    assert (
+        main(
+            [
+                "train",
+                "--engine",
+                "auto",
+                "--meta-batch",
+                "1",
+                "--iterations",
+                "1",
+                "--query",
+                "1",
+                "--no-progress",
+                "--out",
+                str(conv),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((conv / "config.json").read_text())["engine_chosen"] == "loop"

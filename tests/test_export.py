@@ -99,3 +99,23 @@ def test_an_rgb_folder_run_exports_a_load_line_that_loads_and_gives_the_learners
     with torch.no_grad():
         assert torch.allclose(plain(normalised), learner.model(normalised), atol=1e-5)
     assert f"{[3, 12, 12]}" in printed and "mean" in printed
+
+
+def test_predict_warns_on_a_single_example_under_transductive_batchnorm():
+    """Documented but not caught: one image at a time under transductive BN gives worse answers."""
+    import warnings
+
+    import pytest
+
+    from metaopt.learner import SingleExampleBatchNormWarning
+
+    torch.manual_seed(0)
+    learner = MetaLearner(conv4(num_classes=5, hidden=8), inner_steps=1, inner_lr=0.4)
+    task = image_tasks(1, dtype=torch.float32, seed=9)[0]
+    with pytest.warns(SingleExampleBatchNormWarning, match="bn_policy='transductive'.*whole query set"):
+        learner.predict(task, task[2][:1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner.predict(task)  # the whole query set: no warning
+        running = MetaLearner(conv4(num_classes=5, hidden=8), inner_steps=1, inner_lr=0.4, bn_policy="running")
+        running.predict(task, task[2][:1])  # running statistics: one example is fine

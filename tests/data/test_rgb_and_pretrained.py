@@ -60,6 +60,7 @@ def test_an_imagenet_checkpoint_loads_through_timm_and_normalises_the_data(tmp_p
     assert main([*args, "--pretrained-path", str(path), "--inner-lr", "0.01"]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["normalize"] is True and saved["channels"] == 1
+    saved.pop("engine_chosen")  # recorded by the run, not a setting
     trainer = Trainer(TrainConfig(**{**saved, "iterations": 1}), tmp_path / "again")
     images = torch.cat([t.support_x for t in trainer.sampler.sample(4)])
     assert images.min() < -1.0  # (x - 0.449) / 0.226 for x in [0, 1]: ImageNet statistics applied
