@@ -1,4 +1,4 @@
-"""PyTorch Lightning: meta-learning inside an existing ``LightningModule`` (``pip install 'metaopt-torch[lightning]'``).
+"""PyTorch Lightning: meta-learning inside an existing ``LightningModule`` (``pip install lightning``; from a checkout ``pip install '.[lightning]'``).
 
 Change ``class MyModule(L.LightningModule)`` to ``class MyModule(MetaLightningModule)``, build
 the learner once in ``__init__`` (``self.configure_meta(self.model, plugins, ...)``) and return
@@ -36,7 +36,9 @@ except ImportError:  # pragma: no cover - the extra is optional
 
 def _require() -> None:
     if not LIGHTNING_AVAILABLE:
-        raise ConfigError("PyTorch Lightning is not installed; pip install 'metaopt-torch[lightning]'.")
+        raise ConfigError(
+            "PyTorch Lightning is not installed; pip install lightning (or, from a metaopt checkout, pip install '.[lightning]')."
+        )
 
 
 def mean_over_processes(flat: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Hugging Face ``Trainer``: meta-learning with metaopt plugins (``pip install 'metaopt-torch[transformers]'``).
+"""Hugging Face ``Trainer``: meta-learning with metaopt plugins (``pip install transformers``; from a checkout ``pip install '.[transformers]'``).
 
 ``MetaTrainer(learner=MetaLearner(model, plugins, ...), args=TrainingArguments(...),
 train_dataset=episodes, eval_dataset=test_episodes)`` is a ``transformers.Trainer`` whose
@@ -65,7 +65,9 @@ class MetaTrainer(_Base):
 
     def __init__(self, *args: Any, learner: MetaLearner, **kwargs: Any) -> None:
         if not TRANSFORMERS_AVAILABLE:
-            raise ConfigError("transformers is not installed; pip install 'metaopt-torch[transformers]'.")
+            raise ConfigError(
+                "transformers is not installed; pip install transformers (or, from a metaopt checkout, pip install '.[transformers]')."
+            )
         if "model" in kwargs or args:
             raise ConfigError("pass the model inside learner=MetaLearner(model, ...), not as model= or positionally.")
         if kwargs.get("data_collator") is None:  # also when passed as None: the Trainer's default skips collate_tasks

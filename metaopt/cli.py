@@ -34,7 +34,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         flag = "--" + _LIST_FLAGS.get(f.name, f.name).replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = FIELD_HELP[f.name] + ("" if f.name == "inner_lr" else f" (default: {default!r})")
+        # the help names its own default, or says what unset means
+        said = (
+            f.name == "inner_lr"
+            or "(default:" in FIELD_HELP[f.name]
+            or (default is None and "unset" in FIELD_HELP[f.name])
+        )
+        help_text = FIELD_HELP[f.name] + ("" if said else f" (default: {default!r})")
         if f.name in _LIST_FLAGS:
             parser.add_argument(
                 flag,

@@ -224,6 +224,11 @@ class MetaLearner(nn.Module):
 
         from metaopt.registry import create_plugin
 
+        if isinstance(plugins, str | bytes) or not isinstance(plugins, Sequence):
+            raise ConfigError(
+                f"plugins must be a list (of plugin instances, names or spec strings such as 'shot:weight=0.1'); "
+                f"got {type(plugins).__name__} {plugins!r}. Did you mean plugins=[{plugins!r}]?"
+            )
         instances = [create_plugin(p) if isinstance(p, str) else p for p in plugins]
         self.host = PluginHost(instances, check_finite=check_finite)
         self.hook.configure(learner=self)

@@ -153,7 +153,23 @@ def list_plugins() -> dict[str, str]:
 
 
 def create_plugin(name: str, **options: Any) -> object:
-    """Instantiate the plugin registered as ``name`` with ``options``; unknown options are errors."""
+    """Instantiate the plugin registered as ``name`` with ``options``; unknown options are errors.
+
+    ``name`` may also be the CLI's spec string, ``"shot:weight=0.1"`` (values read as YAML
+    scalars, as ``--plugin`` reads them); an option given both ways is an error.
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"a plugin name must be a string; got {type(name).__name__} {name!r}.")
+    if ":" in name:
+        from metaopt.config import parse_plugin_arg
+
+        spec = parse_plugin_arg(name)
+        twice = sorted(set(spec) - {"name"} & set(options))
+        if twice:
+            raise ConfigError(
+                f"plugin option(s) {twice} given both in {name!r} and as keyword arguments; give each once."
+            )
+        name, options = spec.pop("name"), {**spec, **options}
     entry = plugin_entry(name)
     try:
         signature = inspect.signature(entry.factory)

@@ -200,3 +200,14 @@ def test_engine_auto_says_which_engine_ran(tmp_path, capsys):
         == 0
     )
     assert json.loads((conv / "config.json").read_text())["engine_chosen"] == "loop"
+
+
+def test_help_names_each_default_once():
+    """--help printed '(default: ...) (default: None)' for flags whose help already named the default."""
+    from metaopt.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert (action.help or "").count("(default:") <= 1, (name, action.dest, action.help)

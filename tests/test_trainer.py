@@ -177,7 +177,7 @@ def test_resume_drops_log_lines_written_after_the_checkpoint(tmp_path):
 
 
 def test_tensorboard_tracker_gets_the_metrics(tmp_path):
-    pytest.importorskip("tensorboard", reason="tensorboard is in the test extra; install metaopt-torch[tensorboard]")
+    pytest.importorskip("tensorboard", reason="tensorboard is in the test extra; pip install tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
