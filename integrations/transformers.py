@@ -72,6 +72,10 @@ class MetaTrainer(_Base):
             raise ConfigError("pass the model inside learner=MetaLearner(model, ...), not as model= or positionally.")
         if kwargs.get("data_collator") is None:  # also when passed as None: the Trainer's default skips collate_tasks
             kwargs["data_collator"] = collate_meta_batch
+        if kwargs.get("train_dataset") is not None and kwargs.get("eval_dataset") is not None:
+            from metaopt.data.splits import warn_if_not_held_out
+
+            warn_if_not_held_out(kwargs["train_dataset"], kwargs["eval_dataset"], "MetaTrainer")
         super().__init__(model=learner, **kwargs)
         self.learner = learner
 

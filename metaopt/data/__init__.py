@@ -7,9 +7,11 @@ from metaopt.data.images import load_image_folder, load_omniglot, omniglot_alpha
 from metaopt.data.sampler import TaskSampler
 from metaopt.data.sinusoid import SinusoidTasks
 from metaopt.data.sources import make_sampler
+from metaopt.data.splits import ClassSubset, split_classes
 
 __all__ = [
     "ClassImages",
+    "ClassSubset",
     "DatasetTaskSampler",
     "EpisodeDataset",
     "collate_tasks",
@@ -21,4 +23,5 @@ __all__ = [
     "load_omniglot",
     "make_sampler",
     "omniglot_alphabets",
+    "split_classes",
 ]

@@ -161,3 +161,26 @@ def test_raw_uint8_pixels_are_refused_with_the_fix():
     )
     with pytest.raises(DataError, match=r"support_x is uint8 \(raw pixels, values 0..0\).*collate_tasks"):
         MetaLearner(_vit()).backward([task])
+
+
+def test_meta_trainer_warns_when_evaluation_reuses_the_training_classes(tmp_path):
+    from metaopt.data import EpisodeDataset, split_classes
+    from metaopt.data.splits import HeldOutWarning
+
+    labels = torch.arange(6).repeat_interleave(3)
+    dataset = [(torch.randn(1, 8, 8), int(y)) for y in labels]
+    episodes = EpisodeDataset(dataset, ways=3, shots=1, query=1, labels=labels.tolist())
+    learner = MetaLearner(_vit().float())
+    with pytest.warns(HeldOutWarning, match="memorisation"):
+        MetaTrainer(learner=learner, args=_args(tmp_path), train_dataset=episodes, eval_dataset=episodes)
+    train, test = split_classes(dataset, [4, 5], labels=labels.tolist())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HeldOutWarning)
+        MetaTrainer(
+            learner=learner,
+            args=_args(tmp_path),
+            train_dataset=EpisodeDataset(train, ways=3, shots=1, query=1),
+            eval_dataset=EpisodeDataset(test, ways=2, shots=1, query=1),
+        )
