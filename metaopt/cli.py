@@ -26,6 +26,24 @@ def _version() -> str:
     return f"{metaopt.__version__} (distribution {DISTRIBUTION})"
 
 
+def _bool_value(text: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (``bool("false")`` is True: never used for a flag)."""
+    word = text.strip().lower()
+    if word in ("true", "yes", "on", "1"):
+        return True
+    if word in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
+
+
+def _json_value(text: str) -> Any:
+    """A flag's JSON value (the config check then requires an object)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text[:80]!r} ({str(exc)[:80]})") from exc
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     from metaopt.config import FIELD_CHOICES, FIELD_HELP, TrainConfig
 
@@ -54,7 +72,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
             )
         elif f.name in ("outer_optimizer_kwargs", "param_group_lr"):
-            parser.add_argument(flag, dest=f.name, type=json.loads, default=argparse.SUPPRESS, help="JSON object")
+            parser.add_argument(flag, dest=f.name, type=_json_value, default=argparse.SUPPRESS, help="JSON object")
         else:
             base = (
                 [a for a in typing.get_args(hint) if a is not type(None)]
@@ -64,7 +82,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag,
                 dest=f.name,
-                type=base[0],
+                type=_bool_value if base[0] is bool else base[0],
                 default=argparse.SUPPRESS,
                 help=help_text,
                 choices=FIELD_CHOICES.get(f.name),
@@ -183,11 +201,9 @@ def merge_settings(from_file: dict[str, Any], flags: dict[str, Any]) -> dict[str
 
 def resume_settings(run_dir: Path, given: dict[str, Any]) -> dict[str, Any]:
     """The run's saved config with ``given`` on top (the Trainer refuses keys that may not change)."""
-    from metaopt.trainer import CONFIG_FILE, read_run_config
+    from metaopt.trainer import run_settings
 
-    path = run_dir / CONFIG_FILE
-    saved = read_run_config(path) if path.is_file() else {}  # no config: the Trainer says so
-    return {**saved, **given}
+    return {**run_settings(run_dir), **given}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from metaopt.errors import ConfigError, suggest
 
@@ -39,15 +37,31 @@ def _scalar_types(hint: Any) -> list[type]:
     return [a for a in args if a in (bool, int, float, str)]
 
 
+def _finite(key: str, value: Any, source: str) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source} key {key!r} must be a finite number; got {value!r}.")
+    return value
+
+
 def coerce(key: str, value: Any, hint: Any, source: str = "config") -> Any:
     """``value`` as the declared type: YAML reads ``1e-2`` as a string, a flag may give ``"3"``.
 
     Strings become numbers or booleans where the field is numeric or boolean; ints become
-    floats for float fields.  Anything else that does not fit is a :class:`ConfigError`.
+    floats for float fields; numbers must be finite (no NaN, inf or 1e400).  A list field takes a
+    list (a bare string is not read letter by letter), a mapping field a mapping with string keys.
+    Anything else that does not fit is a :class:`ConfigError` naming the key and the value.
     """
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in args or hint is Any:
+            return None
+        raise ConfigError(f"{source} key {key!r} needs a value; got null/None.")
+    containers = [a for a in args if typing.get_origin(a) in (list, dict)]
+    if containers:
+        return _coerce_container(key, value, containers[0], source)
     kinds = _scalar_types(hint)
-    if not kinds or value is None or any(type(value) is k for k in kinds):
-        return value
+    if not kinds or any(type(value) is k for k in kinds):
+        return _finite(key, value, source)
     if bool in kinds:
         if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.strip().lower() in ("true", "yes", "on", "1")
@@ -58,11 +72,31 @@ def coerce(key: str, value: Any, hint: Any, source: str = "config") -> Any:
                     number = float(value) if isinstance(value, str) else value
                     if kind is int and float(number) != int(float(number)):
                         continue
-                    return kind(number)
-                except (TypeError, ValueError):
+                    converted = kind(number)
+                except (TypeError, ValueError, OverflowError):
                     continue
+                return _finite(key, converted, source)
     expected = " or ".join(k.__name__ for k in kinds)
     raise ConfigError(f"{source} key {key!r} must be {expected}; got {value!r} ({type(value).__name__}).")
+
+
+def _coerce_container(key: str, value: Any, hint: Any, source: str) -> Any:
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list | tuple):
+            advice = f" Did you mean [{value!r}]?" if isinstance(value, str | int | float) else ""
+            raise ConfigError(f"{source} key {key!r} must be a list; got {value!r} ({type(value).__name__}).{advice}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [coerce(f"{key}[{i}]", v, item, source) for i, v in enumerate(value)]
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{source} key {key!r} must be a mapping (a JSON object / YAML mapping); got {value!r} "
+            f"({type(value).__name__})."
+        )
+    _, item = typing.get_args(hint) or (str, Any)
+    for k in value:
+        if not isinstance(k, str):
+            raise ConfigError(f"{source} key {key!r} must have string keys; got {k!r} ({type(k).__name__}).")
+    return {k: coerce(f"{key}[{k!r}]", v, item, source) for k, v in value.items()}
 
 
 DATA_SYNTAX = (
@@ -133,6 +167,8 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "on_nonfinite": ("raise", "skip"),
 }
 DEFAULT_INNER_LR = {"regression": 0.01, "images": 0.4}
+#: the largest meta-batch of float32 task inputs a config may ask for (3 channels counted)
+MAX_BATCH_BYTES = 4 * 2**30
 
 
 @dataclass
@@ -242,31 +278,94 @@ class TrainConfig:
                 f"keep_checkpoints={self.keep_checkpoints} must be >= 1 and checkpoint_every="
                 f"{self.checkpoint_every} >= 0 (0: only at the end)."
             )
+        self._validate_more()
+
+    def _validate_more(self) -> None:
+        """Ranges, sizes and combinations (each message names the value and the fix)."""
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed={self.seed} must be an integer in [0, 2**63).")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every={self.eval_every} must be >= 0 (0: no evaluation during training).")
+        if self.eval_inner_steps is not None and self.eval_inner_steps < 0:
+            raise ConfigError(f"eval_inner_steps={self.eval_inner_steps} must be >= 0 (or unset: inner_steps).")
+        if self.task_chunk is not None and self.task_chunk < 1:
+            raise ConfigError(f"task_chunk={self.task_chunk} must be >= 1 (or unset: the whole meta-batch).")
+        kind = self.data.split(":", 1)[0]
+        if self.test_alphabets is not None and kind != "omniglot":
+            raise ConfigError(
+                f"test_alphabets={self.test_alphabets} applies to omniglot: data only; data={self.data!r} has no "
+                "alphabets. Remove it."
+            )
+        if self.within_alphabet and kind != "omniglot":
+            raise ConfigError(f"within_alphabet applies to omniglot: data only; data={self.data!r}.")
+        if self.model == "mlp" and not self.regression:
+            raise ConfigError(
+                f"model='mlp' is the sinusoid regression MLP (one input); data={self.data!r} gives images. Use "
+                "model=auto (conv4), conv4, or a timm name, or data=sinusoid."
+            )
+        if self.regression and self.model in ("conv4", "conv4_3pool"):
+            raise ConfigError(
+                f"data=sinusoid trains the MLP; model={self.model!r} takes images. Use model=auto or mlp."
+            )
+        if self.pretrained_path is not None:
+            from metaopt.models import list_models
+
+            if self.model in ("auto", *list_models()):
+                raise ConfigError(
+                    f"pretrained_path={self.pretrained_path!r} loads timm weights; model={self.model!r} is not a timm "
+                    "model. Give a timm name (e.g. --model resnet10t) or drop --pretrained-path."
+                )
+            if not Path(self.pretrained_path).is_file():
+                raise ConfigError(f"pretrained_path={self.pretrained_path!r} does not exist (or is not a file).")
+        smallest = {"auto": 16, "conv4": 16, "conv4_3pool": 8}.get(self.model)
+        if not self.regression and smallest and self.image_size < smallest:
+            raise ConfigError(
+                f"image_size={self.image_size} is too small for {self.model} (its max-pools need >= {smallest} pixels "
+                f"a side); use image_size >= {smallest}."
+            )
+        if not self.regression:
+            task_bytes = self.meta_batch * self.ways * (self.shots + self.query) * 3 * self.image_size**2 * 4
+            if task_bytes > MAX_BATCH_BYTES:
+                raise ConfigError(
+                    f"a meta-batch of {self.meta_batch} tasks of {self.ways} ways x ({self.shots} shots + {self.query} "
+                    f"query) images of {self.image_size}x{self.image_size} px holds up to {task_bytes / 2**30:.1f} GiB "
+                    f"of float32 input, over the {MAX_BATCH_BYTES // 2**30} GiB bound; lower shots, query, "
+                    "image_size or meta_batch."
+                )
+        elif self.shots + self.query > 100_000:
+            raise ConfigError(
+                f"shots + query = {self.shots + self.query} sinusoid points per task; use at most 100000."
+            )
+        if "lr" in self.outer_optimizer_kwargs:
+            raise ConfigError(
+                f"outer_optimizer_kwargs={self.outer_optimizer_kwargs} sets lr; the outer learning rate is meta_lr "
+                "(--meta-lr). Remove lr from the kwargs."
+            )
+        for prefix, lr in self.param_group_lr.items():
+            if not lr > 0:
+                raise ConfigError(f"param_group_lr[{prefix!r}]={lr!r} must be a learning rate > 0.")
+        if self.warmup_iters > self.iterations and self.lr_schedule != "none":
+            raise ConfigError(f"warmup_iters={self.warmup_iters} is longer than iterations={self.iterations}.")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist.")
-    text = path.read_text()
-    try:
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings; got {type(values).__name__}.")
-    return values
+    """A config file's settings (see :mod:`metaopt.configfile`)."""
+    from metaopt.configfile import load_config_file as load
+
+    return load(path)
 
 
 def parse_plugin_arg(text: str) -> dict[str, Any]:
     """``name`` or ``name:key=value,key=value`` (values parsed as YAML scalars)."""
+    from metaopt.configfile import load_yaml
+
     name, _, rest = text.partition(":")
     options: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"plugin option {item!r} in {text!r} must look like key=value.")
-        options[key.strip()] = yaml.safe_load(value)
+        options[key.strip()] = load_yaml(value, f"plugin option {item!r} in {text!r}")
     return {"name": name.strip(), **options}
 
 

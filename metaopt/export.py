@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from metaopt.checkpoint import save_atomic
-from metaopt.errors import ConfigError
+from metaopt.errors import CheckpointError, ConfigError
 from metaopt.models import HeadedModel
+from metaopt.rundir import disk_error
 
 
 def timm_classifier_name(body: nn.Module) -> str | None:
@@ -68,7 +69,12 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     config, learner = load_run(run_dir)
     state, how = export_state(learner.model)
     path = Path(out) if out is not None else Path(run_dir) / "export" / "model.pt"
-    save_atomic(state, path)
+    try:
+        save_atomic(state, path)
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{disk_error(exc, path, 'write the export')} Write it elsewhere with --out FILE."
+        ) from exc
     channels = config.channels or 1
     if how["format"] == "timm":
         how["load"] = (
@@ -85,5 +91,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         bn_policy=config.bn_policy,
         inputs=input_description(config, learner.model),
     )
-    path.with_suffix(".json").write_text(json.dumps(how, indent=2))
+    try:
+        path.with_suffix(".json").write_text(json.dumps(how, indent=2))
+    except OSError as exc:
+        raise disk_error(exc, path.with_suffix(".json"), "write the export's description") from exc
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -199,8 +200,10 @@ class MetaLearner(nn.Module):
         if eval_inner_steps is not None and (not isinstance(eval_inner_steps, int) or eval_inner_steps < 0):
             raise ConfigError(f"eval_inner_steps={eval_inner_steps!r} must be an integer >= 0 or None.")
         lrs = [inner_lr] if isinstance(inner_lr, int | float) else list(inner_lr)
-        if not lrs or any(not isinstance(lr, int | float) or lr <= 0 for lr in lrs):
-            raise ConfigError(f"inner_lr={inner_lr!r} must be a positive number (or a list of them, one per step).")
+        if not lrs or any(not isinstance(lr, int | float) or not (math.isfinite(lr) and lr > 0) for lr in lrs):
+            raise ConfigError(
+                f"inner_lr={inner_lr!r} must be a positive finite number (or a list of them, one per step)."
+            )
         if len(lrs) > 1 and len(lrs) < max(inner_steps, eval_inner_steps or 0):
             raise ConfigError(
                 f"inner_lr has {len(lrs)} per-step values but up to {max(inner_steps, eval_inner_steps or 0)} steps run; "
@@ -233,6 +236,11 @@ class MetaLearner(nn.Module):
         self.host = PluginHost(instances, check_finite=check_finite)
         self.hook.configure(learner=self)
         candidates = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not candidates:
+            raise ConfigError(
+                f"the model ({type(model).__name__}) has no trainable parameters (none, or all requires_grad=False); "
+                "there is nothing to meta-learn."
+            )
         adapted = self.hook.adapted_params(learner=self, candidates=candidates)
         unknown = [n for n in adapted if n not in candidates]
         if unknown:

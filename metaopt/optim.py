@@ -31,13 +31,13 @@ class NormalizedSGD(torch.optim.Optimizer):
         clip: float = 1.0,
         eps: float = 1e-12,
     ) -> None:
-        if lr <= 0:
+        if not lr > 0:
             raise ConfigError(f"lr={lr} must be > 0.")
         if not 0.0 <= momentum < 1.0:
             raise ConfigError(f"momentum={momentum} must be in [0, 1).")
         if mode not in ("normalize", "clip"):
             raise ConfigError(f"mode={mode!r} must be 'normalize' or 'clip'.")
-        if clip <= 0:
+        if not clip > 0:
             raise ConfigError(f"clip={clip} must be > 0.")
         super().__init__(params, {"lr": lr, "momentum": momentum, "mode": mode, "clip": clip, "eps": eps})
 
@@ -93,7 +93,9 @@ def make_outer_optimizer(name: str, params: Iterable[Any], lr: float, **kwargs: 
         if name in OUTER_OPTIMIZERS:
             return OUTER_OPTIMIZERS[name](params, lr=lr, **kwargs)
         return timm.optim.create_optimizer_v2(list(params), opt=name, lr=lr, filter_bias_and_bn=False, **kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"outer_optimizer_kwargs {kwargs!r} do not fit {name!r}: {exc}") from exc
 
 

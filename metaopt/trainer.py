@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
-import os
 import platform
 import shutil
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from metaopt.allocator import keep_freed_memory
-from metaopt.checkpoint import load_safe, rng_state, save_atomic, seed_everything, set_rng_state
+from metaopt.checkpoint import rng_state, save_atomic, seed_everything, set_rng_state
 from metaopt.config import RESUME_SAFE_KEYS, TrainConfig, plugin_specs
 from metaopt.data.sampler import TaskSampler
 from metaopt.data.sources import make_sampler
@@ -29,18 +30,28 @@ from metaopt.models import OWN_IMAGE_MODELS, conv4, create_model, mlp
 from metaopt.numerics import all_finite
 from metaopt.optim import make_outer_optimizer, param_groups
 from metaopt.registry import create_plugin
+from metaopt.rundir import (
+    BEST_FILE,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    RunDirWarning,
+    RunLock,
+    check_writable,
+    checkpoint_files,
+    config_differences,
+    disk_error,
+    is_run,
+    load_verified,
+    newest_intact,
+    read_json_object,
+    sweep_temp_files,
+    truncate_log,
+    with_checksum,
+)
 
-CONFIG_FILE = "config.json"
 TRACKER_DIR = "metaopt"  # accelerate trackers write their event files under RUN/metaopt/
 RUNNING_WINDOW = 20
-BEST_FILE = "best.pt"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-
-
-def checkpoint_files(run_dir: Path) -> list[Path]:
-    """The run's checkpoints, oldest first (names carry the zero-padded iteration)."""
-    return sorted((run_dir / CHECKPOINT_DIR).glob("ckpt-*.pt"))
 
 
 def versions() -> dict[str, str]:
@@ -257,13 +268,31 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         resolve_data_settings(config)  # before comparing with a saved config
-        from metaopt.integrations.accelerate import make_accelerator, prepare
+        from metaopt.integrations.accelerate import make_accelerator
 
         self.accelerator = make_accelerator(
             config.precision, cpu=config.device == "cpu", log_with=config.log_with, project_dir=str(self.run_dir)
         )
-        if self.is_main:  # only rank 0 reads, clears and later writes the run directory
-            self._check_run_dir(resume, overwrite)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"--out {str(self.run_dir)!r} is a file, not a folder; give a folder for the run.")
+        self.lock = RunLock(self.run_dir)
+        self._resume_from: tuple[Path, dict[str, Any]] | None = None
+        if self.is_main:  # only rank 0 locks, reads, clears and later writes the run directory
+            self.lock.acquire()
+            try:
+                self._open_run_dir(resume, overwrite)
+            except BaseException:
+                self.lock.release()
+                raise
+        try:
+            self._build(config, resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, config: TrainConfig, resume: bool) -> None:
+        from metaopt.integrations.accelerate import prepare
+
         self.accelerator.wait_for_everyone()
         if config.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' but torch sees no CUDA device; use --device cpu (or auto).")
@@ -320,47 +349,52 @@ class Trainer:
         self._started: float | None = None
         self.last_checkpoint: Path | None = None
         if resume:
-            self.load(self.latest_checkpoint())
+            self.load(*(self._resume_from or newest_intact(self.run_dir)))
+            self._resume_from = None
+            if self.iteration >= config.iterations:
+                raise ConfigError(
+                    f"the run in {str(self.run_dir)!r} is already at iteration {self.iteration}, and iterations="
+                    f"{config.iterations}: nothing to train. Pass --iterations N with N > {self.iteration} to continue."
+                )
+
+    def close(self) -> None:
+        """Release the run folder's lock (``train`` does, when it ends)."""
+        self.lock.release()
 
     # -- run directory --------------------------------------------------------------
-    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
-        cfg_path = self.run_dir / CONFIG_FILE
-        if resume:
-            if not cfg_path.is_file():
-                raise ConfigError(
-                    f"cannot resume: {str(self.run_dir)!r} holds no {CONFIG_FILE}; start a new run instead."
-                )
-            saved = read_run_config(cfg_path)
-            current = self.config.to_dict()  # coerced, so "1e-2" equals 0.01
-            refused = sorted(
-                k for k in {*saved, *current} if saved.get(k) != current.get(k) and k not in RESUME_SAFE_KEYS
+    def _open_run_dir(self, resume: bool, overwrite: bool) -> None:
+        swept = sweep_temp_files(self.run_dir)
+        if swept:
+            warnings.warn(
+                f"removed {len(swept)} temp file(s) of interrupted writes: {swept[:3]}", RunDirWarning, stacklevel=2
             )
+        if resume:
+            if checkpoint_files(self.run_dir):
+                self._resume_from = newest_intact(self.run_dir)
+            saved = run_settings(self.run_dir, None if self._resume_from is None else self._resume_from[1])
+            current = self.config.to_dict()  # coerced, so "1e-2" equals 0.01
+            refused = config_differences(saved, current, ignore=RESUME_SAFE_KEYS)
             if refused:
-                detail = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in refused)
                 raise ConfigError(
-                    f"cannot resume {str(self.run_dir)!r} with a different {', '.join(refused)} ({detail}). A resumed "
+                    f"cannot resume {str(self.run_dir)!r} with different settings ({'; '.join(refused)}). A resumed "
                     f"run may change only {', '.join(RESUME_SAFE_KEYS)}; start a new run (another --out) instead."
                 )
             return
-        if cfg_path.exists() and not overwrite:
+        if is_run(self.run_dir) and not overwrite:
             raise ConfigError(
-                f"{str(self.run_dir)!r} already holds a run; pass --resume to continue it or --overwrite to replace it."
+                f"{str(self.run_dir)!r} already holds a run (a config, checkpoints or a log); pass --resume to continue "
+                "it or --overwrite to replace it."
             )
         if overwrite:
             for old in checkpoint_files(self.run_dir):
                 old.unlink()
-            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+            for name in (METRICS_FILE, BEST_FILE, CONFIG_FILE):
+                (self.run_dir / name).unlink(missing_ok=True)
             shutil.rmtree(self.run_dir / TRACKER_DIR, ignore_errors=True)  # old TensorBoard/W&B event files
 
     @property
     def is_main(self) -> bool:
         return bool(self.accelerator.is_main_process)
-
-    def latest_checkpoint(self) -> Path:
-        found = checkpoint_files(self.run_dir)
-        if not found:
-            raise CheckpointError(f"no checkpoint in {str(self.run_dir / CHECKPOINT_DIR)!r} to resume from.")
-        return found[-1]
 
     # -- checkpoints ----------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -381,14 +415,23 @@ class Trainer:
     def save(self) -> Path | None:
         if not self.is_main:
             return None
-        path = save_atomic(self.state(), self.run_dir / CHECKPOINT_DIR / f"ckpt-{self.iteration:08d}.pt")
+        path = self._write(self.run_dir / CHECKPOINT_DIR / f"ckpt-{self.iteration:08d}.pt")
         for old in checkpoint_files(self.run_dir)[: -self.config.keep_checkpoints]:
             old.unlink()
         self.last_checkpoint = path
         return path
 
-    def load(self, path: Path) -> None:
-        state = load_safe(path)
+    def _write(self, path: Path) -> Path:
+        """The state, checksummed, written atomically; a failed write names the file and keeps the last one."""
+        try:
+            return save_atomic(with_checksum(self.state()), path)
+        except (OSError, RuntimeError) as exc:
+            kept = f"; the previous checkpoint {str(self.last_checkpoint)!r} is kept" if self.last_checkpoint else ""
+            raise CheckpointError(f"{disk_error(exc, path, 'write a checkpoint')}{kept}") from exc
+
+    def load(self, path: Path, state: dict[str, Any] | None = None) -> None:
+        """Continue from checkpoint ``path`` (``state``: its contents, already read and verified)."""
+        state = load_verified(path) if state is None else state
         restore_learner(self.learner, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
@@ -404,17 +447,15 @@ class Trainer:
         self.elapsed = float(state.get("elapsed", 0.0))
         self.learner.iteration = self.iteration
         self.last_checkpoint = path
-        self._truncate_metrics()
-
-    def _truncate_metrics(self) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-        log = self.run_dir / METRICS_FILE
-        if not self.is_main or not log.is_file():
-            return
-        kept = [line for line in log.read_text().splitlines() if json.loads(line)["iteration"] <= self.iteration]
-        tmp = log.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, log)
+        if self.is_main:  # log lines after the checkpoint will be redone; unreadable ones are named
+            dropped = truncate_log(self.run_dir / METRICS_FILE, self.iteration)
+            if dropped:
+                warnings.warn(
+                    f"dropped {len(dropped)} unreadable line(s) of {str(self.run_dir / METRICS_FILE)!r}: "
+                    + "; ".join(dropped[:5]),
+                    RunDirWarning,
+                    stacklevel=2,
+                )
 
     def _clock(self) -> float:
         """Training seconds so far, across resumes."""
@@ -423,8 +464,11 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
         if self.is_main:
-            with open(self.run_dir / METRICS_FILE, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            try:
+                with open(self.run_dir / METRICS_FILE, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                raise disk_error(exc, self.run_dir / METRICS_FILE, "append to the log") from exc
         if self.config.log_with:  # accelerate's trackers (TensorBoard, W&B, ...); numbers only
             flat = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "iteration"}
             for key, value in (record.get("eval") or {}).items():
@@ -433,11 +477,21 @@ class Trainer:
             self.accelerator.log(flat, step=record["iteration"])
 
     def train(self, progress: bool = True) -> dict[str, Any]:
+        """Train to ``config.iterations``; the run folder stays locked until it returns or raises."""
+        try:
+            return self._train(progress)
+        finally:
+            self.close()
+
+    def _train(self, progress: bool) -> dict[str, Any]:
         config = self.config
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            check_writable(self.run_dir)
             record = {**config.to_dict(), "engine_chosen": self.engine_chosen}
-            (self.run_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+            try:
+                (self.run_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+            except OSError as exc:
+                raise disk_error(exc, self.run_dir / CONFIG_FILE, "write the run config") from exc
         metrics: dict[str, Any] = {}
         if config.log_with:
             hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in config.to_dict().items()}
@@ -489,7 +543,7 @@ class Trainer:
         if self.best_eval is None or (report[key] > self.best_eval[key]) == (key == "accuracy"):
             self.best_eval = {**report, "iteration": self.iteration}
             if self.config.keep_best and self.is_main:
-                save_atomic(self.state(), self.run_dir / BEST_FILE)
+                self._write(self.run_dir / BEST_FILE)
         return report
 
     @property
@@ -568,7 +622,45 @@ DERIVED_KEYS = ("engine_chosen",)
 
 def read_run_config(path: Path) -> dict[str, Any]:
     """A run's ``config.json`` as settings (the keys in :data:`DERIVED_KEYS` left out)."""
-    return {k: v for k, v in json.loads(path.read_text()).items() if k not in DERIVED_KEYS}
+    return {k: v for k, v in read_json_object(path).items() if k not in DERIVED_KEYS}
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """As JSON holds it (tuples as lists), so a checkpoint's config compares with config.json."""
+    return json.loads(json.dumps(values))
+
+
+def run_settings(run_dir: Path, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A run's settings: ``config.json``, checked against the config stored in the newest intact
+    checkpoint (the truth); rebuilt from that checkpoint when ``config.json`` is missing."""
+    cfg_path = run_dir / CONFIG_FILE
+    if state is None and checkpoint_files(run_dir):
+        state = newest_intact(run_dir)[1]
+    stored = None if state is None else _plain({k: v for k, v in state["config"].items() if k not in DERIVED_KEYS})
+    if not cfg_path.is_file():
+        if stored is None:
+            raise ConfigError(
+                f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE} and no checkpoint); pass the --out of a "
+                "train run."
+            )
+        warnings.warn(
+            f"{str(cfg_path)!r} is missing; using the config stored in the newest checkpoint.",
+            RunDirWarning,
+            stacklevel=2,
+        )
+        with contextlib.suppress(OSError):  # a read-only run still evaluates: the settings come from the checkpoint
+            cfg_path.write_text(json.dumps(stored, indent=2))
+        return stored
+    saved = _plain(read_run_config(cfg_path))
+    if stored is not None:
+        differ = config_differences(stored, saved, ignore=RESUME_SAFE_KEYS)
+        if differ:
+            raise ConfigError(
+                f"{str(cfg_path)!r} disagrees with the config stored in the run's checkpoints ({'; '.join(differ)}; "
+                f"checkpoint -> {CONFIG_FILE}). The checkpoint's is the run's truth: restore those values in "
+                f"{CONFIG_FILE} (or delete it to have it rebuilt), and start a new run to change them."
+            )
+    return saved
 
 
 def load_run(run_dir: str | Path) -> tuple[TrainConfig, MetaLearner]:
@@ -580,19 +672,36 @@ def load_run(run_dir: str | Path) -> tuple[TrainConfig, MetaLearner]:
 def load_checkpoint(
     run_dir: str | Path, path: str | Path | None = None
 ) -> tuple[TrainConfig, MetaLearner, dict[str, Any]]:
-    """A run's config, its learner at checkpoint ``path`` (default: the latest), and the checkpoint."""
+    """A run's config, its learner at checkpoint ``path`` (default: the latest), and the checkpoint.
+
+    The checkpoint is verified (a corrupt or foreign file is a ``CheckpointError`` naming it) and
+    ``config.json`` must agree with the config stored in it.  Works on a run being trained: a
+    checkpoint removed by the trainer between listing and reading is replaced by the newer one.
+    """
     run_dir = Path(run_dir)
-    cfg_path = run_dir / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE}); pass the --out of a train run.")
-    config = TrainConfig.from_dict(read_run_config(cfg_path), source=str(cfg_path))
+    if not run_dir.is_dir():
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no such folder); pass the --out of a train run.")
+    for _ in range(5):
+        if path is None:
+            found = checkpoint_files(run_dir)
+            if not found:
+                if (run_dir / CONFIG_FILE).is_file():
+                    raise CheckpointError(f"run {str(run_dir)!r} has no checkpoint yet.")
+                raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE}, no checkpoint).")
+            chosen = found[-1]
+        else:
+            chosen = Path(path)
+        try:
+            state = load_verified(chosen)
+            break
+        except CheckpointError:
+            if path is not None or chosen.exists():
+                raise
+    else:  # pragma: no cover - five checkpoints removed under us in a row
+        raise CheckpointError(f"the checkpoints of {str(run_dir)!r} kept changing while being read; try again.")
+    settings = run_settings(run_dir, state)
+    config = TrainConfig.from_dict(settings, source=str(run_dir / CONFIG_FILE))
     seed_everything(config.seed)
     learner = build_learner(config, build_model(config))
-    if path is None:
-        found = checkpoint_files(run_dir)
-        if not found:
-            raise CheckpointError(f"run {str(run_dir)!r} has no checkpoint yet.")
-        path = found[-1]
-    state = load_safe(path)
-    restore_learner(learner, state, Path(path))
+    restore_learner(learner, state, chosen)
     return config, learner, state

@@ -278,6 +278,12 @@ class DatasetTaskSampler(TaskSampler):
             if self._iterator is None:
                 start = self.next_index + len(self._buffer)
                 indices = range(start, start + 1_000_000_000)  # tasks are a function of their index
+                # the loader's own generator: creating an iterator draws a base seed from it, which from
+                # torch's global generator would shift that generator on every resume (tasks are seeded
+                # per index anyway, so the base seed only names worker seeds)
+                generator = torch.Generator().manual_seed(
+                    int(np.random.SeedSequence([self.seed, start]).generate_state(1)[0])
+                )
                 loader = DataLoader(
                     _Indexed(self.episodes, indices),
                     batch_size=1,
@@ -285,6 +291,7 @@ class DatasetTaskSampler(TaskSampler):
                     collate_fn=collate_tasks,
                     prefetch_factor=None if self.workers == 0 else max(2, self.prefetch // max(self.workers, 1)),
                     persistent_workers=False,
+                    generator=generator,
                 )
                 self._iterator = iter(loader)
             self._buffer.extend(next(self._iterator))

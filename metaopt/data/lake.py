@@ -49,6 +49,14 @@ def write_lake_runs(
     archive, out = Path(archive), Path(out)
     if not archive.is_file():
         raise DataError(f"Omniglot archive {str(archive)!r} does not exist.")
+    if not zipfile.is_zipfile(archive):
+        raise DataError(f"{str(archive)!r} is not a zip archive; give an official images_background*.zip.")
+    if ways < 2:
+        raise DataError(f"ways={ways}: a one-shot run needs at least 2 classes (the official runs have 20).")
+    if runs < 1:
+        raise DataError(f"runs={runs} must be >= 1.")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {str(out)!r} is a file; give a folder for the runs.")
     g = torch.Generator().manual_seed(seed)
     usable, skipped = {}, {}
     for alphabet in alphabets:
@@ -99,7 +107,14 @@ def read_lake_runs(path: str | Path, size: int = 28) -> list[TaskData]:
         classes = sorted((run / "training").glob("class*.png"))
         index = {p.name: i for i, p in enumerate(classes)}
         items, labels = [], []
-        for n, line in enumerate((run / "class_labels.txt").read_text().split("\n")):
+        labels_file = run / "class_labels.txt"
+        try:
+            text = labels_file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{str(labels_file)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
+        if not text.strip():
+            raise DataError(f"{str(labels_file)!r} is empty; each line pairs a test item with its training class.")
+        for n, line in enumerate(text.split("\n")):
             if not line.strip():
                 continue
             parts = line.split()

@@ -48,6 +48,8 @@ def parse_spec(spec: str) -> DataSpec:
         if not Path(path.partition("@")[0] if kind == "csv" else path).exists():
             raise DataError(f"data path {path!r} does not exist; check the path after '{kind}:'.")
         return DataSpec(kind, Path(path), path)
+    if path:
+        raise ConfigError(f"data source {spec!r}: {kind} is built in and takes no path or options; use data={kind}.")
     return DataSpec(kind, None)
 
 
