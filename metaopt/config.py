@@ -344,8 +344,6 @@ class TrainConfig:
         for prefix, lr in self.param_group_lr.items():
             if not lr > 0:
                 raise ConfigError(f"param_group_lr[{prefix!r}]={lr!r} must be a learning rate > 0.")
-        if self.warmup_iters > self.iterations and self.lr_schedule != "none":
-            raise ConfigError(f"warmup_iters={self.warmup_iters} is longer than iterations={self.iterations}.")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

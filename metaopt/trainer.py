@@ -351,11 +351,7 @@ class Trainer:
         if resume:
             self.load(*(self._resume_from or newest_intact(self.run_dir)))
             self._resume_from = None
-            if self.iteration >= config.iterations:
-                raise ConfigError(
-                    f"the run in {str(self.run_dir)!r} is already at iteration {self.iteration}, and iterations="
-                    f"{config.iterations}: nothing to train. Pass --iterations N with N > {self.iteration} to continue."
-                )
+        self.resumed = resume
 
     def close(self) -> None:
         """Release the run folder's lock (``train`` does, when it ends)."""
@@ -485,6 +481,11 @@ class Trainer:
 
     def _train(self, progress: bool) -> dict[str, Any]:
         config = self.config
+        if self.resumed and self.iteration >= config.iterations:
+            raise ConfigError(
+                f"the run in {str(self.run_dir)!r} is already at iteration {self.iteration}, and iterations="
+                f"{config.iterations}: nothing to train. Pass --iterations N with N > {self.iteration} to continue."
+            )
         if self.is_main:
             check_writable(self.run_dir)
             record = {**config.to_dict(), "engine_chosen": self.engine_chosen}

@@ -153,11 +153,6 @@ def _cli_cases() -> list[tuple[str, list[str], str]]:
         ("--shots 100000 sinusoid", ["--data", "sinusoid", "--shots", "100000"], r"shots \+ query = 100015"),
         ("--log-with nosuch", ["--log-with", "nosuch"], r"unknown tracker 'nosuch'"),
         (
-            "--warmup longer than run",
-            ["--lr-schedule", "cosine", "--warmup-iters", "5"],
-            r"warmup_iters=5 is longer than iterations=1",
-        ),
-        (
             "--engine vmap with rmsprop",
             ["--engine", "vmap", "--inner-optimizer", "rmsprop"],
             r"inner_optimizer='rmsprop'",

@@ -175,7 +175,7 @@ def test_a_flipped_bit_is_caught_by_eval_export_and_resume(tmp_path, capsys, whe
     with pytest.warns(RunDirWarning, match=f"skipping '{newest}'"):
         assert _train(out, 4, "--resume") == 0  # falls back to the newest intact checkpoint
     assert load_verified(checkpoint_files(out)[-1])["iteration"] == 4
-    _all_checkpoints_load(out, skip=(newest,)) if newest.exists() else None
+    _all_checkpoints_load(out, skip=(newest,))
 
 
 # -- 5. torn logs -----------------------------------------------------------------------
@@ -195,6 +195,7 @@ def test_a_torn_log_is_repaired_on_resume_naming_what_was_dropped(tmp_path, dama
         assert _train(out, 4, "--resume") == 0
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert records[-1]["iteration"] == 4
+    _all_checkpoints_load(out)
 
 
 # -- 6. bad config files and foreign checkpoints -----------------------------------------
@@ -222,6 +223,20 @@ def test_a_foreign_torch_file_as_newest_checkpoint_is_named(tmp_path, capsys):
     assert f"'{foreign}' is not a metaopt checkpoint" in err
     with pytest.warns(RunDirWarning, match="is not a metaopt checkpoint"):
         assert _train(out, 3, "--resume") == 0
+    _all_checkpoints_load(out, skip=(foreign,))
+
+
+def test_a_truncated_newest_checkpoint_is_named_and_resume_falls_back(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, 3) == 0
+    newest = checkpoint_files(out)[-1]
+    newest.write_bytes(newest.read_bytes()[:500])
+    capsys.readouterr()
+    assert main(["eval", str(out), "--tasks", "4"]) == 2
+    assert f"checkpoint '{newest}' is truncated" in capsys.readouterr().err
+    with pytest.warns(RunDirWarning, match=f"skipping '{newest}'"):
+        assert _train(out, 4, "--resume") == 0
+    _all_checkpoints_load(out, skip=(newest,))
 
 
 # -- 7. full and read-only disks ---------------------------------------------------------
