@@ -23,7 +23,7 @@ def time_per_iteration(safe: bool, iters: int = 40, rounds: int = 5) -> float:
     sampler = SinusoidTasks(seed=0)
     batch = [sampler.sample_task() for _ in range(25)]
     learner.backward(batch)  # builds the engine
-    learner._vmap_engine.safe_norms = safe
+    learner.engines["vmap"].safe_norms = safe
     best = float("inf")
     for _ in range(rounds):
         start = time.perf_counter()

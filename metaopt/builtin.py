@@ -28,7 +28,7 @@ def query_loss(task: Task, params: Params) -> torch.Tensor:
 
 def gradient_adapt(task: Task, trajectory: Trajectory) -> Params:
     """The plain inner loop: ``trajectory.steps`` steps through the inner hooks."""
-    hook = task.learner.hook
+    hook = task.hook
     params = trajectory.iterates[0]
     for k in range(trajectory.steps):
         trajectory.k = k

@@ -24,7 +24,7 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
-    from metaopt.learner import MetaLearner
+    from metaopt.protocols import LearnerView as MetaLearner
     from metaopt.task import Batch, Params, Task, Trajectory
 
 hookspec = pluggy.HookspecMarker("metaopt")

@@ -15,11 +15,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaopt.backend import make_backend
-from metaopt.engine import VmapEngine, check_engine, choose_engine, vmap_refusals
+from metaopt.engines import (
+    EngineContext,
+    LoopEngine,
+    VmapEngine,
+    check_engine,
+    choose_engine,
+    make_task,
+    vmap_refusals,
+)
 from metaopt.errors import ConfigError, DataError, MetaOptError, PluginError, PluginHookError
-from metaopt.inner_optim import fresh_state, make_template
+from metaopt.inner_optim import make_template
 from metaopt.manager import PluginHost
-from metaopt.task import Batch, Params, Task, TaskData, Trajectory, upcast
+from metaopt.task import Batch, Params, Task, TaskData, Trajectory, TrajectoryFactory
 
 BatchInput = Sequence[TaskData] | Sequence[Sequence[torch.Tensor]] | Sequence[torch.Tensor]
 #: data-parallel wrappers a learner cannot be built on (checked by class name: FSDP may not import)
@@ -210,9 +218,10 @@ class MetaLearner(nn.Module):
                 "give one value per step or a single number."
             )
         self.model = model
-        self.inner_steps = inner_steps
-        self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
-        self.inner_lrs = [float(lr) for lr in lrs]
+        #: step counts and rates of the inner loop; its optimizer template is set once plugins chose the adapted set
+        self.trajectories = TrajectoryFactory(
+            inner_steps, inner_steps if eval_inner_steps is None else eval_inner_steps, [float(lr) for lr in lrs], None
+        )
         self.loss_fn = loss_fn or F.cross_entropy
         self.first_order = bool(first_order)
         self.inner_optimizer_name = inner_optimizer
@@ -253,27 +262,72 @@ class MetaLearner(nn.Module):
                     raise PluginError(f"two plugins declare a module named {key!r}; names must be unique.")
                 modules[key] = module
         self.plugin_modules = nn.ModuleDict(modules)
-        self._template = make_template(
+        template = make_template(
             inner_optimizer,
             [p for n, p in model.named_parameters() if n in self.adapted_names],
             **self.inner_optimizer_kwargs,
         )
+        self.trajectories.template = template
         self._validated = False
         check_engine(engine)
         if task_chunk is not None and (not isinstance(task_chunk, int) or task_chunk < 1):
             raise ConfigError(f"task_chunk={task_chunk!r} must be a positive integer (or None: the whole batch).")
         self.engine, self.task_chunk = engine, task_chunk
+        #: the public pieces every engine runs on (engines never see the learner itself)
+        self.engine_context = EngineContext(
+            learner=self,
+            model=model,
+            hook=self.host.hook,
+            backend=self.backend,
+            trajectories=self.trajectories,
+            plugins=list(zip(self.host.names, self.host.plugins, strict=True)),
+            adapted_names=self.adapted_names,
+            first_order=self.first_order,
+            inner_optimizer_name=inner_optimizer,
+            inner_optimizer_kwargs=self.inner_optimizer_kwargs,
+            uses_momentum=any(g.get("momentum") for g in template.param_groups),
+            task_chunk=task_chunk,
+            finite_check=self.host.finite_check,
+            device=self.device,
+            autocast=self.autocast,
+        )
         #: why engine="vmap" cannot run this learner (empty when it can)
-        self.vmap_reasons = vmap_refusals(self)
+        self.vmap_reasons = vmap_refusals(self.engine_context)
         if engine == "vmap" and self.vmap_reasons:
             raise ConfigError(
                 "engine='vmap' cannot run this learner: "
                 + "; ".join(self.vmap_reasons)
                 + ". Use engine='loop' (or 'auto', which falls back to the loop for it)."
             )
-        self._vmap_engine: VmapEngine | None = None
+        #: the engines this learner has run, by name (built when first needed)
+        self.engines: dict[str, Any] = {"loop": LoopEngine()}
         #: the engine that ran the latest batch ("loop" or "vmap"; what engine="auto" chose)
         self.last_engine: str | None = None
+
+    # -- settings the inner loop reads (held by the trajectory factory) ------------------
+    @property
+    def inner_steps(self) -> int:
+        return self.trajectories.inner_steps
+
+    @inner_steps.setter
+    def inner_steps(self, value: int) -> None:
+        self.trajectories.inner_steps = value
+
+    @property
+    def eval_inner_steps(self) -> int:
+        return self.trajectories.eval_inner_steps
+
+    @eval_inner_steps.setter
+    def eval_inner_steps(self, value: int) -> None:
+        self.trajectories.eval_inner_steps = value
+
+    @property
+    def inner_lrs(self) -> list[float]:
+        return self.trajectories.inner_lrs
+
+    @inner_lrs.setter
+    def inner_lrs(self, value: list[float]) -> None:
+        self.trajectories.inner_lrs = value
 
     # -- plugins ---------------------------------------------------------------------
     @property
@@ -296,22 +350,23 @@ class MetaLearner(nn.Module):
         return (p for p in self.parameters() if p.requires_grad)
 
     # -- the loop --------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The accelerator's autocast (mixed precision), else a no-op context."""
         if self.accelerator is not None:
             return self.accelerator.autocast()
         return contextlib.nullcontext()
 
+    def device(self) -> torch.device:
+        """The device of the model's parameters."""
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
     def start_params(self, training: bool, named: Params | None = None) -> Params:
-        named = dict(self.model.named_parameters()) if named is None else named
-        if training:
-            return {n: named[n] for n in self.adapted_names}
-        # evaluation: adapt from detached copies so no meta-graph is built
-        return {n: named[n].detach().requires_grad_() for n in self.adapted_names}
+        return self.engine_context.start_params(training, named)
 
     def lrs_for(self, steps: int, lr_scale: float = 1.0, lr: float | Sequence[float] | None = None) -> list[float]:
-        base = self.inner_lrs if lr is None else ([lr] if isinstance(lr, int | float) else list(lr))
-        values = base * steps if len(base) == 1 else base[:steps]
-        return [float(v) * lr_scale for v in values]
+        return self.trajectories.lrs_for(steps, lr_scale, lr)
 
     def new_trajectory(
         self,
@@ -323,104 +378,31 @@ class MetaLearner(nn.Module):
         start: Params | None = None,
         main: bool = True,
     ) -> Trajectory:
-        if steps is None:
-            steps = self.inner_steps if task.training else self.eval_inner_steps
-        start = task.start if start is None else start
-        return Trajectory(
-            steps=steps,
-            lrs=self.lrs_for(steps, lr_scale, lr),
-            optimizer=fresh_state(self._template, self._template_params()),
-            iterates=[start],
-            main=main,
-        )
-
-    def _template_params(self) -> list[torch.Tensor]:
-        return [p for group in self._template.param_groups for p in group["params"]]
-
-    def _device(self) -> torch.device:
-        for p in self.model.parameters():
-            return p.device
-        return torch.device("cpu")
-
-    def _make_task(
-        self,
-        index: int,
-        data: TaskData,
-        training: bool,
-        device: torch.device | None = None,
-        named: Params | None = None,
-    ) -> Task:
-        device = self._device() if device is None else device
-        sx, sy, qx, qy = (t.to(device, non_blocking=True) for t in data)
-        return Task(
-            learner=self,
-            index=index,
-            support_x=sx,
-            support_y=sy,
-            query_x=qx,
-            query_y=qy,
-            start=self.start_params(training, named),
-            training=training,
-            second_order=not self.first_order,
-        )
-
-    def run_task(self, task: Task) -> torch.Tensor:
-        hook = self.hook
-        hook.task_start(task=task)
-        trajectory = self.new_trajectory(task, None)
-        task.trajectory = trajectory
-        task.params = hook.adapt(task=task, trajectory=trajectory)
-        loss = hook.outer_loss(task=task, params=task.params)
-        task.metrics["query_loss"] = loss.detach()
-        if task.training:
-            for terms in hook.loss_modification(task=task, params=task.params, loss=loss):
-                for name, term in (terms or {}).items():
-                    loss = loss + term
-                    task.metrics[name] = term.detach()
-        task.loss = loss
-        hook.task_end(task=task)
-        return loss
+        """A new inner trajectory for ``task`` (plugins use it for a second inner loop)."""
+        return self.trajectories.new(task, steps, lr_scale, lr=lr, start=start, main=main)
 
     def engine_for(self, data: list[TaskData]) -> str:
         """The engine that runs a batch: ``"loop"`` or ``"vmap"`` (``engine="auto"`` decides here)."""
-        return choose_engine(self, data) if self.engine == "auto" else self.engine
+        return choose_engine(self.engine_context, data) if self.engine == "auto" else self.engine
 
     def run_tasks(self, batch: Batch) -> torch.Tensor:
-        """Adapt to every task in the batch and return the mean outer loss."""
-        self.last_engine = self.engine_for(batch.data)
-        if self.last_engine == "vmap":
-            if self._vmap_engine is None:
-                self._vmap_engine = VmapEngine(self)
-            try:
-                batch.meta_loss = self._vmap_engine.run(self, batch, stacks=self.engine == "auto")
-            except PluginHookError as exc:
-                raise PluginHookError(
-                    f"{exc} [engine='vmap': hooks run once for all tasks, inside torch.func.vmap; a hook must take "
-                    "gradients with task.grad(...) / task.inner_grad_at(...), not torch.autograd.grad, and must not "
-                    "read values (.item(), float(), if on a tensor). Use engine='loop' for this plugin.]",
-                    plugin=exc.plugin,
-                    hook=exc.hook,
-                ) from exc.__cause__
+        """Adapt to every task in the batch and return the mean outer loss (through the chosen engine)."""
+        name = self.last_engine = self.engine_for(batch.data)
+        if name == "loop":
+            batch.meta_loss = self.engines["loop"].run(batch, self.engine_context)
             return batch.meta_loss
-        self.backend.prepare(batch.training)
-        batch.tasks, batch.stacked, batch.make_tasks = [], None, None
-        losses = []
-        grad_mode = torch.enable_grad()
+        if name not in self.engines:
+            self.engines[name] = VmapEngine(self.engine_context)
         try:
-            with grad_mode:
-                device, named = self._device(), dict(self.model.named_parameters())  # once per batch
-                for i, data in enumerate(batch.data):
-                    task = self._make_task(i, data, batch.training, device, named)
-                    batch.tasks.append(task)
-                    with self._autocast():
-                        loss = self.run_task(task)
-                    if batch.backward_per_task:  # outside autocast, as torch.amp advises
-                        batch.backward(upcast(loss) / len(batch.data))
-                        loss = loss.detach()
-                    losses.append(loss)
-        finally:
-            self.backend.release()
-        batch.meta_loss = torch.stack([upcast(loss) for loss in losses]).mean()
+            batch.meta_loss = self.engines[name].run(batch, self.engine_context, stacks=self.engine == "auto")
+        except PluginHookError as exc:
+            raise PluginHookError(
+                f"{exc} [engine='vmap': hooks run once for all tasks, inside torch.func.vmap; a hook must take "
+                "gradients with task.grad(...) / task.inner_grad_at(...), not torch.autograd.grad, and must not "
+                "read values (.item(), float(), if on a tensor). Use engine='loop' for this plugin.]",
+                plugin=exc.plugin,
+                hook=exc.hook,
+            ) from exc.__cause__
         return batch.meta_loss
 
     def _begin(self, tasks: BatchInput, training: bool) -> Batch:
@@ -431,7 +413,7 @@ class MetaLearner(nn.Module):
                 _check_task(i, task)
             self._check_against_model(data[0])
             self._validated = True
-        batch = Batch(learner=self, data=data, training=training)
+        batch = Batch(learner=self, data=data, training=training, runner=self.run_tasks, backward_fn=self.backward_loss)
         self.hook.batch_start(batch=batch)
         return batch
 
@@ -450,11 +432,11 @@ class MetaLearner(nn.Module):
 
     def _check_against_model(self, task: TaskData) -> None:
         """One no-grad forward on the first task: inputs, outputs and labels must fit the model."""
-        x = task.support_x.to(self._device())
+        x = task.support_x.to(self.device())
         was_training = self.model.training
         self.model.eval()  # no BatchNorm statistics or dropout state change
         try:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self.autocast():
                 output = self.model(x)
         except Exception as exc:
             raise DataError(
@@ -567,9 +549,10 @@ class MetaLearner(nn.Module):
         self.backend.prepare(False)
         if self.host.finite_check is not None:
             self.host.finite_check.reset(self.iteration + 1)
-        t = self._make_task(0, data, training=False)
+        moved = tuple(t.to(self.device(), non_blocking=True) for t in data)
+        t = make_task(self.engine_context, 0, moved, False, self.start_params(False))
         try:
-            with torch.enable_grad(), self._autocast():
+            with torch.enable_grad(), self.autocast():
                 self.hook.task_start(task=t)
                 params = self.hook.adapt(task=t, trajectory=self.new_trajectory(t, steps))
         finally:
@@ -593,7 +576,7 @@ class MetaLearner(nn.Module):
         params = self.adapt(data, steps)
         if x is not None:
             _check_inputs([TaskData(data.support_x, data.support_y, x, data.query_y)])
-        inputs = (data.query_x if x is None else x).to(self._device())
+        inputs = (data.query_x if x is None else x).to(self.device())
         if inputs.shape[0] == 1 and self.backend.bn_policy == "transductive" and has_batch_norm(self.model):
             warnings.warn(
                 "learner.predict on a batch of 1 example under bn_policy='transductive': BatchNorm normalises it "
@@ -605,7 +588,7 @@ class MetaLearner(nn.Module):
             )
         self.backend.prepare(False)
         try:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self.autocast():
                 return self.backend.forward(inputs, params)
         finally:
             self.backend.release()

@@ -1,4 +1,10 @@
-"""State objects handed to hooks: a task, an inner trajectory, a meta-batch."""
+"""State objects handed to hooks: a task, an inner trajectory, a meta-batch.
+
+They carry what they need to run pieces of the loop again (the hook relay, the functional
+backend, the trajectory factory, the batch's runner) as plain fields set by the engine that
+made them; they never call back into the learner.  ``task.learner`` / ``batch.learner`` stay
+for plugins that read the learner's settings.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from metaopt.inner_optim import fresh_state
 from metaopt.stash import Stash
 
 if TYPE_CHECKING:
     from metaopt.inner_optim import InnerOptimizer
-    from metaopt.learner import MetaLearner
+    from metaopt.protocols import LearnerView
 
 Params = dict[str, torch.Tensor]
 
@@ -60,11 +67,46 @@ class Trajectory:
         return self.lrs[self.k]
 
 
+class TrajectoryFactory:
+    """New inner trajectories: step counts, learning rates and a fresh inner-optimizer state."""
+
+    def __init__(self, inner_steps: int, eval_inner_steps: int, inner_lrs: list[float], template: Any) -> None:
+        self.inner_steps, self.eval_inner_steps, self.inner_lrs = inner_steps, eval_inner_steps, inner_lrs
+        self.template = template
+
+    def lrs_for(self, steps: int, lr_scale: float = 1.0, lr: float | Sequence[float] | None = None) -> list[float]:
+        base = self.inner_lrs if lr is None else ([lr] if isinstance(lr, int | float) else list(lr))
+        values = base * steps if len(base) == 1 else base[:steps]
+        return [float(v) * lr_scale for v in values]
+
+    def new(
+        self,
+        task: Task,
+        steps: int | None,
+        lr_scale: float = 1.0,
+        *,
+        lr: float | Sequence[float] | None = None,
+        start: Params | None = None,
+        main: bool = True,
+    ) -> Trajectory:
+        if steps is None:
+            steps = self.inner_steps if task.training else self.eval_inner_steps
+        start = task.start if start is None else start
+        params = [p for group in self.template.param_groups for p in group["params"]]
+        return Trajectory(
+            steps=steps,
+            lrs=self.lrs_for(steps, lr_scale, lr),
+            optimizer=fresh_state(self.template, params),
+            iterates=[start],
+            main=main,
+        )
+
+
 @dataclass(eq=False)
 class Task:
     """One task inside a meta-batch.  Hooks read it and put per-task state in ``stash``."""
 
-    learner: MetaLearner
+    learner: LearnerView
     index: int | None  # None inside the vmap engine: one Task object stands for every task of a chunk
     support_x: torch.Tensor
     support_y: torch.Tensor
@@ -82,6 +124,11 @@ class Task:
     #: True inside the batched-task engine (``engine="vmap"``): tensors are per-task views of
     #: a batch, gradients come from ``torch.func.grad`` (see :meth:`grad`)
     vectorised: bool = False
+    #: set by the engine: the hook relay, the functional backend that runs the model, and the
+    #: factory of inner trajectories (``adapt`` runs a second one)
+    hook: Any = field(default=None, repr=False)
+    backend: Any = field(default=None, repr=False)
+    trajectories: TrajectoryFactory | None = field(default=None, repr=False)
 
     @property
     def create_graph(self) -> bool:
@@ -90,11 +137,11 @@ class Task:
 
     def forward(self, x: torch.Tensor, params: Params, **kwargs: Any) -> Any:
         """The model's output on ``x`` with the adapted parameters replaced by ``params``."""
-        return self.learner.backend.forward(x, params, **kwargs)
+        return self.backend.forward(x, params, **kwargs)
 
     def support_loss(self, params: Params) -> torch.Tensor:
         """The support loss at ``params`` (through the ``inner_loss`` hook)."""
-        return self.learner.hook.inner_loss(task=self, params=params)
+        return self.hook.inner_loss(task=self, params=params)
 
     def grad(self, fn: Callable[[Params], torch.Tensor], params: Params, create_graph: bool | None = None) -> Params:
         """The gradient of the scalar ``fn(params)`` w.r.t. ``params``, under either engine.
@@ -129,8 +176,9 @@ class Task:
         start: Params | None = None,
     ) -> tuple[Params, Trajectory]:
         """Run an extra inner trajectory (from ``task.start`` unless given) via the hooks."""
-        trajectory = self.learner.new_trajectory(self, steps, lr_scale, lr=lr, start=start, main=False)
-        params = self.learner.hook.adapt(task=self, trajectory=trajectory)
+        assert self.trajectories is not None, "a Task is made by an engine (metaopt.engines.make_task)"
+        trajectory = self.trajectories.new(self, steps, lr_scale, lr=lr, start=start, main=False)
+        params = self.hook.adapt(task=self, trajectory=trajectory)
         return params, trajectory
 
 
@@ -138,7 +186,7 @@ class Task:
 class Batch:
     """One meta-batch: its tasks, meta-loss and metrics."""
 
-    learner: MetaLearner
+    learner: LearnerView
     data: list[TaskData]
     training: bool
     _tasks: list[Task] | None = field(default=None, repr=False)
@@ -153,6 +201,9 @@ class Batch:
     #: the default outer step: each task's loss is backpropagated as soon as it is computed
     #: (one task graph alive at a time; ``meta_loss`` is then detached)
     backward_per_task: bool = False
+    #: set by the learner: how to run the batch's tasks again, and how to backpropagate a loss
+    runner: Callable[[Batch], torch.Tensor] | None = field(default=None, repr=False)
+    backward_fn: Callable[[torch.Tensor], None] | None = field(default=None, repr=False)
 
     @property
     def tasks(self) -> list[Task]:
@@ -167,9 +218,11 @@ class Batch:
 
     def rerun(self) -> torch.Tensor:
         """Recompute the whole meta-loss (every inner loop) from the current meta-parameters."""
+        assert self.runner is not None
         self.reruns += 1
-        return self.learner.run_tasks(self)
+        return self.runner(self)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate ``loss`` into ``.grad`` (through the accelerator when there is one)."""
-        self.learner.backward_loss(loss)
+        assert self.backward_fn is not None
+        self.backward_fn(loss)

@@ -550,9 +550,9 @@ class Trainer:
     @property
     def engine_chosen(self) -> str:
         """The engine that runs this run's batches (``auto`` resolved; see docs/engines.md)."""
-        from metaopt.engine import auto_engine
+        from metaopt.engines import auto_engine
 
-        return self.learner.engine if self.learner.engine != "auto" else auto_engine(self.learner)
+        return self.learner.engine if self.learner.engine != "auto" else auto_engine(self.learner.engine_context)
 
     def summary(self) -> str:
         """One line for the end of training: engine, running means, best periodic eval, wall time."""

@@ -9,7 +9,7 @@ from conftest import class_tasks, regression_tasks
 from torch import nn
 
 from metaopt import ConfigError, DataError, HeadedModel, MetaLearner, hookimpl
-from metaopt.engine import choose_engine
+from metaopt.engines import choose_engine
 from metaopt.errors import NumericalError, PluginHookError
 from metaopt.models import mlp
 from metaopt.plugins import FOMAML, SHOT, ConvergentFO, HyperMAML, MAMLPlusPlus, MetaSGD, ProtoHead, Reptile, SharpMAML
@@ -128,7 +128,7 @@ def _objective_and_gradient(make_model, engine, safe=True):
             if isinstance(m, nn.BatchNorm2d):
                 m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
         learner.backward(tasks)  # builds the engine
-        learner._vmap_engine.safe_norms = False
+        learner.engines["vmap"].safe_norms = False
         for p in learner.meta_parameters():
             p.grad = None
     learner.backward(tasks)
@@ -262,7 +262,7 @@ def test_ragged_tasks_are_refused_by_vmap_with_the_shapes_and_run_by_auto():
         learner.backward(tasks)
     auto = MetaLearner(mlp().double(), engine="auto", loss_fn=F.mse_loss)
     assert auto.engine_for(tasks) == "loop" and torch.isfinite(auto.backward(tasks).loss)
-    assert choose_engine(auto, regression_tasks(3)) == "vmap"
+    assert choose_engine(auto.engine_context, regression_tasks(3)) == "vmap"
     assert MetaLearner(conv_bn(), engine="auto").engine_for(image_tasks()) == "loop"
 
 

@@ -1,0 +1,130 @@
+"""``engine="vmap"``: every task of a meta-batch at once.
+
+The same hooks run once, inside ``torch.func.vmap`` over the task dimension: a hook sees one
+task's tensors (per-task views), inner gradients come from ``torch.func.grad`` (through
+``task.grad``), the model runs through ``functional_call`` on this engine's own backend, and
+the outer backward is one call per chunk of tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from metaopt.backend import TorchFuncBackend
+from metaopt.engines.base import EngineContext, make_task, run_task
+from metaopt.engines.choose import ragged
+from metaopt.errors import DataError
+from metaopt.norms import SafeNorms
+from metaopt.task import Batch, Task, upcast
+
+
+class VmapBackend(TorchFuncBackend):
+    """``functional_call`` with BatchNorm's ``num_batches_tracked`` counters left out.
+
+    BatchNorm's forward increments that counter in place, which ``torch.func.grad`` refuses;
+    metaopt never reads it (running statistics are never written during adaptation).
+    """
+
+    name = "vmap"
+
+    def __init__(self, model: nn.Module, bn_policy: str = "transductive") -> None:
+        super().__init__(model, bn_policy)
+        self._counters = {
+            f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"
+            for prefix, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        }
+
+    def prepare(self, training: bool) -> None:
+        super().prepare(training)
+        self._buffers = {n: (None if n in self._counters else b) for n, b in self._buffers.items()}  # type: ignore[misc]
+
+
+class VmapEngine:
+    """Runs a batch's tasks in chunks of ``ctx.task_chunk``, each chunk in one vmap call."""
+
+    name = "vmap"
+
+    def __init__(self, ctx: EngineContext) -> None:
+        self.backend = VmapBackend(ctx.model, ctx.backend.bn_policy)
+        #: always on: a model may call F.layer_norm / F.batch_norm itself, with no norm module to find
+        self.safe_norms = True
+
+    def run(self, batch: Batch, ctx: EngineContext, stacks: bool = False) -> torch.Tensor:
+        """The batch's mean loss; ``stacks``: the caller (``engine="auto"``) already checked the shapes."""
+        problem = None if stacks else ragged(batch.data)
+        if problem is not None:
+            raise DataError(
+                f"engine='vmap' stacks the tasks of a meta-batch, but they differ in shape: {problem}. Give every "
+                "task the same ways/shots/query (or pad them), or use engine='loop' (engine='auto' falls back to it)."
+            )
+        device = ctx.device()
+        stacked = [torch.stack([t[i] for t in batch.data]).to(device, non_blocking=True) for i in range(4)]
+        count = len(batch.data)
+        chunk = ctx.task_chunk or count
+        finite = ctx.finite_check
+        self.backend.prepare(batch.training)
+        losses, chunks = [], []
+        try:
+            with torch.enable_grad():
+                start = ctx.start_params(batch.training)
+                for first in range(0, count, chunk):
+                    parts = [t[first : first + chunk] for t in stacked]
+                    loss, metrics = self._chunk(ctx, batch, start, parts, finite)
+                    if finite is not None:
+                        finite.record_task_losses(list(range(first, first + len(loss))), loss)
+                    chunks.append((first, parts, loss.detach(), metrics))
+                    if batch.backward_per_task:
+                        batch.backward(upcast(loss).sum() / count)
+                        loss = loss.detach()
+                    losses.append(loss)
+        finally:
+            self.backend.release()
+        total = torch.cat(losses)
+        keys = chunks[0][3].keys()
+        batch._tasks = None  # built from the chunks when read
+        batch.stacked = (total.detach(), {k: torch.cat([c[3][k] for c in chunks]) for k in keys})
+        batch.make_tasks = lambda: [t for c in chunks for t in self._views(ctx, batch, *c)]
+        return upcast(total).mean()
+
+    def _chunk(
+        self, ctx: EngineContext, batch: Batch, start: dict[str, torch.Tensor], parts: list[torch.Tensor], finite: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def one_task(start: dict[str, torch.Tensor], sx, sy, qx, qy) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            task = make_task(ctx, None, (sx, sy, qx, qy), batch.training, start, backend=self.backend, vectorised=True)
+            with ctx.autocast():
+                loss = run_task(task)
+            return loss, {k: torch.as_tensor(v) for k, v in task.metrics.items()}
+
+        if finite is not None:
+            finite.suspended = True
+        try:
+            with SafeNorms() if self.safe_norms else contextlib.nullcontext():
+                return torch.func.vmap(one_task, in_dims=(None, 0, 0, 0, 0), randomness="different")(start, *parts)
+        finally:
+            if finite is not None:
+                finite.suspended = False
+
+    @staticmethod
+    def _views(
+        ctx: EngineContext,
+        batch: Batch,
+        first: int,
+        parts: list[torch.Tensor],
+        loss: torch.Tensor,
+        metrics: dict[str, torch.Tensor],
+    ) -> list[Task]:
+        """Per-task records after the chunk: index, data, loss and metrics (no params, trajectory or stash)."""
+        columns = [t.unbind(0) for t in parts]
+        values = {k: v.unbind(0) for k, v in metrics.items()}
+        records = []
+        for j, task_loss in enumerate(loss.unbind(0)):
+            data = tuple(column[j] for column in columns)
+            task = make_task(ctx, first + j, data, batch.training, {}, backend=None)
+            task.loss, task.metrics = task_loss, {k: v[j] for k, v in values.items()}
+            records.append(task)
+        return records
