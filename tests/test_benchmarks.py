@@ -131,3 +131,14 @@ def test_lake_seeds_harness_scores_each_seed_and_their_ensemble(tmp_path, omnigl
     cell = row["scores"][str(lake)]["1"]
     assert cell["items"] == total == 10 and cell["ensemble"] == wrong / total and len(cell["seeds"]) == 2
     assert "| ensemble of the seeds |" in (tmp_path / "lake_seeds.md").read_text()
+
+
+def test_overheads_harness_runs_both_measurements():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import overheads
+    finally:
+        sys.path.remove(str(BENCH))
+    assert "ratio" in overheads.safe_norms(iters=1, rounds=1)
+    (row,) = overheads.checksum_cost(("test_resnet",))
+    assert row.startswith("test_resnet:") and "checksum" in row

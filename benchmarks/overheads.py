@@ -1,0 +1,85 @@
+"""Two small costs metaopt pays for safety, measured in one process (one thread).
+
+``python benchmarks/overheads.py safe-norms``: entering metaopt.norms.SafeNorms for a model with
+no normalisation at all (the vmap engine enters it for every model, since a model may call
+``F.layer_norm`` itself): one Python dispatch per torch call, on the overhead-bound sinusoid MLP.
+
+``python benchmarks/overheads.py checksum``: the checkpoint checksum (metaopt.rundir.checksum)
+of a timm resnet10t and resnet18 state with Adam-like moments, beside ``torch.save`` of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import metaopt
+from metaopt.data import SinusoidTasks
+from metaopt.models import mlp
+
+
+def time_per_iteration(safe: bool, iters: int = 40, rounds: int = 5) -> float:
+    torch.manual_seed(0)
+    learner = metaopt.MetaLearner(mlp(), inner_steps=1, inner_lr=0.01, loss_fn=F.mse_loss, engine="vmap")
+    sampler = SinusoidTasks(seed=0)
+    batch = [sampler.sample_task() for _ in range(25)]
+    learner.backward(batch)  # builds the engine
+    learner.engines["vmap"].safe_norms = safe
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(iters):
+            learner.backward(batch)
+        best = min(best, (time.perf_counter() - start) / iters)
+    return best
+
+
+def safe_norms(iters: int = 40, rounds: int = 5) -> str:
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(2):
+        for safe in (False, True):
+            times[safe].append(time_per_iteration(safe, iters, rounds))
+    off, on = min(times[False]), min(times[True])
+    return (
+        f"sinusoid MLP, mb 25, K=1: without SafeNorms {off * 1e3:.2f} ms, with {on * 1e3:.2f} ms, ratio {on / off:.3f}"
+    )
+
+
+def checksum_cost(models: tuple[str, ...] = ("resnet10t", "resnet18")) -> list[str]:
+    import timm
+
+    from metaopt.rundir import checksum
+
+    rows = []
+    for name in models:
+        model = timm.create_model(name, num_classes=5)
+        moments = {
+            i: {"exp_avg": p.detach().clone(), "exp_avg_sq": p.detach().clone()}
+            for i, p in enumerate(model.parameters())
+        }
+        state = {"learner": model.state_dict(), "optimizer": {"state": moments}}
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3
+        start = time.perf_counter()
+        checksum(state)
+        digest = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as folder:
+            start = time.perf_counter()
+            torch.save(state, Path(folder) / "state.pt")
+            save = time.perf_counter() - start
+        rows.append(
+            f"{name}: {size / 2**20:.1f} MiB of tensors, checksum {digest * 1e3:.1f} ms, torch.save {save * 1e3:.1f} ms"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["safe-norms", "checksum"])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(safe_norms() if args.what == "safe-norms" else "\n".join(checksum_cost()))
