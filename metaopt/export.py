@@ -48,6 +48,21 @@ def export_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     return renamed, {"format": "timm", "classifier": classifier}
 
 
+def own_model_constructor(config: Any) -> str:
+    """The call that builds a metaopt model as ``metaopt train`` built it (``auto`` resolved)."""
+    from metaopt.models import OWN_IMAGE_MODELS
+
+    if config.regression and config.model in ("auto", "mlp"):
+        return "metaopt.create_model('mlp')"
+    name = "conv4" if config.model == "auto" else config.model
+    if name in OWN_IMAGE_MODELS:
+        return (
+            f"metaopt.create_model({name!r}, num_classes={config.ways}, img_size={config.image_size}, "
+            f"in_chans={config.channels or 1})"
+        )
+    return f"metaopt.create_model({name!r}, ...)"  # a model the user registered: its own arguments
+
+
 def input_description(config: Any, model: nn.Module) -> dict[str, Any]:
     """What the exported model expects: shape, value range, and the normalisation of training."""
     from metaopt.trainer import data_normalization
@@ -82,7 +97,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             f".load_state_dict(torch.load({str(path)!r}))"
         )
     else:
-        how["load"] = f"metaopt.create_model({config.model!r}, ...).load_state_dict(torch.load({str(path)!r}))"
+        how["load"] = f"{own_model_constructor(config)}.load_state_dict(torch.load({str(path)!r}))"
     how.update(
         model=config.model,
         ways=config.ways,

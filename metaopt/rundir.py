@@ -80,14 +80,14 @@ class RunLock:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path, "a+")  # noqa: SIM115 - held open for the whole run
+            handle = open(self.path, "a+b", buffering=0)  # noqa: SIM115 - held open for the whole run
         except OSError as exc:
             raise disk_error(exc, self.path, "lock the run folder") from exc
         try:
             fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             handle.seek(0)
-            holder = _holder(handle.read())
+            holder = _holder(handle.read().decode("utf-8", errors="replace"))
             handle.close()
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ConfigError(f"cannot lock the run folder ({self.path}): {exc}.") from exc
@@ -97,7 +97,7 @@ class RunLock:
                 "or train into another --out."
             ) from exc
         handle.seek(0)
-        previous = _holder(handle.read())
+        previous = _holder(handle.read().decode("utf-8", errors="replace"))
         if previous.get("pid") and previous.get("pid") != os.getpid():
             warnings.warn(
                 f"took over the stale lock of process {previous['pid']} on host {previous.get('host', '?')} in "
@@ -106,14 +106,13 @@ class RunLock:
                 stacklevel=3,
             )
         started = time.strftime("%Y-%m-%d %H:%M:%S")
-        try:
+        holder_text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started})
+        try:  # who holds it, for the message a second trainer gets (unbuffered: nothing left to flush)
             handle.seek(0)
             handle.truncate()
-            handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}))
-            handle.flush()
-        except OSError as exc:
-            handle.close()
-            raise disk_error(exc, self.path, "write the run folder's lock") from exc
+            handle.write(holder_text.encode())
+        except OSError:
+            pass  # a full disk: the lock holds all the same; the writability check before step 1 says why
         RunLock._held[key] = [handle, 1]
         self.acquired = True
 
@@ -127,7 +126,13 @@ class RunLock:
         entry[1] -= 1
         if entry[1] == 0:
             del RunLock._held[str(self.path)]
-            entry[0].close()  # the lock file stays; an unlocked file is free to take
+            handle = entry[0]
+            try:  # a clean release leaves no holder behind (a killed holder's name stays: stale)
+                handle.seek(0)
+                handle.truncate()
+            except OSError:
+                pass  # a full or read-only disk: the file stays as it was, and stays free to take
+            handle.close()
 
 
 def _holder(text: str) -> dict[str, Any]:

@@ -119,3 +119,27 @@ def test_predict_warns_on_a_single_example_under_transductive_batchnorm():
         learner.predict(task)  # the whole query set: no warning
         running = MetaLearner(conv4(num_classes=5, hidden=8), inner_steps=1, inner_lr=0.4, bn_policy="running")
         running.predict(task, task[2][:1])  # running statistics: one example is fine
+
+
+def test_the_default_runs_export_line_builds_the_right_model(tmp_path, capsys):
+    """The load line said metaopt.create_model('auto', ...), which builds nothing."""
+    import metaopt
+
+    run = tmp_path / "run"
+    assert (
+        main(["train", "--out", str(run), "--iterations", "1", "--meta-batch", "1", "--query", "1", "--no-progress"])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["export", str(run)]) == 0
+    line = next(r[len("load: ") :] for r in capsys.readouterr().out.splitlines() if r.startswith("load: "))
+    assert line.startswith("metaopt.create_model('conv4', num_classes=5, img_size=28, in_chans=1)")
+    exec(line, {"metaopt": metaopt, "torch": torch})  # loads strictly, as printed
+    model = eval(line.split(".load_state_dict(")[0], {"metaopt": metaopt})
+    model.load_state_dict(torch.load(run / "export" / "model.pt", weights_only=True))
+    _, learner = load_run(run)
+    x = torch.rand(3, 1, 28, 28)
+    model.eval()
+    learner.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), learner.model(x), atol=1e-6)

@@ -325,3 +325,11 @@ def test_a_resumed_worker_fed_run_ends_with_the_same_random_state(tmp_path, work
     assert torch.equal(straight["rng"]["torch"], resumed["rng"]["torch"])
     for key, value in straight["learner"].items():
         assert torch.equal(value, resumed["learner"][key]), key
+
+
+def test_a_cleanly_finished_run_leaves_no_stale_lock(tmp_path, recwarn):
+    out = tmp_path / "run"
+    assert _train(out, 2) == 0
+    assert (out / ".lock").read_text() == ""  # released: no holder named
+    assert _train(out, 3, "--resume") == 0
+    assert not [w for w in recwarn if "stale lock" in str(w.message)]
