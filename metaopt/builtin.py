@@ -6,6 +6,7 @@ import torch
 
 from metaopt.hookspecs import hookimpl
 from metaopt.inner_optim import diff_step
+from metaopt.recompute import replayed_step
 from metaopt.task import Batch, Params, Task, Trajectory
 
 BUILTIN_PREFIX = "builtin:"
@@ -30,10 +31,14 @@ def gradient_adapt(task: Task, trajectory: Trajectory) -> Params:
     """The plain inner loop: ``trajectory.steps`` steps through the inner hooks."""
     hook = task.hook
     params = trajectory.iterates[0]
+    replay = task.recompute and task.create_graph  # memory="recompute": one step's graph at a time
     for k in range(trajectory.steps):
         trajectory.k = k
-        grads = hook.inner_grad(task=task, params=params)
-        params = hook.inner_step(task=task, trajectory=trajectory, params=params, grads=grads)
+        if replay:
+            params = replayed_step(task, trajectory, params)
+        else:
+            grads = hook.inner_grad(task=task, params=params)
+            params = hook.inner_step(task=task, trajectory=trajectory, params=params, grads=grads)
         trajectory.iterates.append(params)
         hook.after_inner_step(task=task, trajectory=trajectory, params=params)
     return params

@@ -28,6 +28,7 @@ RESUME_SAFE_KEYS = (
     "engine",
     "task_chunk",
     "keep_freed_memory",
+    "memory",
 )
 
 
@@ -131,6 +132,9 @@ FIELD_HELP: dict[str, str] = {
     "engine": "loop: task by task; vmap: every task of a meta-batch at once (torch.func.vmap, same gradients); "
     "auto (the CLI's default): vmap for models without convolutions, else loop (docs/engines.md)",
     "task_chunk": "vmap engine: tasks per vmap call (unset: the whole meta-batch); smaller holds less memory",
+    "memory": "keep: every inner step's graph until the outer backward; recompute: only the parameters after each "
+    "step, each step's graph recomputed in the outer backward (the same second-order meta-gradient, memory flat "
+    "in inner_steps, about one extra forward and backward per step; loop engine)",
     "keep_freed_memory": "CPU runs on Linux/glibc: keep freed memory in the process instead of returning it to the "
     "OS after every task (fewer page faults, faster loop engine; metaopt.allocator)",
     "meta_batch": "tasks per meta-iteration",
@@ -160,6 +164,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "bn_policy": ("transductive", "running"),
     "backend": ("higher", "torch.func"),
     "engine": ("loop", "vmap", "auto"),
+    "memory": ("keep", "recompute"),
     "lr_schedule": ("none", "cosine", "tanh", "step", "multistep", "poly"),
     "keep_best": ("accuracy", "mse", "query_loss"),
     "precision": ("no", "bf16", "fp16"),
@@ -199,6 +204,7 @@ class TrainConfig:
     backend: str = "higher"
     engine: str = "auto"
     task_chunk: int | None = None
+    memory: str = "keep"
     keep_freed_memory: bool = True
     meta_batch: int = 4
     iterations: int = 300

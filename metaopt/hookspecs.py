@@ -63,6 +63,20 @@ def plugin_modules(learner: MetaLearner) -> dict[str, torch.nn.Module] | None:
     """
 
 
+@hookspec
+def replay_safe(learner: MetaLearner) -> bool | str | None:
+    """Whether this plugin's inner-loop hooks may run a second time.   (add; asked per plugin)
+
+    Asked when the learner is built with ``memory="recompute"``: the outer backward then
+    recomputes each inner step (``inner_loss``, ``inner_grad``, ``inner_step``) from the saved
+    parameters, so those hooks run again, in the same order, with the same arguments and the same
+    random state.  Return True when a second run computes the same values and changes nothing
+    else (no counters, no stash writes, no host reads that differ); a string (the reason) or False
+    to refuse the combination.  A plugin that implements one of those hooks, or replaces
+    ``adapt``, and does not answer True is refused when the learner is built.
+    """
+
+
 # ---------------------------------------------------------------------------------------
 # Batch phase: once per meta-batch.
 # ---------------------------------------------------------------------------------------
@@ -186,6 +200,7 @@ HOOK_ORDER: tuple[str, ...] = (
     "configure",
     "adapted_params",
     "plugin_modules",
+    "replay_safe",
     "batch_start",
     "task_start",
     "adapt",
@@ -210,6 +225,7 @@ HOOK_MODES: dict[str, str] = {
     "outer_loss": "replace",
     "outer_step": "replace",
     "plugin_modules": "add",
+    "replay_safe": "add",
     "loss_modification": "add",
 }
 """Call mode of each hook; hooks not listed are 'notify'."""

@@ -24,9 +24,10 @@ from metaopt.engines import (
     make_task,
     vmap_refusals,
 )
-from metaopt.errors import ConfigError, DataError, MetaOptError, PluginError, PluginHookError
-from metaopt.inner_optim import make_template
+from metaopt.errors import ConfigError, DataError, MetaOptError, PluginError, PluginHookError, suggest
+from metaopt.inner_optim import is_plain_sgd, make_template
 from metaopt.manager import PluginHost
+from metaopt.recompute import MEMORY_MODES, REPLAYED_HOOKS
 from metaopt.task import Batch, Params, Task, TaskData, Trajectory, TrajectoryFactory
 
 BatchInput = Sequence[TaskData] | Sequence[Sequence[torch.Tensor]] | Sequence[torch.Tensor]
@@ -172,6 +173,11 @@ class MetaLearner(nn.Module):
             for models without convolutions, else loop; see docs/engines.md).
         task_chunk: with the vmap engine, tasks per vmap call (default: the whole batch); each
             chunk is backpropagated before the next, so a smaller chunk holds less memory.
+        memory: ``"keep"`` (default: every inner step's graph until the outer backward) or
+            ``"recompute"`` (only the parameters after each step; each step's graph is recomputed
+            when the outer backward reaches it: the same second-order meta-gradient in memory
+            that does not grow with ``inner_steps``, for about one extra forward and backward
+            per step; see metaopt.recompute).
     """
 
     def __init__(
@@ -192,6 +198,7 @@ class MetaLearner(nn.Module):
         per_task_backward: bool = True,
         engine: str = "loop",
         task_chunk: int | None = None,
+        memory: str = "keep",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -290,7 +297,20 @@ class MetaLearner(nn.Module):
             finite_check=self.host.finite_check,
             device=self.device,
             autocast=self.autocast,
+            memory=memory,
+            meta_parameters=lambda: list(self.meta_parameters()),
         )
+        if memory not in MEMORY_MODES:
+            raise ConfigError(
+                f"memory={memory!r} is not known; use one of {MEMORY_MODES}.{suggest(memory, MEMORY_MODES)}"
+            )
+        self.memory = memory
+        if memory == "recompute":
+            refused = self.recompute_refusals()
+            if refused:
+                raise ConfigError(
+                    "memory='recompute' cannot run this learner: " + "; ".join(refused) + ". Use memory='keep'."
+                )
         #: why engine="vmap" cannot run this learner (empty when it can)
         self.vmap_reasons = vmap_refusals(self.engine_context)
         if engine == "vmap" and self.vmap_reasons:
@@ -303,6 +323,28 @@ class MetaLearner(nn.Module):
         self.engines: dict[str, Any] = {"loop": LoopEngine()}
         #: the engine that ran the latest batch ("loop" or "vmap"; what engine="auto" chose)
         self.last_engine: str | None = None
+
+    def recompute_refusals(self) -> list[str]:
+        """Why ``memory="recompute"`` cannot run this learner (empty: it can), one reason each."""
+        reasons = []
+        template = self.trajectories.template
+        if not (is_plain_sgd(template) or getattr(template, "metaopt_exact_adam", False)):
+            reasons.append(
+                f"inner_optimizer={self.inner_optimizer_name!r} with {self.inner_optimizer_kwargs} keeps its state "
+                "inside higher's optimizer, which a recomputed step cannot restore (use 'sgd' or 'adam')"
+            )
+        answers = {impl.plugin_name: impl.function(self) for impl in self.hook.replay_safe.get_hookimpls()}
+        hooks: dict[str, list[str]] = {}
+        for name in (*REPLAYED_HOOKS, "adapt"):
+            for impl in getattr(self.hook, name).get_hookimpls():
+                if not impl.plugin_name.startswith("builtin:"):
+                    hooks.setdefault(impl.plugin_name, []).append(name)
+        for plugin, names in hooks.items():
+            answer = answers.get(plugin)
+            if answer is not True:
+                why = answer if isinstance(answer, str) else "does not declare replay_safe (docs/writing-plugins.md)"
+                reasons.append(f"plugin {plugin!r} implements {names} (hooks of the recomputed inner loop) and {why}")
+        return reasons
 
     # -- settings the inner loop reads (held by the trajectory factory) ------------------
     @property

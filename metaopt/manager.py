@@ -8,11 +8,16 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import pluggy
+from torch.utils.checkpoint import _StopRecomputationError
 
 from metaopt import hookspecs
 from metaopt.builtin import BUILTIN_PREFIX, MAMLDefaults
 from metaopt.errors import MetaOptError, PluginConflictError, PluginError, PluginHookError, suggest
 from metaopt.task import Task
+
+#: exceptions a hook lets through unchanged: metaopt's own, and the control-flow signal with
+#: which torch.utils.checkpoint stops a recomputation early (memory="recompute" replays hooks)
+PASS_THROUGH: tuple[type[BaseException], ...] = (MetaOptError, _StopRecomputationError)
 
 
 def plugin_name(plugin: object) -> str:
@@ -61,7 +66,7 @@ def _guard(function: Callable[..., Any], plugin: str, hook: str) -> Callable[...
         def guarded_gen(*args: Any) -> Generator[Any, Any, Any]:
             try:
                 return (yield from function(*args))
-            except MetaOptError:
+            except PASS_THROUGH:
                 raise
             except Exception as exc:
                 raise _hook_error(exc, plugin, hook, args) from exc
@@ -72,7 +77,7 @@ def _guard(function: Callable[..., Any], plugin: str, hook: str) -> Callable[...
     def guarded(*args: Any) -> Any:
         try:
             return function(*args)
-        except MetaOptError:
+        except PASS_THROUGH:
             raise
         except Exception as exc:
             raise _hook_error(exc, plugin, hook, args) from exc

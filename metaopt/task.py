@@ -129,6 +129,10 @@ class Task:
     hook: Any = field(default=None, repr=False)
     backend: Any = field(default=None, repr=False)
     trajectories: TrajectoryFactory | None = field(default=None, repr=False)
+    #: memory="recompute": inner steps are recomputed in the outer backward (metaopt.recompute);
+    #: ``meta_params`` are the meta-parameters a step may use (their gradients flow through it)
+    recompute: bool = False
+    meta_params: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     @property
     def create_graph(self) -> bool:

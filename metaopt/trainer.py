@@ -115,6 +115,7 @@ def build_learner(config: TrainConfig, model: torch.nn.Module) -> MetaLearner:
         backend=config.backend,
         engine=config.engine,
         task_chunk=config.task_chunk,
+        memory=config.memory,
     )
 
 

@@ -80,6 +80,10 @@ class HyperMAML(IterationCounter):
 
     # -- setup ----------------------------------------------------------------------
     @hookimpl
+    def replay_safe(self, learner) -> str:
+        return "HyperMAML replaces the inner loop (adapt) with a hypernetwork's update; there are no inner steps to recompute"
+
+    @hookimpl
     def configure(self, learner) -> None:
         head = getattr(learner.model, "head", None)
         if not isinstance(head, nn.Linear):

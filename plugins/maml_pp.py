@@ -40,6 +40,11 @@ class MAMLPlusPlus(IterationCounter):
             self.plugin_modules = None
 
     @hookimpl
+    def replay_safe(self, learner) -> bool:
+        """inner_step reads the step's learned rates by ``trajectory.k``, which a replay restores."""
+        return True
+
+    @hookimpl
     def configure(self, learner) -> None:
         if self.lslr and (learner.inner_optimizer_name != "sgd" or learner.inner_optimizer_kwargs):
             raise ConfigError(

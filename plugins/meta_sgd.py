@@ -55,6 +55,11 @@ class MetaSGD:
         self.rates: dict[str, nn.Parameter] = {}
 
     @hookimpl
+    def replay_safe(self, learner) -> bool:
+        """inner_step is a pure function of the parameters, the gradients and the learned rates."""
+        return True
+
+    @hookimpl
     def configure(self, learner) -> None:
         if learner.inner_optimizer_name != "sgd" or learner.inner_optimizer_kwargs:
             raise ConfigError(

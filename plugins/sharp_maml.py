@@ -60,6 +60,11 @@ class SharpMAML:
         return "both" if self.rho_inner and self.rho_outer else ("inner" if self.rho_inner else "outer")
 
     @hookimpl
+    def replay_safe(self, learner) -> bool:
+        """The inner perturbation is a pure function of the parameters (two support gradients)."""
+        return True
+
+    @hookimpl
     def configure(self, learner) -> None:
         if self.rho_inner > 0 and learner.get_plugin("hypermaml") is not None:
             raise PluginConflictError(

@@ -46,6 +46,8 @@ class EngineContext:
     finite_check: Any
     device: Callable[[], torch.device]
     autocast: Callable[[], contextlib.AbstractContextManager[Any]]
+    memory: str = "keep"
+    meta_parameters: Callable[[], list[torch.Tensor]] = list
 
     def start_params(self, training: bool, named: Params | None = None) -> Params:
         """The adapted parameters' starting point: the meta-parameters (evaluation: detached copies)."""
@@ -89,6 +91,8 @@ def make_task(
         hook=ctx.hook,
         backend=ctx.backend if backend is None else backend,
         trajectories=ctx.trajectories,
+        recompute=ctx.memory == "recompute",
+        meta_params=ctx.meta_parameters() if ctx.memory == "recompute" and training else [],
     )
 
 

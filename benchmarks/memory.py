@@ -1,0 +1,197 @@
+"""Peak memory and time of one meta-iteration against the number of inner steps K.
+
+Contenders: second-order MAML keeping every step's graph (``memory="keep"``, the default),
+second-order MAML recomputing each step in the outer backward (``memory="recompute"``), and
+FOMAML (no second-order graph), on the loop engine, plus ``keep`` and FOMAML on the vmap engine
+(``recompute`` is refused there: torch.func.grad does not run saved-tensor hooks).  Every
+(contender, K) runs in two fresh processes: in one, after a one-task first-order warm-up, the
+growth of the resident set during the first meta-iteration (peak RSS after it minus RSS before it,
+with glibc returning freed blocks at once: ``MALLOC_MMAP_THRESHOLD_=16384``); in the other, with
+glibc's defaults, the median time of the meta-iterations after the first.
+
+    python benchmarks/memory.py                      # conv4 5-way 1-shot mb 8, K in 1 5 10 25 50 100
+    python benchmarks/memory.py --model resnet10t --image-size 84 --meta-batch 2 --steps 1 5 10 25
+    python benchmarks/memory.py --cap-mib 1500 ...   # also: the largest K that fits under a memory cap
+
+Writes docs/benchmarks/memory.md (and .json) unless --docs says elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTENDERS = {
+    "keep (loop)": dict(memory="keep", engine="loop", first_order=False),
+    "recompute (loop)": dict(memory="recompute", engine="loop", first_order=False),
+    "fomaml (loop)": dict(memory="keep", engine="loop", first_order=True),
+    "keep (vmap)": dict(memory="keep", engine="vmap", first_order=False),
+    "fomaml (vmap)": dict(memory="keep", engine="vmap", first_order=True),
+}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One (contender, K) in this process: RSS growth of the first meta-iteration, then timings."""
+    import torch
+    import torch.nn.functional as F
+
+    import metaopt
+    from metaopt.data.glyphs import GlyphTasks
+    from metaopt.trainer import TrainConfig, build_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = TrainConfig(model=spec["model"], image_size=spec["image_size"], ways=5, shots=1, query=15)
+    model = build_model(config)
+    options = CONTENDERS[spec["contender"]]
+    learner = metaopt.MetaLearner(model, inner_steps=spec["steps"], inner_lr=0.1, loss_fn=F.cross_entropy, **options)
+    glyphs = GlyphTasks(ways=5, shots=1, query=15, size=spec["image_size"], seed=0)
+    batches = [[glyphs.sample_task() for _ in range(spec["meta_batch"])] for _ in range(spec["iters"] + 1)]
+    # warm-up: one first-order task (lazy initialisations, thread pools) with a small peak of its own
+    warm = metaopt.MetaLearner(model, inner_steps=1, inner_lr=0.1, first_order=True, engine=options["engine"])
+    warm.backward(batches[0][:1])
+    for p in learner.parameters():
+        p.grad = None
+    before = _rss_mib()
+    learner.backward(batches[0])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for batch in batches[1:]:
+        for p in learner.parameters():
+            p.grad = None
+        start = time.perf_counter()
+        learner.backward(batch)
+        times.append(time.perf_counter() - start)
+    snapshot = sum(p.numel() * p.element_size() for p in learner.model.parameters()) / 2**20
+    return {"growth_mib": peak - before, "median_s": statistics.median(times), "snapshot_mib": snapshot}
+
+
+def run_cell(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """Memory in one fresh process (glibc returning freed blocks at once, so the resident set follows
+    the memory in use), time in another (glibc's defaults, as a run would have them)."""
+    memory = run_one(spec, extra_env={"MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TRIM_THRESHOLD_": "0"})
+    if memory is None:
+        return None
+    timing = run_one(spec)
+    return None if timing is None else {**memory, "median_s": timing["median_s"]}
+
+
+def run_one(
+    spec: dict[str, Any], cap_mib: float | None = None, extra_env: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """The worker in a fresh process (under an address-space cap, if given); None when it ran out of memory."""
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    cap_mib = cap_mib if cap_mib is not None else spec.get("cap_mib")
+    if cap_mib is not None:
+        env["METAOPT_BENCH_CAP_MIB"] = str(cap_mib)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        if "out of memory" in proc.stderr.lower() or "cannot allocate" in proc.stderr.lower() or proc.returncode < 0:
+            return None
+        raise RuntimeError(f"{spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    ks = args.steps
+    lines = [
+        "# Memory and time against inner steps K",
+        "",
+        f"`{' '.join(['python', 'benchmarks/memory.py', *sys.argv[1:]])}` — {args.model} {args.image_size} px, "
+        f"5-way 1-shot 15-query, meta-batch {args.meta_batch}, CPU, one thread, a fresh process per cell. "
+        "Growth: peak resident set during the first meta-iteration minus the resident set before it (MiB; "
+        "freed blocks returned at once). "
+        "Time: median of the following iterations (s). '—': not run (refused or out of memory).",
+        "",
+        "| contender | " + " | ".join(f"K={k} MiB" for k in ks) + " | " + " | ".join(f"K={k} s" for k in ks) + " |",
+        "| --- |" + " --- |" * (2 * len(ks)),
+    ]
+    for name in CONTENDERS:
+        cells = [results.get(f"{name}/K={k}") for k in ks]
+        mib = [f"{c['growth_mib']:.0f}" if c else "—" for c in cells]
+        sec = [f"{c['median_s']:.3f}" if c else "—" for c in cells]
+        lines.append(f"| {name} | " + " | ".join(mib) + " | " + " | ".join(sec) + " |")
+    keep = [results.get(f"keep (loop)/K={k}") for k in ks]
+    rec = [results.get(f"recompute (loop)/K={k}") for k in ks]
+    lines += ["", "Ratios, recompute against keep (loop engine):", ""]
+    lines.append("| K | memory growth | time |")
+    lines.append("| --- | --- | --- |")
+    for k, a, b in zip(ks, keep, rec, strict=True):
+        if a and b:
+            lines.append(f"| {k} | {b['growth_mib'] / a['growth_mib']:.2f}× | {b['median_s'] / a['median_s']:.2f}× |")
+    if rec[0] and rec[-1]:
+        # every task of the batch keeps its K iterates (batch.tasks) until the batch ends
+        snapshots = rec[-1]["snapshot_mib"] * ks[-1] * args.meta_batch
+        lines += [
+            "",
+            f"Recompute's growth at K={ks[-1]} beyond the parameter snapshots ({ks[-1]} steps × {args.meta_batch} tasks × "
+            f"{rec[-1]['snapshot_mib']:.2f} MiB = {snapshots:.1f} MiB): "
+            f"{rec[-1]['growth_mib'] - snapshots:.1f} MiB, {(rec[-1]['growth_mib'] - snapshots) / rec[0]['growth_mib']:.2f}× "
+            f"its growth at K={ks[0]} ({rec[0]['growth_mib']:.1f} MiB).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="conv4")
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--meta-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10, 25, 50, 100])
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations after the measured first one")
+    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))
+    parser.add_argument("--vmap-max-k", type=int, default=25, help="vmap holds every task's graph: larger K not run")
+    parser.add_argument("--cap-mib", type=float, default=8192, help="address-space cap of each cell's process")
+    parser.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks"), help="folder for memory.md/.json")
+    parser.add_argument("--name", default="memory", help="file name stem of the report")
+    args = parser.parse_args()
+    if args.worker:
+        cap = os.environ.get("METAOPT_BENCH_CAP_MIB")
+        if cap:
+            limit = int(float(cap) * 2**20)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    results = {}
+    for name in args.contenders:
+        for k in args.steps:
+            if "vmap" in name and k > args.vmap_max_k:
+                results[f"{name}/K={k}"] = None
+                continue
+            spec = dict(
+                contender=name,
+                steps=k,
+                model=args.model,
+                image_size=args.image_size,
+                meta_batch=args.meta_batch,
+                iters=args.iters,
+                cap_mib=args.cap_mib,
+            )
+            cell = run_cell(spec)
+            results[f"{name}/K={k}"] = cell
+            print(name, k, cell, flush=True)
+    out = Path(args.docs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{args.name}.md").write_text(report(results, args))
+    print(report(results, args))
+
+
+if __name__ == "__main__":
+    main()

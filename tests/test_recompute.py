@@ -1,0 +1,166 @@
+"""memory="recompute": the same second-order meta-gradient as the default, one inner step's graph at a time.
+
+Float64: recompute against the default (keep) to 1e-10 relative, and against central differences
+of the meta-objective; MLP and conv+BN, K = 1, 3, 10, inner SGD and ExactAdam, every replay-safe
+built-in plugin and SHOT + Sharp-MAML; dropout replays exactly; refusals are named when the learner
+is built.  Memory and time against K: benchmarks/memory.py (docs/benchmarks/memory.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import regression_tasks
+from test_engine import conv_bn, image_tasks, seeded_mlp
+from torch import nn
+
+from metaopt import ConfigError, MetaLearner, hookimpl
+from metaopt.plugins import ANIL, FOMAML, SHOT, MAMLPlusPlus, MetaSGD, ProtoHead, SharpMAML
+
+MODELS = {
+    "mlp": (seeded_mlp, lambda: regression_tasks(3), F.mse_loss),
+    "conv_bn": (conv_bn, lambda: image_tasks(3), F.cross_entropy),
+}
+PLUGINS = {
+    "maml": list,
+    "shot": lambda: [SHOT(weight=0.5)],
+    "sharp_inner": lambda: [SharpMAML(rho_inner=0.05)],
+    "sharp_outer": lambda: [SharpMAML(rho_outer=0.05)],
+    "sharp_both": lambda: [SharpMAML(rho_inner=0.05, rho_outer=0.05)],
+    "shot+sharp_both": lambda: [SHOT(weight=0.5), SharpMAML(rho_inner=0.05, rho_outer=0.05)],
+    "meta_sgd": lambda: [MetaSGD()],
+    "maml_pp": lambda: [MAMLPlusPlus(msl_iters=4)],
+    "anil": lambda: [ANIL()],
+    "proto_head": lambda: [ProtoHead()],
+    "fomaml": lambda: [FOMAML()],
+}
+
+
+def meta_gradient(model_name, plugins, memory, steps, **options):
+    make_model, make_tasks, loss_fn = MODELS[model_name]
+    learner = MetaLearner(
+        make_model(), plugins(), inner_steps=steps, inner_lr=0.3, loss_fn=loss_fn, memory=memory, **options
+    )
+    tasks = make_tasks()
+    for _ in range(2):  # two iterations: schedules (MAML++'s multi-step loss) move on
+        for p in learner.meta_parameters():
+            p.grad = None
+        result = learner.backward(tasks)
+    grads = torch.cat(
+        [(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in learner.meta_parameters()]
+    )
+    return grads, result, learner
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("steps", [1, 3, 10])
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_recompute_equals_the_default(model_name, steps, optimizer):
+    keep, keep_result, _ = meta_gradient(model_name, list, "keep", steps, inner_optimizer=optimizer)
+    recompute, result, _ = meta_gradient(model_name, list, "recompute", steps, inner_optimizer=optimizer)
+    assert keep.norm() > 0 and relative(recompute, keep) <= 1e-10
+    assert result.metrics == pytest.approx(keep_result.metrics, rel=1e-12)
+
+
+@pytest.mark.parametrize("plugin", [p for p in PLUGINS if p != "maml"])
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_recompute_equals_the_default_with_each_plugin(model_name, plugin):
+    if plugin == "proto_head" and model_name == "mlp":
+        pytest.skip("proto_head needs a classifier head (class-index labels)")
+    keep, _, _ = meta_gradient(model_name, PLUGINS[plugin], "keep", 3)
+    recompute, _, _ = meta_gradient(model_name, PLUGINS[plugin], "recompute", 3)
+    assert keep.norm() > 0 and relative(recompute, keep) <= 1e-10
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_recompute_equals_central_differences(model_name, optimizer):
+    """Independent of both memory modes: central differences of the meta-objective, float64, K=3."""
+    make_model, make_tasks, loss_fn = MODELS[model_name]
+    tasks = make_tasks()
+    options = dict(inner_steps=3, inner_lr=0.3, loss_fn=loss_fn, inner_optimizer=optimizer)
+    learner = MetaLearner(make_model(), memory="recompute", **options)
+    learner.backward(tasks)
+    grad = torch.cat([p.grad.flatten() for p in learner.model.parameters()])
+    reference = MetaLearner(make_model(), **options)
+    params = list(reference.model.parameters())
+    theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
+
+    def objective(flat: torch.Tensor) -> float:
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(flat, params)
+        return float(reference.forward(tasks).loss.detach())
+
+    def central(direction: torch.Tensor, h: float) -> float:
+        return (objective(theta + h * direction) - objective(theta - h * direction)) / (2 * h)
+
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        direction = torch.randn(theta.shape, generator=g, dtype=theta.dtype)
+        # Richardson: the h^2 term cancels (inner Adam makes the objective sharply curved: the plain
+        # central difference's error is 1.6e-4 at h=1e-6 and shrinks 100x per 10x smaller h)
+        fd = (4 * central(direction, 5e-7) - central(direction, 1e-6)) / 3
+        assert abs(float(grad @ direction) - fd) <= 1e-7 * max(1.0, abs(fd))
+
+
+class DropoutMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Dropout(0.3), nn.Linear(32, 32), nn.Tanh())
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_dropout_inside_a_step_replays_exactly():
+    """The recomputed step draws the same dropout masks (the random state is saved per step)."""
+    grads = {}
+    for memory in ("keep", "recompute"):
+        model = DropoutMLP().double()
+        learner = MetaLearner(model, inner_steps=3, inner_lr=0.3, loss_fn=F.mse_loss, memory=memory)
+        torch.manual_seed(123)
+        learner.backward(regression_tasks(2))
+        grads[memory] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        after = torch.rand(1)  # the random state moves on the same way in both modes
+        grads[memory + "/after"] = after
+    assert relative(grads["recompute"], grads["keep"]) <= 1e-10
+    assert torch.equal(grads["recompute/after"], grads["keep/after"])
+
+
+class Unsure:
+    name = "unsure"
+
+    @hookimpl
+    def inner_step(self, task, trajectory, params, grads):
+        return {n: p - 0.1 * grads[n] for n, p in params.items()}
+
+
+class Sure(Unsure):
+    name = "sure"
+
+    @hookimpl
+    def replay_safe(self, learner):
+        return True
+
+
+def test_refusals_are_named_when_the_learner_is_built():
+    with pytest.raises(ConfigError, match=r"plugin 'unsure' implements \['inner_step'\].*does not declare replay_safe"):
+        MetaLearner(seeded_mlp(), [Unsure()], loss_fn=F.mse_loss, memory="recompute")
+    MetaLearner(seeded_mlp(), [Sure()], loss_fn=F.mse_loss, memory="recompute")
+    with pytest.raises(ConfigError, match=r"plugin 'hypermaml'.*replaces the inner loop"):
+        MetaLearner(seeded_mlp(), ["hypermaml"], loss_fn=F.mse_loss, memory="recompute")
+    with pytest.raises(ConfigError, match=r"inner_optimizer='rmsprop'.*higher's optimizer"):
+        MetaLearner(seeded_mlp(), loss_fn=F.mse_loss, memory="recompute", inner_optimizer="rmsprop")
+    with pytest.raises(ConfigError, match=r"engine='vmap' cannot run.*memory='recompute'"):
+        MetaLearner(seeded_mlp(), loss_fn=F.mse_loss, memory="recompute", engine="vmap")
+    auto = MetaLearner(seeded_mlp(), loss_fn=F.mse_loss, memory="recompute", engine="auto")
+    assert auto.engine_for(regression_tasks(2)) == "loop"
+    with pytest.raises(ConfigError, match=r"memory='recompue' is not known.*'recompute'"):
+        MetaLearner(seeded_mlp(), loss_fn=F.mse_loss, memory="recompue")
