@@ -80,6 +80,91 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"growth_mib": peak - before, "median_s": statistics.median(times), "snapshot_mib": snapshot}
 
 
+def capped_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train second-order MAML under an address-space cap set ``cap_extra_mib`` above this process's
+    size after set-up; report how far it got, and the test accuracy when it finished."""
+    import torch
+
+    import metaopt
+    from metaopt.data.glyphs import GlyphTasks
+    from metaopt.trainer import TrainConfig, build_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(model=spec["model"], image_size=spec["image_size"], ways=5, shots=1, query=15))
+    learner = metaopt.MetaLearner(model, inner_steps=spec["steps"], inner_lr=0.1, memory=spec["memory"])
+    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    train = GlyphTasks(ways=5, shots=1, query=15, size=spec["image_size"], seed=0)
+    test = GlyphTasks(ways=5, shots=1, query=15, size=spec["image_size"], seed=1, split="test")
+    warm = metaopt.MetaLearner(model, inner_steps=1, first_order=True)
+    warm.backward([train.sample_task()])
+    with open("/proc/self/status") as fh:  # the data segment: heap and private anonymous mappings
+        size_kib = next(int(line.split()[1]) for line in fh if line.startswith("VmData:"))
+    limit = (size_kib * 1024) + int(spec["cap_extra_mib"] * 2**20)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    start, done = time.perf_counter(), 0
+    try:
+        for _ in range(spec["iters"]):
+            optimizer.zero_grad(set_to_none=True)
+            learner.backward([train.sample_task() for _ in range(spec["meta_batch"])])
+            optimizer.step()
+            done += 1
+        seconds = time.perf_counter() - start
+        accuracies = [
+            learner.evaluate([test.sample_task() for _ in range(4)], steps=spec["steps"]).metrics["accuracy"]
+            for _ in range(25)
+        ]
+    except (RuntimeError, MemoryError, metaopt.MetaOptError) as exc:
+        cause = exc.__cause__ or exc
+        return {"finished": False, "iterations": done, "error": f"{type(cause).__name__}: {str(cause)[:120]}"}
+    accuracy = statistics.mean(accuracies)
+    return {"finished": True, "iterations": done, "seconds": seconds, "test_accuracy": accuracy}
+
+
+def capped_run(args: argparse.Namespace) -> str:
+    rows = []
+    for memory in ("keep", "recompute"):
+        spec = dict(
+            memory=memory,
+            steps=args.steps[-1],
+            model=args.model,
+            image_size=args.image_size,
+            meta_batch=args.meta_batch,
+            iters=args.cap_iters,
+            cap_extra_mib=args.cap_extra_mib,
+        )
+        proc = subprocess.run(
+            [sys.executable, __file__, "--capped-worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        if proc.returncode != 0:
+            result = {"finished": False, "iterations": 0, "error": f"exit {proc.returncode}: {proc.stderr[-160:]!r}"}
+        else:
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append((memory, result))
+        print(memory, result, flush=True)
+    lines = [
+        "",
+        f"## Under a memory cap: K={args.steps[-1]}, second order, {args.cap_iters} iterations",
+        "",
+        f"`python benchmarks/memory.py --capped --steps {args.steps[-1]} --cap-extra-mib {args.cap_extra_mib:g} "
+        f"--cap-iters {args.cap_iters}` — {args.model} {args.image_size} px 5-way 1-shot, meta-batch {args.meta_batch}, "
+        f"Adam 1e-3; each process's data segment capped (RLIMIT_DATA) at its size after set-up + "
+        f"{args.cap_extra_mib:g} MiB.",
+        "",
+        "| memory | finished | iterations | time | test accuracy (100 tasks) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for memory, r in rows:
+        if r["finished"]:
+            lines.append(f"| {memory} | yes | {r['iterations']} | {r['seconds']:.0f} s | {r['test_accuracy']:.3f} |")
+        else:
+            lines.append(f"| {memory} | no: {r['error']} | {r['iterations']} | — | — |")
+    return "\n".join(lines) + "\n"
+
+
 def run_cell(spec: dict[str, Any]) -> dict[str, Any] | None:
     """Memory in one fresh process (glibc returning freed blocks at once, so the resident set follows
     the memory in use), time in another (glibc's defaults, as a run would have them)."""
@@ -160,7 +245,24 @@ def main() -> None:
     parser.add_argument("--cap-mib", type=float, default=8192, help="address-space cap of each cell's process")
     parser.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks"), help="folder for memory.md/.json")
     parser.add_argument("--name", default="memory", help="file name stem of the report")
+    parser.add_argument(
+        "--capped", action="store_true", help="the capped run (see --cap-extra-mib) instead of the table"
+    )
+    parser.add_argument("--cap-extra-mib", type=float, default=800)
+    parser.add_argument("--cap-iters", type=int, default=30)
+    parser.add_argument("--capped-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.capped_worker:
+        print(json.dumps(capped_worker(json.loads(args.capped_worker))))
+        return
+    if args.capped:
+        text = capped_run(args)
+        Path(args.docs).mkdir(parents=True, exist_ok=True)
+        out = Path(args.docs) / f"{args.name}.md"
+        previous = out.read_text().split("\n## Under a memory cap")[0].rstrip("\n") + "\n" if out.is_file() else ""
+        out.write_text(previous + text)
+        print(text)
+        return
     if args.worker:
         cap = os.environ.get("METAOPT_BENCH_CAP_MIB")
         if cap:

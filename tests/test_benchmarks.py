@@ -142,3 +142,32 @@ def test_overheads_harness_runs_both_measurements():
     assert "ratio" in overheads.safe_norms(iters=1, rounds=1)
     (row,) = overheads.checksum_cost(("test_resnet",))
     assert row.startswith("test_resnet:") and "checksum" in row
+
+
+def test_memory_harness_writes_its_table_and_the_capped_run(tmp_path):
+    _run(
+        "memory.py",
+        *("--steps", "2", "--iters", "1", "--meta-batch", "1", "--image-size", "16"),
+        *("--contenders", "recompute (loop)", "--docs", str(tmp_path)),
+    )
+    results = json.loads((tmp_path / "memory.json").read_text())
+    assert set(results) == {"recompute (loop)/K=2"}
+    assert results["recompute (loop)/K=2"]["growth_mib"] > 0 and results["recompute (loop)/K=2"]["median_s"] > 0
+    _run(
+        "memory.py",
+        "--capped",
+        "--steps",
+        "2",
+        "--cap-iters",
+        "1",
+        "--meta-batch",
+        "1",
+        "--image-size",
+        "16",
+        "--cap-extra-mib",
+        "4000",
+        "--docs",
+        str(tmp_path),
+    )
+    text = (tmp_path / "memory.md").read_text()
+    assert "| recompute (loop) |" in text and "## Under a memory cap" in text and "| recompute | yes | 1 |" in text
