@@ -67,10 +67,14 @@ class ReplayedStep(torch.autograd.Function):
                     if pairs
                     else [None] * len(wrt)
                 )
+        # the node's closure reaches the trajectory, whose iterates reach this node: break that cycle now,
+        # or every step's saved inputs wait for the cyclic garbage collector (memory grew per iteration)
+        ctx.run = None
         grads = list(grads)
         input_grads = grads[: len(inputs)]
         meta_iter = iter(grads[len(inputs) :])
         meta_grads = [next(meta_iter) if m.requires_grad else None for m in ctx.meta]
+        ctx.meta = ()
         return (None, None, *input_grads, *meta_grads)
 
 

@@ -164,3 +164,34 @@ def test_refusals_are_named_when_the_learner_is_built():
     assert auto.engine_for(regression_tasks(2)) == "loop"
     with pytest.raises(ConfigError, match=r"memory='recompue' is not known.*'recompute'"):
         MetaLearner(seeded_mlp(), loss_fn=F.mse_loss, memory="recompue")
+
+
+class KeepWeakRefs:
+    """Records a weak reference to every task's last inner iterate."""
+
+    name = "keep_weakrefs"
+
+    def __init__(self) -> None:
+        self.refs: list = []
+
+    @hookimpl
+    def task_end(self, task):
+        import weakref
+
+        self.refs += [weakref.ref(t) for t in task.trajectory.iterates[-1].values()]
+
+
+def test_each_steps_saved_inputs_are_freed_by_the_backward_without_the_garbage_collector():
+    """A step's node kept a closure that reached the trajectory, whose iterates reach the node: a cycle
+    that only the cyclic garbage collector freed, so memory grew by every step's inputs per iteration."""
+    import gc
+
+    watcher = KeepWeakRefs()
+    learner = MetaLearner(seeded_mlp(), [watcher], inner_steps=5, inner_lr=0.3, loss_fn=F.mse_loss, memory="recompute")
+    gc.collect()
+    gc.disable()
+    try:
+        learner.backward(regression_tasks(2))
+        assert watcher.refs and all(ref() is None for ref in watcher.refs)
+    finally:
+        gc.enable()
