@@ -3,7 +3,8 @@
 Contenders: second-order MAML keeping every step's graph (``memory="keep"``, the default),
 second-order MAML recomputing each step in the outer backward (``memory="recompute"``), and
 FOMAML (no second-order graph), on the loop engine, plus ``keep`` and FOMAML on the vmap engine
-(``recompute`` is refused there: torch.func.grad does not run saved-tensor hooks).  Every
+(``recompute`` is refused there: its per-step autograd node runs torch.autograd in its backward,
+which torch.func's transforms cannot batch).  Every
 (contender, K) runs in two fresh processes: in one, after a one-task first-order warm-up, the
 growth of the resident set during the first meta-iteration (peak RSS after it minus RSS before it,
 with glibc returning freed blocks at once: ``MALLOC_MMAP_THRESHOLD_=16384``); in the other, with

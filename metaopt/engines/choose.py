@@ -22,8 +22,8 @@ def vmap_refusals(ctx: EngineContext) -> list[str]:
             reasons.append(f"plugin {name!r}: {reason}")
     if ctx.memory == "recompute":
         reasons.append(
-            "memory='recompute' checkpoints each inner step with saved-tensor hooks, which torch.func.grad does "
-            "not support inside vmap (torch 2.14); the loop engine runs it"
+            "memory='recompute' makes each inner step an autograd node whose backward runs the step again with "
+            "torch.autograd, which torch.func's transforms cannot batch (torch 2.14); the loop engine runs it"
         )
     if ctx.inner_optimizer_name in HIGHER_OPTIMIZERS or ctx.uses_momentum:
         reasons.append(
