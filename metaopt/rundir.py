@@ -146,14 +146,9 @@ def _holder(text: str) -> dict[str, Any]:
 # -- config.json ------------------------------------------------------------------------
 def read_json_object(path: Path, what: str = "run config") -> dict[str, Any]:
     """A JSON object from ``path``; anything else is a ``ConfigError`` naming the file."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}.") from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
+    from metaopt.configfile import read_text  # the one UTF-8 reading rule (it names UTF-16 files too)
+
+    text = read_text(path, what)
     if not text.strip():
         raise ConfigError(f"{what} {str(path)!r} is empty.")
     try:
