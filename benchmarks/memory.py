@@ -2,9 +2,8 @@
 
 Contenders: second-order MAML keeping every step's graph (``memory="keep"``, the default),
 second-order MAML recomputing each step in the outer backward (``memory="recompute"``), and
-FOMAML (no second-order graph), on the loop engine, plus ``keep`` and FOMAML on the vmap engine
-(``recompute`` is refused there: its per-step autograd node runs torch.autograd in its backward,
-which torch.func's transforms cannot batch).  Every
+FOMAML (no second-order graph), on the loop and the vmap engine (vmap ``keep`` holds every task's
+graph of every step at once: K above ``--vmap-max-k`` is not run for it).  Every
 (contender, K) runs in two fresh processes: in one, after a one-task first-order warm-up, the
 growth of the resident set during the first meta-iteration (peak RSS after it minus RSS before it,
 with glibc returning freed blocks at once: ``MALLOC_MMAP_THRESHOLD_=16384``); in the other, with
@@ -37,6 +36,7 @@ CONTENDERS = {
     "recompute (loop)": dict(memory="recompute", engine="loop", first_order=False),
     "fomaml (loop)": dict(memory="keep", engine="loop", first_order=True),
     "keep (vmap)": dict(memory="keep", engine="vmap", first_order=False),
+    "recompute (vmap)": dict(memory="recompute", engine="vmap", first_order=False),
     "fomaml (vmap)": dict(memory="keep", engine="vmap", first_order=True),
 }
 
@@ -259,24 +259,27 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         mib = [f"{c['growth_mib']:.0f}" if c else "—" for c in cells]
         sec = [f"{c['median_s']:.3f}" if c else "—" for c in cells]
         lines.append(f"| {name} | " + " | ".join(mib) + " | " + " | ".join(sec) + " |")
-    keep = [results.get(f"keep (loop)/K={k}") for k in ks]
-    rec = [results.get(f"recompute (loop)/K={k}") for k in ks]
-    lines += ["", "Ratios, recompute against keep (loop engine):", ""]
-    lines.append("| K | memory growth | time |")
-    lines.append("| --- | --- | --- |")
-    for k, a, b in zip(ks, keep, rec, strict=True):
-        if a and b:
-            lines.append(f"| {k} | {b['growth_mib'] / a['growth_mib']:.2f}× | {b['median_s'] / a['median_s']:.2f}× |")
-    if rec[0] and rec[-1]:
-        # every task of the batch keeps its K iterates (batch.tasks) until the batch ends
-        snapshots = rec[-1]["snapshot_mib"] * ks[-1] * args.meta_batch
-        lines += [
-            "",
-            f"Recompute's growth at K={ks[-1]} beyond the parameter snapshots ({ks[-1]} steps × {args.meta_batch} tasks × "
-            f"{rec[-1]['snapshot_mib']:.2f} MiB = {snapshots:.1f} MiB): "
-            f"{rec[-1]['growth_mib'] - snapshots:.1f} MiB, {(rec[-1]['growth_mib'] - snapshots) / rec[0]['growth_mib']:.2f}× "
-            f"its growth at K={ks[0]} ({rec[0]['growth_mib']:.1f} MiB).",
-        ]
+    for engine in ("loop", "vmap"):
+        keep = [results.get(f"keep ({engine})/K={k}") for k in ks]
+        rec = [results.get(f"recompute ({engine})/K={k}") for k in ks]
+        pairs = [(k, a, b) for k, a, b in zip(ks, keep, rec, strict=True) if a and b]
+        if pairs:
+            lines += ["", f"Ratios, recompute against keep ({engine} engine):", "", "| K | memory growth | time |"]
+            lines.append("| --- | --- | --- |")
+            for k, a, b in pairs:
+                lines.append(
+                    f"| {k} | {b['growth_mib'] / a['growth_mib']:.2f}× | {b['median_s'] / a['median_s']:.2f}× |"
+                )
+        if rec[0] and rec[-1]:
+            # every task of the batch keeps its K iterates (batch.tasks / the chunk's trajectory) until the batch ends
+            snapshots = rec[-1]["snapshot_mib"] * ks[-1] * args.meta_batch
+            beyond = rec[-1]["growth_mib"] - snapshots
+            lines += [
+                "",
+                f"Recompute ({engine}): growth at K={ks[-1]} beyond the parameter snapshots ({ks[-1]} steps × "
+                f"{args.meta_batch} tasks × {rec[-1]['snapshot_mib']:.2f} MiB = {snapshots:.1f} MiB): {beyond:.1f} MiB, "
+                f"{beyond / rec[0]['growth_mib']:.2f}× its growth at K={ks[0]} ({rec[0]['growth_mib']:.1f} MiB).",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -289,7 +292,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10, 25, 50, 100])
     parser.add_argument("--iters", type=int, default=3, help="timed iterations after the measured first one")
     parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))
-    parser.add_argument("--vmap-max-k", type=int, default=25, help="vmap holds every task's graph: larger K not run")
+    parser.add_argument(
+        "--vmap-max-k", type=int, default=25, help="vmap keep holds every task's graph: larger K not run for it"
+    )
     parser.add_argument("--cap-mib", type=float, default=8192, help="address-space cap of each cell's process")
     parser.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks"), help="folder for memory.md/.json")
     parser.add_argument("--name", default="memory", help="file name stem of the report")
@@ -321,7 +326,7 @@ def main() -> None:
     results = {}
     for name in args.contenders:
         for k in args.steps:
-            if "vmap" in name and k > args.vmap_max_k:
+            if name == "keep (vmap)" and k > args.vmap_max_k:
                 results[f"{name}/K={k}"] = None
                 continue
             spec = dict(

@@ -99,7 +99,7 @@ class FiniteCheck:
         self.suspended = False
 
     def _record(self, values: list[torch.Tensor], hook: str, describe: Callable[..., str], task: Task) -> None:
-        if self.suspended:
+        if self.suspended or task.replaying:  # a replayed step was checked when it first ran
             return
         # detached: a record must not keep a task's graph alive until the batch ends
         self._records.append(_Record([v.detach() for v in values], hook, describe, task))
@@ -163,7 +163,7 @@ class FiniteCheck:
     @hookimpl(wrapper=True, tryfirst=True)
     def inner_grad(self, task: Task, params: Params):
         grads = yield
-        if grads and not self.suspended:
+        if grads and not self.suspended and not task.replaying:
             self._records.append(_grads_record(grads, "inner_grad", "inner gradient", task))
         return grads
 

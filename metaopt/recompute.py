@@ -10,18 +10,28 @@ the step uses (learned inner rates, parameters that are not adapted) because the
 the node.  The meta-gradient equals the default's (float64 tests to 1e-10 and against central
 differences: tests/test_recompute.py), for one extra forward and backward of each step.
 
+Under ``engine="vmap"`` a step runs inside ``torch.func.vmap``, where an autograd node cannot be
+made per task; :class:`VmapStep` gives the step a vmap rule instead, which makes one
+:class:`ReplayedStep` node for the whole chunk of tasks (its step is the vmapped per-task step),
+outside the transform, so the outer backward recomputes one step of every task of the chunk at a
+time.  The replay restores what the forward ran under: the random state, autocast and
+:class:`~metaopt.norms.SafeNorms`.
+
 The hooks of a step (``inner_grad``, ``inner_step`` and the ``inner_loss`` they call) therefore run
 twice; plugins declare that this is safe through the ``replay_safe`` hook (docs/writing-plugins.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from metaopt.inner_optim import ExactAdam
+from metaopt.norms import SafeNorms
 
 if TYPE_CHECKING:
     from metaopt.task import Params, Task, Trajectory
@@ -41,6 +51,7 @@ class ReplayedStep(torch.autograd.Function):
         ctx.run, ctx.count = run, count
         ctx.rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        ctx.surroundings = _surroundings()
         ctx.save_for_backward(*tensors[:count])
         ctx.meta = tensors[count:]
         with torch.enable_grad():
@@ -51,13 +62,19 @@ class ReplayedStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Any:
         saved = ctx.saved_tensors
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if ctx.cuda_rng is not None else []):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(
+                torch.random.fork_rng(devices=range(torch.cuda.device_count()) if ctx.cuda_rng is not None else [])
+            )
             torch.set_rng_state(ctx.rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state_all(ctx.cuda_rng)
             with torch.enable_grad():
                 inputs = [t.detach().requires_grad_() for t in saved]
-                outputs = ctx.run(*inputs, create_graph=True)
+                with contextlib.ExitStack() as surroundings:  # the step's forward as it ran; its VJP as the caller's
+                    for surrounding in ctx.surroundings:
+                        surroundings.enter_context(surrounding)
+                    outputs = ctx.run(*inputs, create_graph=True)
                 wrt = inputs + [m for m in ctx.meta if m.requires_grad]
                 pairs = [
                     (o, g) for o, g in zip(outputs, grad_outputs, strict=True) if g is not None and o.requires_grad
@@ -78,8 +95,50 @@ class ReplayedStep(torch.autograd.Function):
         return (None, None, *input_grads, *meta_grads)
 
 
+def _surroundings() -> list[contextlib.AbstractContextManager[Any]]:
+    """What a step ran under that the outer backward must enter again: autocast, SafeNorms."""
+    entered: list[contextlib.AbstractContextManager[Any]] = []
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            entered.append(torch.autocast(device, dtype=torch.get_autocast_dtype(device)))
+    modes = torch.overrides._get_current_function_mode_stack()
+    if any(isinstance(mode, SafeNorms) for mode in modes):
+        entered.append(SafeNorms())
+    return entered
+
+
+class VmapStep(torch.autograd.Function):
+    """A replayed step called inside ``torch.func.vmap``: its vmap rule makes one :class:`ReplayedStep`
+    node over the whole chunk (``run`` vmapped over the tasks), outside the transform."""
+
+    @staticmethod
+    def forward(step: Callable[..., Any], count: int, *tensors: torch.Tensor) -> Any:
+        raise RuntimeError("VmapStep runs only inside torch.func.vmap (the vmap engine)")
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], step: Callable[..., Any], count: int, *tensors: Any) -> Any:
+        # tensors: the step's own inputs (count), the task's data (4), then the meta-parameters (unbatched)
+        dims = in_dims[2:]
+        batched = [
+            t.expand(info.batch_size, *t.shape) if d is None else t.movedim(d, 0)
+            for t, d in zip(tensors[: count + 4], dims, strict=False)
+        ]
+        own, data, meta = batched[:count], batched[count:], tensors[count + 4 :]
+
+        def run(*inputs: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, ...]:
+            per_task = torch.func.vmap(lambda *args: step(*args, create_graph=create_graph), randomness=info.randomness)
+            return tuple(per_task(*inputs, *data))
+
+        outputs = ReplayedStep.apply(run, count, *own, *meta)
+        return tuple(outputs), tuple(0 for _ in outputs)
+
+
 def replayed_step(task: Task, trajectory: Trajectory, params: Params) -> Params:
-    """Inner step ``trajectory.k`` from ``params`` as one :class:`ReplayedStep` node."""
+    """Inner step ``trajectory.k`` from ``params`` as one :class:`ReplayedStep` node (per chunk under vmap)."""
     hook, k, opt = task.hook, trajectory.k, trajectory.optimizer
     names = list(params)
     adam = isinstance(opt, ExactAdam)
@@ -87,15 +146,16 @@ def replayed_step(task: Task, trajectory: Trajectory, params: Params) -> Params:
     counters = list(opt.steps) if adam else []
     slots = [(f, i) for f, values in enumerate(state) for i, v in enumerate(values) if v is not None]
 
-    def run(*inputs: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, ...]:
+    def run(*inputs: torch.Tensor, create_graph: bool, on: Task = task) -> tuple[torch.Tensor, ...]:
         trajectory.k = k  # the outer backward replays this step later, when k has moved on
-        second_order, task.second_order = task.second_order, create_graph  # the forward needs no graph
+        second_order, on.second_order = on.second_order, create_graph  # the forward needs no graph
+        on.replaying = create_graph  # the outer backward's replay: hooks' checks already ran in the forward
         try:
-            return _step(inputs)
+            return _step(on, inputs)
         finally:
-            task.second_order = second_order
+            on.second_order, on.replaying = second_order, False
 
-    def _step(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def _step(on: Task, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         current = dict(zip(names, inputs[: len(names)], strict=True))
         if adam:  # the optimizer state as it was before this step
             restored = [list(values) for values in state]
@@ -104,15 +164,29 @@ def replayed_step(task: Task, trajectory: Trajectory, params: Params) -> Params:
             for field, values in zip(_STATE, restored, strict=True):
                 setattr(opt, field, values)
             opt.steps = list(counters)
-        grads = hook.inner_grad(task=task, params=current)
-        new = hook.inner_step(task=task, trajectory=trajectory, params=current, grads=grads)
+        grads = hook.inner_grad(task=on, params=current)
+        new = hook.inner_step(task=on, trajectory=trajectory, params=current, grads=grads)
         outputs = tuple(new[n] for n in names)
         if adam:
             outputs += tuple(t for field in _STATE for t in getattr(opt, field) if t is not None)
         return outputs
 
     own = [params[n] for n in names] + [state[f][i] for f, i in slots]
-    outputs = ReplayedStep.apply(run, len(own), *own, *task.meta_params)
+    if task.vectorised:
+        # a torch function mode is off while it handles a call (VmapStep.apply): enter SafeNorms again inside
+        norms = any(isinstance(mode, SafeNorms) for mode in torch.overrides._get_current_function_mode_stack())
+
+        def one_task(*args: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, ...]:
+            # one task of the chunk: a view of the task record holding that task's own data
+            view = copy.copy(task)
+            view.support_x, view.support_y, view.query_x, view.query_y = args[len(own) :]
+            with SafeNorms() if norms else contextlib.nullcontext():
+                return run(*args[: len(own)], create_graph=create_graph, on=view)
+
+        data = (task.support_x, task.support_y, task.query_x, task.query_y)
+        outputs = VmapStep.apply(one_task, len(own), *own, *data, *task.meta_params)
+    else:
+        outputs = ReplayedStep.apply(run, len(own), *own, *task.meta_params)
     new_params = dict(zip(names, outputs[: len(names)], strict=True))
     if adam:  # the state after the step: the node's outputs, which carry the graph
         rest = iter(outputs[len(names) :])

@@ -133,6 +133,8 @@ class Task:
     #: ``meta_params`` are the meta-parameters a step may use (their gradients flow through it)
     recompute: bool = False
     meta_params: list[torch.Tensor] = field(default_factory=list, repr=False)
+    #: True while the outer backward recomputes a step (memory="recompute"): the hooks run a second time
+    replaying: bool = False
 
     @property
     def create_graph(self) -> bool:

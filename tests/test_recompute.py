@@ -2,8 +2,8 @@
 
 Float64: recompute against the default (keep) to 1e-10 relative, and against central differences
 of the meta-objective; MLP and conv+BN, K = 1, 3, 10, inner SGD and ExactAdam, every replay-safe
-built-in plugin and SHOT + Sharp-MAML; dropout replays exactly; refusals are named when the learner
-is built.  Memory and time against K: benchmarks/memory.py (docs/benchmarks/memory.md).
+built-in plugin and SHOT + Sharp-MAML, on the loop and the vmap engine; dropout replays exactly;
+refusals are named when the learner is built.  Memory and time against K: benchmarks/memory.py (docs/benchmarks/memory.md).
 """
 
 from __future__ import annotations
@@ -57,34 +57,44 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+ENGINES = ["loop", "vmap"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("steps", [1, 3, 10])
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_recompute_equals_the_default(model_name, steps, optimizer):
+def test_recompute_equals_the_default(model_name, steps, optimizer, engine):
     keep, keep_result, _ = meta_gradient(model_name, list, "keep", steps, inner_optimizer=optimizer)
-    recompute, result, _ = meta_gradient(model_name, list, "recompute", steps, inner_optimizer=optimizer)
+    recompute, result, learner = meta_gradient(
+        model_name, list, "recompute", steps, inner_optimizer=optimizer, engine=engine
+    )
+    assert learner.last_engine == engine
     assert keep.norm() > 0 and relative(recompute, keep) <= 1e-10
     assert result.metrics == pytest.approx(keep_result.metrics, rel=1e-12)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("plugin", [p for p in PLUGINS if p != "maml"])
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_recompute_equals_the_default_with_each_plugin(model_name, plugin):
+def test_recompute_equals_the_default_with_each_plugin(model_name, plugin, engine):
     if plugin == "proto_head" and model_name == "mlp":
         pytest.skip("proto_head needs a classifier head (class-index labels)")
     keep, _, _ = meta_gradient(model_name, PLUGINS[plugin], "keep", 3)
-    recompute, _, _ = meta_gradient(model_name, PLUGINS[plugin], "recompute", 3)
+    recompute, _, learner = meta_gradient(model_name, PLUGINS[plugin], "recompute", 3, engine=engine)
+    assert learner.last_engine == engine
     assert keep.norm() > 0 and relative(recompute, keep) <= 1e-10
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_recompute_equals_central_differences(model_name, optimizer):
+def test_recompute_equals_central_differences(model_name, optimizer, engine):
     """Independent of both memory modes: central differences of the meta-objective, float64, K=3."""
     make_model, make_tasks, loss_fn = MODELS[model_name]
     tasks = make_tasks()
     options = dict(inner_steps=3, inner_lr=0.3, loss_fn=loss_fn, inner_optimizer=optimizer)
-    learner = MetaLearner(make_model(), memory="recompute", **options)
+    learner = MetaLearner(make_model(), memory="recompute", engine=engine, **options)
     learner.backward(tasks)
     grad = torch.cat([p.grad.flatten() for p in learner.model.parameters()])
     reference = MetaLearner(make_model(), **options)
@@ -119,12 +129,13 @@ class DropoutMLP(nn.Module):
         return self.head(self.body(x))
 
 
-def test_dropout_inside_a_step_replays_exactly():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dropout_inside_a_step_replays_exactly(engine):
     """The recomputed step draws the same dropout masks (the random state is saved per step)."""
     grads = {}
     for memory in ("keep", "recompute"):
         model = DropoutMLP().double()
-        learner = MetaLearner(model, inner_steps=3, inner_lr=0.3, loss_fn=F.mse_loss, memory=memory)
+        learner = MetaLearner(model, inner_steps=3, inner_lr=0.3, loss_fn=F.mse_loss, memory=memory, engine=engine)
         torch.manual_seed(123)
         learner.backward(regression_tasks(2))
         grads[memory] = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -158,10 +169,8 @@ def test_refusals_are_named_when_the_learner_is_built():
         MetaLearner(seeded_mlp(), ["hypermaml"], loss_fn=F.mse_loss, memory="recompute")
     with pytest.raises(ConfigError, match=r"inner_optimizer='rmsprop'.*higher's optimizer"):
         MetaLearner(seeded_mlp(), loss_fn=F.mse_loss, memory="recompute", inner_optimizer="rmsprop")
-    with pytest.raises(ConfigError, match=r"engine='vmap' cannot run.*memory='recompute'"):
-        MetaLearner(seeded_mlp(), loss_fn=F.mse_loss, memory="recompute", engine="vmap")
     auto = MetaLearner(seeded_mlp(), loss_fn=F.mse_loss, memory="recompute", engine="auto")
-    assert auto.engine_for(regression_tasks(2)) == "loop"
+    assert auto.engine_for(regression_tasks(2)) == "vmap"  # recompute runs on both engines
     with pytest.raises(ConfigError, match=r"memory='recompue' is not known.*'recompute'"):
         MetaLearner(seeded_mlp(), loss_fn=F.mse_loss, memory="recompue")
 
@@ -195,3 +204,40 @@ def test_each_steps_saved_inputs_are_freed_by_the_backward_without_the_garbage_c
         assert watcher.refs and all(ref() is None for ref in watcher.refs)
     finally:
         gc.enable()
+
+
+class AutocastSpy:
+    """Records, for every support loss, whether it ran in a replay and under autocast."""
+
+    name = "autocast_spy"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, bool]] = []
+
+    @hookimpl
+    def replay_safe(self, learner):
+        return True
+
+    @hookimpl(wrapper=True)
+    def inner_loss(self, task, params):
+        loss = yield
+        self.seen.append((task.replaying, torch.is_autocast_enabled("cpu")))
+        return loss
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_replay_runs_under_the_autocast_its_step_ran_under(engine):
+    """A user's forward under torch.autocast with the backward outside it (as torch.amp advises): the
+    outer backward's replay enters autocast again, so the recomputed step is the step that ran."""
+    spy = AutocastSpy()
+    model = conv_bn().float()
+    learner = MetaLearner(
+        model, [spy], inner_steps=2, inner_lr=0.3, loss_fn=F.cross_entropy, memory="recompute", engine=engine
+    )
+    tasks = [tuple(t.float() if t.is_floating_point() else t for t in task) for task in image_tasks(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = learner.forward(tasks)
+    result.loss.backward()
+    replays = [autocast for replaying, autocast in spy.seen if replaying]
+    firsts = [autocast for replaying, autocast in spy.seen if not replaying]
+    assert replays and firsts and all(replays) and all(firsts)

@@ -20,11 +20,6 @@ def vmap_refusals(ctx: EngineContext) -> list[str]:
         reason = getattr(plugin, "vmap_unsupported", None)
         if reason:
             reasons.append(f"plugin {name!r}: {reason}")
-    if ctx.memory == "recompute":
-        reasons.append(
-            "memory='recompute' makes each inner step an autograd node whose backward runs the step again with "
-            "torch.autograd, which torch.func's transforms cannot batch (torch 2.14); the loop engine runs it"
-        )
     if ctx.inner_optimizer_name in HIGHER_OPTIMIZERS or ctx.uses_momentum:
         reasons.append(
             f"inner_optimizer={ctx.inner_optimizer_name!r} with {ctx.inner_optimizer_kwargs}: higher's "
