@@ -17,27 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from algorithms import ALGORITHMS, algorithm_flags
 from common import DOCS, ROOT, SHARED_DATA, cli, device_name, fmt, train_eval, write_json
+from recipe_knobs import columns_of, seed_table
+from seeds import INTRO, seed_tables
 
 OUTPUT = {"docs": DOCS}  # where the JSON, Markdown and plots go (--docs)
-
-# name -> (CLI flags, what the options are)
-ALGORITHMS: dict[str, list[str]] = {
-    "maml": [],
-    "fomaml": ["--plugin", "fomaml"],
-    "reptile": ["--plugin", "reptile"],
-    "convergent_fo": ["--plugin", "convergent_fo", "--outer-optimizer", "normalized_sgd", "--meta-lr", "0.01"],
-    "shot": ["--plugin", "shot"],
-    "sharp_inner": ["--plugin", "sharp_maml:rho_inner=0.05"],
-    "sharp_outer": ["--plugin", "sharp_maml:rho_inner=0,rho_outer=0.05"],
-    "sharp_both": ["--plugin", "sharp_maml:rho_inner=0.05,rho_outer=0.05"],
-    "shot+sharp_both": ["--plugin", "shot", "--plugin", "sharp_maml:rho_inner=0.05,rho_outer=0.05"],
-    "hypermaml": ["--plugin", "hypermaml:warmup_iters={warm},blend_iters={warm}"],
-    "anil": ["--plugin", "anil"],
-    "meta_sgd": ["--plugin", "meta_sgd"],
-    "maml_pp": ["--plugin", "maml_pp:msl_iters={warm},first_order_iters={warm}"],
-    "proto_head": ["--plugin", "proto_head"],
-}
 
 # cross-split Omniglot: (train archive, test archive, alphabets of the test archive not in the train one)
 CROSS_SPLITS = {
@@ -55,11 +40,6 @@ CROSS_SPLITS = {
 # MAML paper settings per way count: inner steps, inner lr, meta-batch, query per class (flags override
 # steps, meta-batch and query for CPU budgets)
 OMNI_SETTINGS = {5: (1, 0.4, 32, 15), 20: (5, 0.1, 16, 15)}
-
-
-def algorithm_flags(name: str, iterations: int) -> list[str]:
-    warm = max(1, iterations // 10)
-    return [flag.format(warm=warm) for flag in ALGORITHMS[name]]
 
 
 def sinusoid_rows(args: argparse.Namespace) -> list[tuple[str, list[str], list[int], list[str]]]:
@@ -199,9 +179,6 @@ def write_report(results: dict[str, Any]) -> None:
 def over_seeds() -> list[str]:
     """The over-seed tables, where they exist: benchmarks/seeds.py's (docs/benchmarks/seeds.json) and the
     seeded arms of benchmarks/recipe_knobs.py's sections (docs/benchmarks/recipe_knobs.json)."""
-    from recipe_knobs import columns_of, seed_table
-    from seeds import INTRO, seed_tables  # seeds.py imports this module: import at use
-
     path, knobs = OUTPUT["docs"] / "seeds.json", OUTPUT["docs"] / "recipe_knobs.json"
     lines = []
     if path.is_file():
@@ -322,7 +299,7 @@ def main() -> None:
     parser.add_argument("--lake-steps", type=int, default=1, help="inner steps of the 20-way Lake models")
     parser.add_argument("--lake-meta-batch", type=int, default=4)
     parser.add_argument("--merge", nargs="*", default=[], help="other accuracy.json files to fold in (report only)")
-    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS.names(), choices=ALGORITHMS.names())
     parser.add_argument("--shots", nargs="+", type=int, default=[5, 10], help="sinusoid K")
     parser.add_argument("--sin-iters", type=int, default=10000)
     parser.add_argument("--omniglot", default=str(SHARED_DATA))

@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: run the CLI, describe the machine, write tables."""
+"""Shared helpers of the benchmark runners: run the CLI, describe the machine, measure memory, write
+pages and JSON, summarise seeds.  Every runner imports this; it imports no runner."""
 
 from __future__ import annotations
 
@@ -61,6 +62,12 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status in MiB: "VmRSS" (resident now), "VmHWM" (its peak)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
+    return int(line.split()[1]) / 1024
 
 
 def metric_key(report: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DOCS, SHARED_DATA, device_name, write_json  # noqa: E402
+from common import DOCS, SHARED_DATA, device_name, status_mib, write_json  # noqa: E402
 
 CONFIGS = ["in-memory (EpisodeSampler, float32)", "lazy, 0 workers", "lazy, 1 worker", "lazy, 2 workers"]
 OMNIGLOT = ["omniglot small1, in-memory (EpisodeSampler)", "omniglot small1, lazy (0 workers)"]
@@ -40,14 +40,6 @@ def make_folder(root: Path, classes: int, per_class: int, size: int = 84) -> Non
             Image.fromarray(base // 2 + noise).save(folder / f"{i:03d}.jpg", quality=90)
 
 
-def _status_mib(field: str) -> float:
-    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(config: str, root: str, tasks: int) -> dict[str, float]:
     """One configuration in this process: tasks/s after a warm-up; resident memory the data adds."""
     import torch
@@ -57,7 +49,7 @@ def worker(config: str, root: str, tasks: int) -> dict[str, float]:
     from metaopt.data.images import load_image_folder, load_omniglot
     from metaopt.data.sources import make_sampler
 
-    baseline = _status_mib("VmRSS")  # torch, metaopt and friends imported
+    baseline = status_mib("VmRSS")  # torch, metaopt and friends imported
     kwargs = dict(ways=5, shots=1, query=15, seed=0, image_size=84)
     start = time.perf_counter()
     if config.startswith("omniglot"):  # root: the archive; 28 px, as the Omniglot rows train
@@ -78,7 +70,7 @@ def worker(config: str, root: str, tasks: int) -> dict[str, float]:
     for _ in range(tasks // 10):
         sampler.sample(10)
     elapsed = time.perf_counter() - start
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     return {"tasks_per_s": tasks / elapsed, "setup_s": setup, "peak_rss_mib": peak, "data_mib": peak - baseline}
 
 

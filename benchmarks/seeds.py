@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from accuracy import ALGORITHMS, algorithm_flags
+from algorithms import ALGORITHMS, algorithm_flags
 from common import DOCS, SHARED_DATA, device_name, paired_difference, summary, train_eval, write_json
 
 TEST_SEED = 12345
@@ -151,7 +151,48 @@ def seed_tables(results: dict[str, Any], level: str = "##") -> list[str]:
 
 
 def write_report(results: dict[str, Any], docs: Path) -> None:
-    (docs / "seeds.md").write_text("\n".join(["# Plugin effects over seeds", "", *INTRO, *seed_tables(results)]))
+    lines = ["# Plugin effects over seeds", "", *INTRO, *seed_tables(results)]
+    for png in plots(results, docs):
+        lines += [f"![{png}]({png})", ""]
+    (docs / "seeds.md").write_text("\n".join(lines))
+
+
+def plots(results: dict[str, Any], docs: Path) -> list[str]:
+    """seeds-SETTING.png for each setting with several seeds: every algorithm's metric after each
+    evaluated step count, the mean over seeds with the sample standard deviation as error bars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    for setting, algos in results.items():
+        seeded = {a: seeds for a, seeds in algos.items() if len(seeds) > 1}
+        if len(seeded) < 2:
+            continue
+        spec = SETTINGS[setting]
+        metric, steps = spec["metric"], [str(s) for s in spec["eval_steps"]]
+        fig, axes = plt.subplots(1, len(steps), figsize=(4.2 * len(steps), 0.32 * len(seeded) + 1.4), squeeze=False)
+        for ax, step in zip(axes[0], steps, strict=True):
+            names = list(seeded)
+            stats = [summary([r["evals"][step][metric] for r in seeded[a].values()]) for a in names]
+            colours = ["tab:gray" if a == "maml" else "tab:blue" for a in names]
+            ax.barh(names, [m for m, _ in stats], xerr=[sd for _, sd in stats], color=colours, capsize=3)
+            if "maml" in seeded:
+                ax.axvline(stats[names.index("maml")][0], color="k", lw=0.8)
+            ax.set_title(f"{setting}: {metric} after {step} step(s)", fontsize=9, loc="left")
+            ax.invert_yaxis()
+            ax.tick_params(axis="y", labelsize=8)
+        better = "higher is better" if metric == "accuracy" else "lower is better"
+        fig.supxlabel(f"mean over seeds ± sd ({better}; grey and line: MAML)", fontsize=8)
+        fig.tight_layout()
+        name = f"seeds-{setting}.png"
+        fig.savefig(docs / name, dpi=90)
+        plt.close(fig)
+        made.append(name)
+    return made
 
 
 def main() -> None:
@@ -167,7 +208,7 @@ def main() -> None:
     for algo in args.algorithms:
         base = algo.removesuffix(" (loop)").removesuffix(" (vmap)")
         if base.split(":", 1)[0] not in ALGORITHMS:
-            parser.error(f"unknown algorithm {algo!r}; use one of {sorted(ALGORITHMS)}")
+            parser.error(f"unknown algorithm {algo!r}; use one of {sorted(ALGORITHMS.names())}")
     docs = Path(args.docs)
     path = docs / "seeds.json"
     results = json.loads(path.read_text()) if path.is_file() else {}

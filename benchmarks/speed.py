@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import runpy
 import shlex
 import statistics
 import subprocess
@@ -35,43 +36,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import DOCS, device_name, write_json
+from common import DOCS, device_name, status_mib, write_json
+from contenders import CONTENDERS, func_step_fn
+from workloads import WORKLOADS, loss_of, make_batches, make_model
 
-METAOPT_PLUGINS: dict[str, list[Any]] = {
-    "metaopt maml": [],
-    "metaopt maml (torch.func backend)": [],
-    "metaopt maml (torch.func, check_finite=False)": [],
-    "metaopt maml (per_task_backward=False)": [],
-    "metaopt maml (vmap)": [],
-    "metaopt maml (vmap, check_finite=False)": [],
-    "metaopt maml (auto)": [],
-    "metaopt fomaml": ["fomaml"],
-    "metaopt convergent_fo": ["convergent_fo"],
-    "metaopt shot": ["shot"],
-    "metaopt sharp_maml (both)": [("sharp_maml", {"rho_inner": 0.05, "rho_outer": 0.05})],
-    "metaopt hypermaml": ["hypermaml"],
-    "metaopt anil": ["anil"],
-    "metaopt meta_sgd": ["meta_sgd"],
-    "metaopt maml_pp": [("maml_pp", {"msl_iters": 100})],
-    "metaopt fomaml (vmap)": ["fomaml"],
-    "metaopt shot (vmap)": ["shot"],
-    "metaopt sharp_maml (both, vmap)": [("sharp_maml", {"rho_inner": 0.05, "rho_outer": 0.05})],
-    "metaopt shot+sharp_maml (both, vmap)": ["shot", ("sharp_maml", {"rho_inner": 0.05, "rho_outer": 0.05})],
-    "metaopt shot+sharp_maml (both)": ["shot", ("sharp_maml", {"rho_inner": 0.05, "rho_outer": 0.05})],
-}
-CONTENDERS = [*METAOPT_PLUGINS, "raw higher", "torch.func", "torchopt", "hand vmap"]
-#: the engine a contender's name asks for
-ENGINE_TAGS = {"(vmap": "vmap", ", vmap)": "vmap", "(auto)": "auto"}
-WORKLOADS: dict[str, dict[str, Any]] = {
-    "sinusoid mlp, 10-shot, mb 25, K=1": dict(model="mlp", meta_batch=25, steps=1, lr=0.01),
-    "sinusoid mlp, 10-shot, mb 25, K=5": dict(model="mlp", meta_batch=25, steps=5, lr=0.01),
-    "conv4 28px 5w1s, mb 8, K=1": dict(model="conv4", meta_batch=8, steps=1, lr=0.4),
-    "conv4 28px 5w1s, mb 32, K=1": dict(model="conv4", meta_batch=32, steps=1, lr=0.4),
-    "conv4 28px 5w1s, mb 8, K=5": dict(model="conv4", meta_batch=8, steps=5, lr=0.1),
-    "conv4 28px 5w1s, mb 32, K=5": dict(model="conv4", meta_batch=32, steps=5, lr=0.1),
-    "resnet10t 84px 5w1s, mb 4, K=1": dict(model="resnet10t", meta_batch=4, steps=1, lr=0.01),
-    "resnet18 84px 5w1s, mb 4, K=1": dict(model="resnet18", meta_batch=4, steps=1, lr=0.01),
-}
+#: Python files that register more contenders or workloads (--register), loaded by every worker too
+REGISTERED: list[str] = []
 QUICK = ["sinusoid mlp, 10-shot, mb 25, K=1", "conv4 28px 5w1s, mb 8, K=1", "conv4 28px 5w1s, mb 8, K=5"]
 MEMORY_K = [1, 3, 5, 10]
 MEMORY_WORKLOAD = "conv4 28px 5w1s, mb 8, K=1"
@@ -88,158 +58,20 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 # -- the worker (one per process) -------------------------------------------------------------
-def make_model(name: str):
-    import torch
-
-    from metaopt.models import conv4, mlp
-
-    torch.manual_seed(0)
-    if name == "mlp":
-        return mlp()
-    if name == "conv4":
-        return conv4(num_classes=5)
-    from metaopt.integrations.timm import backbone
-
-    return backbone(name, num_classes=5, in_chans=3, img_size=84)
-
-
-def make_batches(model: str, meta_batch: int, count: int):
-    import torch
-
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(count):
-        tasks = []
-        for _ in range(meta_batch):
-            if model == "mlp":
-                amp, phase = torch.rand(2, generator=g) * torch.tensor([4.9, 3.1416]) + torch.tensor([0.1, 0.0])
-                x = torch.rand(20, 1, generator=g) * 10 - 5
-                y = amp * torch.sin(x - phase)
-                tasks.append((x[:10], y[:10], x[10:], y[10:]))
-            else:
-                chans, size = (1, 28) if model == "conv4" else (3, 84)
-                sx = torch.rand(5, chans, size, size, generator=g)
-                qx = torch.rand(75, chans, size, size, generator=g)
-                tasks.append((sx, torch.arange(5), qx, torch.arange(5).repeat_interleave(15)))
-        batches.append(tasks)
-    return batches
-
-
-def metaopt_step_fn(model, plugins, steps: int, lr: float, loss_fn, **options: Any):
-    from metaopt import MetaLearner
-    from metaopt.registry import create_plugin
-
-    made = [create_plugin(p) if isinstance(p, str) else create_plugin(p[0], **p[1]) for p in plugins]
-    learner = MetaLearner(model, made, inner_steps=steps, inner_lr=lr, loss_fn=loss_fn, **options)
-    return learner, lambda tasks: learner.backward(tasks)
-
-
-def higher_step_fn(model, steps: int, lr: float, loss_fn):
-    import higher
-    import torch
-
-    inner = torch.optim.SGD(model.parameters(), lr=lr)
-
-    def step(tasks):
-        for sx, sy, qx, qy in tasks:
-            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
-                for _ in range(steps):
-                    diffopt.step(loss_fn(fmodel(sx), sy))
-                (loss_fn(fmodel(qx), qy) / len(tasks)).backward()
-
-    return step
-
-
-def func_step_fn(model, steps: int, lr: float, loss_fn):
-    import torch
-    from torch.func import functional_call
-
-    names = [n for n, _ in model.named_parameters()]
-
-    def step(tasks):
-        params = dict(model.named_parameters())
-        buffers = dict(model.named_buffers())
-        total = 0.0
-        for sx, sy, qx, qy in tasks:
-            fast = params
-            for _ in range(steps):
-                loss = loss_fn(functional_call(model, (fast, buffers), (sx,)), sy)
-                grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=True)
-                fast = {n: fast[n] - lr * g for n, g in zip(names, grads)}
-            total = total + loss_fn(functional_call(model, (fast, buffers), (qx,)), qy)
-        (total / len(tasks)).backward()
-
-    return step
-
-
-def hand_vmap_step_fn(model, steps: int, lr: float, loss_fn):
-    """All tasks at once: torch.func.vmap over tasks of an inner loop written with torch.func.grad.
-
-    BatchNorm modules lose their running statistics (functorch's replace_all_batch_norm_modules_,
-    the documented way to run them under vmap); their second-order gradient under vmap is then
-    torch's (see the float64 check column: pytorch/functorch #534).
-    """
-    import torch
-    from torch.func import functional_call, grad, vmap
-
-    torch.func.replace_all_batch_norm_modules_(model)
-
-    def task(params, sx, sy, qx, qy):
-        for _ in range(steps):
-            g = grad(lambda p: loss_fn(functional_call(model, p, (sx,)), sy))(params)
-            params = {n: params[n] - lr * g[n] for n in params}
-        return loss_fn(functional_call(model, params, (qx,)), qy)
-
-    def step(tasks):
-        stacked = [torch.stack([t[i] for t in tasks]) for i in range(4)]
-        params = dict(model.named_parameters())
-        vmap(task, in_dims=(None, 0, 0, 0, 0), randomness="different")(params, *stacked).mean().backward()
-
-    return step
-
-
-def torchopt_step_fn(model, steps: int, lr: float, loss_fn):
-    import torchopt
-
-    inner = torchopt.MetaSGD(model, lr=lr)
-
-    def step(tasks):
-        state = torchopt.extract_state_dict(model, enable_visual=False)
-        for sx, sy, qx, qy in tasks:
-            for _ in range(steps):
-                inner.step(loss_fn(model(sx), sy))
-            (loss_fn(model(qx), qy) / len(tasks)).backward()
-            torchopt.recover_state_dict(model, state)
-
-    return step
-
-
-def _status_mib(field: str) -> float:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
-    return int(line.split()[1]) / 1024
-
-
 def grads_of(model) -> list:
     return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
 
 
-def loss_of(model: str):
-    """The workload's loss: MSE for the sinusoid MLP, cross-entropy for the classifiers."""
-    import torch.nn.functional as F
-
-    return F.mse_loss if model == "mlp" else F.cross_entropy
-
-
 def computes_maml_gradient(contender: str) -> bool:
     """The contenders checked against the float64 reference (the plugins change the maths)."""
-    return contender not in METAOPT_PLUGINS or contender == "metaopt maml" or contender.startswith("metaopt maml (")
+    return CONTENDERS.get(contender).maml
 
 
 def float64_reference(spec: dict[str, Any]) -> dict[str, Any]:
     """Worker: the hand torch.func loop's meta-gradient on the first batch in float64, saved to a file."""
     import torch
 
-    wl = WORKLOADS[spec["workload"]]
+    wl = WORKLOADS.get(spec["workload"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = make_model(wl["model"]).to(device, torch.float64)
     tasks = [
@@ -274,7 +106,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         from metaopt.allocator import keep_freed_memory
 
         malloc = "keep freed memory" if keep_freed_memory() else "defaults (keep_freed_memory: not glibc)"
-    wl = WORKLOADS.get(spec["workload"]) or spec["workload_spec"]
+    wl = WORKLOADS.get(spec["workload"])
     steps = spec.get("steps", wl["steps"])
     loss_fn = loss_of(wl["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -285,33 +117,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     reference = spec.get("reference_file") if computes_maml_gradient(contender) else None
 
     model = make_model(wl["model"]).to(device)
-    if contender in METAOPT_PLUGINS:
-        options = {
-            "engine": next((e for tag, e in ENGINE_TAGS.items() if tag in contender), "loop"),
-            "backend": "torch.func" if "torch.func" in contender else "higher",
-            "check_finite": "check_finite=False" not in contender,
-            "per_task_backward": "per_task_backward=False" not in contender,
-        }
-        learner, step = metaopt_step_fn(model, METAOPT_PLUGINS[contender], steps, wl["lr"], loss_fn, **options)
-        params = list(learner.meta_parameters())
-    elif contender == "raw higher":
-        step, params = higher_step_fn(model, steps, wl["lr"], loss_fn), list(model.parameters())
-    elif contender == "hand vmap":
-        step, params = hand_vmap_step_fn(model, steps, wl["lr"], loss_fn), list(model.parameters())
-    elif contender == "torch.func":
-        step, params = func_step_fn(model, steps, wl["lr"], loss_fn), list(model.parameters())
-    elif contender == "torchopt":
-        try:
-            step = torchopt_step_fn(model, steps, wl["lr"], loss_fn)
-        except ImportError as exc:
-            return {"error": f"torchopt not installed ({exc})"}
-        params = list(model.parameters())
-    else:
-        raise ValueError(contender)
+    try:
+        built = CONTENDERS.get(contender).build(model, steps, wl["lr"], loss_fn)
+    except ImportError as exc:  # an optional contender (torchopt) that is not installed
+        return {"error": f"{contender} needs a package that is not installed ({exc})"}
+    step, params, learner = built.step, built.params, built.learner
     optimizer = torch.optim.Adam(params, lr=1e-3)
 
     result: dict[str, Any] = {"malloc": malloc}
-    if contender in METAOPT_PLUGINS:
+    if learner is not None:
         result["engine"] = learner.engine_for(list(batches[0]))
     optimizer.zero_grad(set_to_none=True)
     step(batches[0])
@@ -332,7 +146,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         result["baseline_mib"] = torch.cuda.memory_allocated() / 2**20
     else:
         Path("/proc/self/clear_refs").write_text("5")
-        result["baseline_mib"] = _status_mib("VmRSS")
+        result["baseline_mib"] = status_mib("VmRSS")
     times = []
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for tasks in batches[spec["warmup"] :]:
@@ -343,7 +157,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mib("VmHWM")
+    result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else status_mib("VmHWM")
     result["extra_mib"] = result["peak_mib"] - result["baseline_mib"]
     result["minor_faults_per_iter"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(times)
     result["median_s"] = statistics.median(times)
@@ -382,7 +196,16 @@ def check_only(results: dict[str, Any], workloads: list[str], contenders: list[s
         }
 
 
+def load_registrations(paths: list[str]) -> None:
+    """Run each file once: its ``CONTENDERS.register`` / ``WORKLOADS.register`` calls add entries."""
+    for path in paths:
+        if path not in REGISTERED:
+            runpy.run_path(path)
+            REGISTERED.append(path)
+
+
 def run_worker(spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    spec = {**spec, "register": REGISTERED}
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)],
         capture_output=True,
@@ -451,7 +274,7 @@ MALLOC_TEXT = {
     "keep": "freed memory kept in every contender's process (metaopt.allocator.keep_freed_memory)",
     "default": "glibc defaults (runs before --malloc existed, or --malloc default)",
 }
-HAND = ("raw higher", "torch.func", "torchopt", "hand vmap")
+HAND = [name for name, entry in CONTENDERS.items() if entry.hand]
 ENGINE_ROWS = {"loop": "metaopt maml", "vmap": "metaopt maml (vmap)", "auto": "metaopt maml (auto)"}
 
 
@@ -497,6 +320,38 @@ def engine_table(results: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def summary_plot(plt: Any, speed: dict[str, Any], out: Path) -> list[str]:
+    """speed_summary.png: per workload, each metaopt engine's time over the fastest hand-written loop's."""
+    names, groups = [], {engine: [] for engine in ENGINE_ROWS}
+    for wl, rows in speed.items():
+        hands = [rows[c]["median_s"] for c in HAND if "median_s" in rows.get(c, {})]
+        if not hands:
+            continue
+        names.append(wl)
+        for engine, row in ENGINE_ROWS.items():
+            value = rows.get(row, {}).get("median_s")
+            groups[engine].append(float("nan") if value is None else value / min(hands))
+    if not names:
+        return []
+    fig, ax = plt.subplots(figsize=(8, 0.75 * len(names) + 1.2))
+    height = 0.8 / len(groups)
+    for i, (engine, ratios) in enumerate(groups.items()):
+        ys = [y + (i - 1) * height for y in range(len(names))]
+        ax.barh(ys, [0 if r != r else r for r in ratios], height=height, label=f"metaopt, engine={engine}")
+        for y, r in zip(ys, ratios, strict=True):
+            if r == r:
+                ax.text(r, y, f" {r:.2f}×", va="center", fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("time per meta-iteration / fastest hand-written loop (1.0 = as fast; lower is faster)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "speed_summary.png", dpi=90)
+    plt.close(fig)
+    return ["speed_summary.png"]
+
+
 def plot(results: dict[str, Any], out: Path) -> list[str]:
     try:
         import matplotlib
@@ -506,35 +361,34 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     except ImportError:
         return []
     made = []
-    speed = results["speed"]
+    speed = {wl: rows for wl, rows in results["speed"].items() if any("median_s" in r for r in rows.values())}
     if speed:
-        fig, ax = plt.subplots(figsize=(9, 0.45 * len(speed) * 3 + 1))
-        labels, values = [], []
-        for wl, rows in speed.items():
-            ok = {c: r["median_s"] for c, r in rows.items() if "median_s" in r}
-            if not ok:
-                continue
-            ref = ok.get("raw higher", min(ok.values()))
-            for c in (
-                "metaopt maml",
-                "metaopt maml (vmap)",
-                "metaopt maml (auto)",
-                "raw higher",
-                "torch.func",
-                "torchopt",
-                "hand vmap",
-            ):
-                if c in ok:
-                    labels.append(f"{wl} | {c}")
-                    values.append(ok[c] / ref)
-        ax.barh(labels, values, color="tab:blue")
-        ax.axvline(1.0, color="k", lw=0.8)
-        ax.set_xlabel("time per meta-iteration / raw higher loop")
-        ax.invert_yaxis()
+        # one panel per workload: metaopt's engines and every hand-written loop, as ratios to the fastest hand loop
+        shown = [*ENGINE_ROWS.values(), *HAND]
+        fig, axes = plt.subplots(len(speed), 1, figsize=(8, 1.0 + 0.32 * len(shown) * len(speed)), squeeze=False)
+        for ax, (wl, rows) in zip(axes[:, 0], speed.items(), strict=True):
+            ok = {c: rows[c]["median_s"] for c in shown if "median_s" in rows.get(c, {})}
+            hands = {c: t for c, t in ok.items() if c in HAND}
+            ref = min(hands.values()) if hands else min(ok.values())
+            names = list(ok)
+            ratios = [ok[c] / ref for c in names]
+            colours = ["tab:gray" if c in HAND else "tab:blue" for c in names]
+            ax.barh(names, ratios, color=colours)
+            for y, r in enumerate(ratios):
+                ax.text(r, y, f" {r:.2f}×", va="center", fontsize=8)
+            ax.axvline(1.0, color="k", lw=0.8)
+            ax.set_title(wl, fontsize=9, loc="left")
+            ax.set_xlim(0, max(ratios) * 1.25)
+            ax.invert_yaxis()
+            ax.tick_params(axis="y", labelsize=8)
+        axes[-1, 0].set_xlabel(
+            "time per meta-iteration / fastest hand-written loop (grey: hand-written; blue: metaopt)"
+        )
         fig.tight_layout()
         fig.savefig(out / "speed.png", dpi=90)
         plt.close(fig)
         made.append("speed.png")
+        made += summary_plot(plt, speed, out)
     memory = results["memory"]
     if memory:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -594,7 +448,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
                 f"`python benchmarks/speed.py {checked['argv']}`.",
                 "",
             ]
-        lines += ratio_table(wl, rows, CONTENDERS, note)
+        order = [c for c in CONTENDERS.names() if c in rows] + [c for c in rows if c not in CONTENDERS]
+        lines += ratio_table(wl, rows, order, note)
     if results["memory"]:
         run = results["memory_run"]
         lines += ["## Peak memory versus inner steps K", ""]
@@ -688,12 +543,22 @@ def measure_memory(results: dict[str, Any], ks: list[int], out: Path) -> None:
 
 
 def main() -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--register", action="append", default=[])
+    load_registrations(pre.parse_known_args()[0].register)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--register",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a Python file that registers contenders or workloads (docs/benchmarks/README.md); repeatable",
+    )
     parser.add_argument("--quick", action="store_true", help=f"only {QUICK}")
     parser.add_argument("--smoke", action="store_true", help="tiny settings to check the harness runs")
-    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS))
-    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=CONTENDERS)
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS.names())
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS.names(), default=CONTENDERS.names())
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every contender")
     parser.add_argument("--iters", type=int, default=4, help="timed iterations per contender and round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per process")
@@ -715,12 +580,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        load_registrations(spec.pop("register", []))
+        print(json.dumps(worker(spec)))
         return
     if args.report_only:
         write_report(json.loads((Path(args.docs) / "speed.json").read_text()), Path(args.docs))
         return
-    workloads = args.workloads or (QUICK if args.quick else list(WORKLOADS))
+    workloads = args.workloads or (QUICK if args.quick else WORKLOADS.names())
     if args.smoke:
         workloads, args.rounds, args.iters, args.warmup = ["sinusoid mlp, 10-shot, mb 25, K=1"], 1, 2, 1
     out = Path(args.docs)
