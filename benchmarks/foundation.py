@@ -22,8 +22,9 @@ def main() -> None:
     parser.add_argument("--sin-iters", type=int, default=5000)
     parser.add_argument("--omni-iters", type=int, default=1000)
     parser.add_argument("--out", default=str(ROOT / "runs" / "foundation"))
+    parser.add_argument("--docs", default=str(DOCS), help="folder for foundation.md/.json")
     args = parser.parse_args()
-    out = Path(args.out)
+    out, docs = Path(args.out), Path(args.docs)
     sinusoid = ["--data", "sinusoid", "--shots", "10", "--query", "10", "--inner-lr", "0.01", "--inner-steps", "1"]
     sinusoid += ["--meta-batch", "25", "--iterations", str(args.sin_iters), "--checkpoint-every", "0"]
     results = [{"name": "sinusoid 10-shot", **train_eval(out / "sinusoid", sinusoid, [1, 10])}]
@@ -32,7 +33,7 @@ def main() -> None:
         omni = ["--data", f"omniglot:{archive}", "--ways", "5", "--shots", "1", "--query", "15", "--inner-lr", "0.4"]
         omni += ["--meta-batch", "16", "--iterations", str(args.omni_iters), "--checkpoint-every", "0"]
         results.append({"name": "Omniglot small1 5-way 1-shot conv4", **train_eval(out / "omniglot", omni, [1, 3])})
-    write_json(DOCS / "foundation.json", {"device": device_name(), "runs": results})
+    write_json(docs / "foundation.json", {"device": device_name(), "runs": results})
     lines = [
         "# Foundation acceptance runs",
         "",
@@ -54,7 +55,7 @@ def main() -> None:
             )
     if not archive.is_file():
         lines.append(f"\nOmniglot skipped: {archive} not found.")
-    (DOCS / "foundation.md").write_text("\n".join(lines) + "\n")
+    (docs / "foundation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

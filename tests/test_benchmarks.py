@@ -171,3 +171,194 @@ def test_memory_harness_writes_its_table_and_the_capped_run(tmp_path):
     )
     text = (tmp_path / "memory.md").read_text()
     assert "| recompute (loop) |" in text and "## Under a memory cap" in text and "| recompute | yes | 1 |" in text
+
+
+# -- the suite: registries, no import circle, a tiny run of every runner, regeneration -----------------
+RUNNERS = sorted(p.stem for p in BENCH.glob("*.py") if "def main(" in p.read_text())
+SHARED_MODULES = {"common", "registry", "contenders", "workloads", "algorithms"}
+
+
+def test_no_import_circle_under_benchmarks():
+    import ast
+
+    modules = {p.stem for p in BENCH.glob("*.py")}
+    edges = {}
+    for name in modules:
+        tree = ast.parse((BENCH / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):  # imports inside functions count too
+            if isinstance(node, ast.ImportFrom) and node.module in modules:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name in modules}
+        edges[name] = found
+    # the shared modules import no runner
+    assert all(edges[m] <= SHARED_MODULES for m in SHARED_MODULES), {m: edges[m] for m in SHARED_MODULES}
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in edges[node]:
+            assert state.get(nxt) != "open", f"import circle: {' -> '.join([*path, node, nxt])}"
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = "done"
+
+    for name in sorted(modules):
+        if name not in state:
+            visit(name, [])
+
+
+def test_every_runner_has_a_tiny_run_in_this_file():
+    text = Path(__file__).read_text()
+    missing = [r for r in RUNNERS if f'"{r}.py"' not in text and f"import {r}\n" not in text]
+    assert RUNNERS and not missing, missing
+
+
+def test_registries_name_unknown_entries_with_the_known_ones():
+    import pytest
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from algorithms import ALGORITHMS
+        from contenders import CONTENDERS
+        from workloads import WORKLOADS
+    finally:
+        sys.path.remove(str(BENCH))
+    assert "raw higher" in CONTENDERS and CONTENDERS.get("raw higher").hand
+    assert not CONTENDERS.get("metaopt shot").maml and CONTENDERS.get("metaopt maml (vmap)").maml
+    with pytest.raises(KeyError, match="did you mean 'raw higher'"):
+        CONTENDERS.get("raw highr")
+    with pytest.raises(ValueError, match="already registered"):
+        WORKLOADS.register("conv4 28px 5w1s, mb 8, K=1", WORKLOADS.get("conv4 28px 5w1s, mb 8, K=1"))
+    assert ALGORITHMS.names()[0] == "maml"
+
+
+def _example(heading: str) -> str:
+    """The first python block after ``heading`` in docs/benchmarks/README.md."""
+    text = (BENCH.parent / "docs" / "benchmarks" / "README.md").read_text()
+    rest = text[text.index(heading) :]
+    start = rest.index("```python\n") + len("```python\n")
+    return rest[start : rest.index("```", start)]
+
+
+def test_the_documented_way_to_add_a_contender_and_a_workload_runs(tmp_path):
+    """docs/benchmarks/README.md's example, as written, registers a workload and two contenders that the
+    speed runner times and checks against the float64 reference."""
+    entries = tmp_path / "my_entries.py"
+    entries.write_text(_example("## Adding a contender or a workload"))
+    workload = "sinusoid mlp, 10-shot, mb 5, K=2"
+    contenders = ["plain autograd loop", "metaopt maml (recompute, vmap)", "metaopt maml"]
+    _run("speed.py", "--register", str(entries), "--workloads", workload, "--contenders", *contenders,
+         "--rounds", "1", "--iters", "1", "--warmup", "1", "--no-memory", "--docs", str(tmp_path))  # fmt: skip
+    rows = json.loads((tmp_path / "speed.json").read_text())["speed"][workload]
+    for contender in contenders:
+        assert rows[contender]["median_s"] > 0
+        assert 0 <= rows[contender]["rel_err_vs_float64"] < 1e-4, (contender, rows[contender])
+    assert rows["metaopt maml (recompute, vmap)"]["engine"] == "vmap"
+    assert "| plain autograd loop |" in (tmp_path / "speed.md").read_text()
+
+
+def _timings_masked(text: str) -> str:
+    """The page with timestamps, dates, wall/seconds values and timing columns of tables blanked."""
+    import re
+
+    text = re.sub(r"\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2})?)?", "<date>", text)
+    text = re.sub(r"\d+(\.\d+)? ?(s|min)\b", "<time>", text)
+    out, timing_columns = [], set()
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = line.strip("|").split("|")
+            if all(set(c.strip()) <= set("-: ") for c in cells):
+                pass
+            elif any(("wall" in c or " s" in c or "time" in c) for c in cells) and not timing_columns:
+                timing_columns = {i for i, c in enumerate(cells) if "wall" in c or c.strip().endswith(" s") or "time" in c}
+            else:
+                cells = ["<timing>" if i in timing_columns else c for i, c in enumerate(cells)]
+            line = "|".join(["", *cells, ""])
+        else:
+            timing_columns = set()
+        out.append(line)
+    return "\n".join(out)
+
+
+def _twice(tmp_path, script: str, page: str, *args: str) -> None:
+    """Run ``script`` twice with the same arguments; its page must change only in timings and timestamps."""
+    _run(script, *args)
+    first = (tmp_path / page).read_text()
+    (tmp_path / page).unlink()
+    _run(script, *args)
+    second = (tmp_path / page).read_text()
+    assert _timings_masked(first) == _timings_masked(second)
+
+
+def test_seeds_runner_tiny_regenerates_its_page_and_plot(tmp_path):
+    args = ["--setting", "sinusoid", "--algorithms", "maml", "fomaml", "--seeds", "0", "1", "--iterations", "2"]
+    _twice(tmp_path, "seeds.py", "seeds.md", *args, "--work", str(tmp_path / "w"), "--docs", str(tmp_path), "--rerun")
+    page = (tmp_path / "seeds.md").read_text()
+    assert "| fomaml | 0,1 |" in page
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "seeds-sinusoid.png").stat().st_size > 0 and "![seeds-sinusoid.png]" in page
+
+
+def test_foundation_runner_tiny(tmp_path):
+    args = ["--sin-iters", "2", "--omniglot", str(tmp_path / "absent"), "--out", str(tmp_path / "runs")]
+    _twice(tmp_path, "foundation.py", "foundation.md", *args, "--docs", str(tmp_path))
+    assert "| sinusoid 10-shot |" in (tmp_path / "foundation.md").read_text()
+
+
+def test_data_runner_tiny(tmp_path):
+    _run("data.py", "--classes", "5", "--per-class", "3", "--tasks", "2", "--docs", str(tmp_path))
+    rows = json.loads((tmp_path / "data.json").read_text())["rows"]
+    assert rows["lazy, 0 workers"]["tasks_per_s"] > 0
+
+
+def test_convergent_fo_audit_runner_tiny(tmp_path):
+    _twice(tmp_path, "convergent_fo_audit.py", "convergent_fo.md", "--tasks", "2", "--repeats", "0", "--docs", str(tmp_path))
+
+
+def test_lake_curve_runner_tiny(tmp_path, omniglot_dir):
+    from metaopt.cli import main
+
+    lake = tmp_path / "lake"
+    assert main(["lake-runs", "--omniglot", str(omniglot_dir / "images_background_small2.zip"), "--alphabet",
+                 "Sanskrit", "--out", str(lake), "--runs", "2", "--ways", "5"]) == 0  # fmt: skip
+    run = tmp_path / "run"
+    train = ["train", "--data", f"omniglot:{omniglot_dir / 'images_background_small1.zip'}", "--ways", "5"]
+    train += ["--iterations", "2", "--meta-batch", "1", "--query", "1", "--checkpoint-every", "1", "--no-progress"]
+    assert main([*train, "--out", str(run)]) == 0
+    _twice(tmp_path, "lake_curve.py", "lake_curve.md", str(run), "--lake-runs", str(lake), "--steps", "1",
+           "--name", "tiny", "--docs", str(tmp_path))  # fmt: skip
+    points = json.loads((tmp_path / "lake_curve.json").read_text())["tiny"]["points"]
+    assert [p["iteration"] for p in points] == [1, 2]
+
+
+def _render(name: str, results: dict, docs: Path) -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        module = __import__(name)
+        if name == "accuracy":
+            module.OUTPUT["docs"] = docs
+            module.write_report(results)
+        else:
+            module.write_report(results, docs)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_every_page_written_from_a_json_regenerates_byte_identical_from_it(tmp_path):
+    """The committed pages are what their report code makes of their committed JSON (plots need matplotlib)."""
+    import shutil
+
+    import pytest
+
+    pytest.importorskip("matplotlib", reason="the pages embed plots only when matplotlib is installed")
+    docs = BENCH.parent / "docs" / "benchmarks"
+    for name in ("seeds.json", "recipe_knobs.json"):  # accuracy.md includes their over-seed tables
+        shutil.copy(docs / name, tmp_path / name)
+    for name in ("seeds", "lake_seeds", "lake_curve", "recipe_knobs", "speed", "accuracy", "memory"):
+        _render(name, json.loads((docs / f"{name}.json").read_text()), tmp_path)
+        assert (tmp_path / f"{name}.md").read_text() == (docs / f"{name}.md").read_text(), name
