@@ -272,7 +272,9 @@ def _timings_masked(text: str) -> str:
             if all(set(c.strip()) <= set("-: ") for c in cells):
                 pass
             elif any(("wall" in c or " s" in c or "time" in c) for c in cells) and not timing_columns:
-                timing_columns = {i for i, c in enumerate(cells) if "wall" in c or c.strip().endswith(" s") or "time" in c}
+                timing_columns = {
+                    i for i, c in enumerate(cells) if "wall" in c or c.strip().endswith(" s") or "time" in c
+                }
             else:
                 cells = ["<timing>" if i in timing_columns else c for i, c in enumerate(cells)]
             line = "|".join(["", *cells, ""])
@@ -317,7 +319,17 @@ def test_data_runner_tiny(tmp_path):
 
 
 def test_convergent_fo_audit_runner_tiny(tmp_path):
-    _twice(tmp_path, "convergent_fo_audit.py", "convergent_fo.md", "--tasks", "2", "--repeats", "0", "--docs", str(tmp_path))
+    _twice(
+        tmp_path,
+        "convergent_fo_audit.py",
+        "convergent_fo.md",
+        "--tasks",
+        "2",
+        "--repeats",
+        "0",
+        "--docs",
+        str(tmp_path),
+    )
 
 
 def test_lake_curve_runner_tiny(tmp_path, omniglot_dir):
