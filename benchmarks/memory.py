@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 CONTENDERS = {
     "keep (loop)": dict(memory="keep", engine="loop", first_order=False),
@@ -154,7 +156,7 @@ def enter_memory_cgroup(group: str) -> None:
     Path(group, "cgroup.procs").write_text(str(os.getpid()))
 
 
-def capped_run(args: argparse.Namespace) -> str:
+def capped_run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for memory in ("keep", "recompute"):
         group = memory_cgroup(args.cap_extra_mib)
@@ -186,22 +188,36 @@ def capped_run(args: argparse.Namespace) -> str:
             group.rmdir()
         rows.append((memory, result))
         print(memory, result, flush=True)
+    return {
+        "settings": {
+            "steps": args.steps[-1],
+            "cap_extra_mib": args.cap_extra_mib,
+            "cap_iters": args.cap_iters,
+            "model": args.model,
+            "image_size": args.image_size,
+            "meta_batch": args.meta_batch,
+        },
+        "rows": dict(rows),
+    }
+
+
+def capped_section(capped: dict[str, Any]) -> str:
+    c = capped["settings"]
     lines = [
         "",
-        f"## Under a memory cap: K={args.steps[-1]}, second order, {args.cap_iters} iterations",
+        f"## Under a memory cap: K={c['steps']}, second order, {c['cap_iters']} iterations",
         "",
-        f"`python benchmarks/memory.py --capped --steps {args.steps[-1]} --cap-extra-mib {args.cap_extra_mib:g} "
-        f"--cap-iters {args.cap_iters}` — {args.model} {args.image_size} px 5-way 1-shot, meta-batch {args.meta_batch}, "
-        f"Adam 1e-3; after set-up and one warm-up meta-iteration each process moves into a memory cgroup (v1) limited "
-        f"to {args.cap_extra_mib:g} MiB: "
-        "every page it touches from then on counts, and the kernel kills it at the limit (glibc returning freed "
-        "blocks at once, as for the table).",
+        f"`python benchmarks/memory.py --capped --steps {c['steps']} --cap-extra-mib {c['cap_extra_mib']:g} "
+        f"--cap-iters {c['cap_iters']}` — {c['model']} {c['image_size']} px 5-way 1-shot, meta-batch "
+        f"{c['meta_batch']}, Adam 1e-3; after set-up and one warm-up meta-iteration each process moves into a memory "
+        f"cgroup (v1) limited to {c['cap_extra_mib']:g} MiB: every page it touches from then on counts, and the kernel "
+        "kills it at the limit (glibc returning freed blocks at once, as for the table).",
         "",
         f"| memory | finished | iterations | time | peak in the cgroup (training) | test accuracy (100 tasks, "
         f"{EVAL_STEPS} steps) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for memory, r in rows:
+    for memory, r in capped["rows"].items():
         if r["finished"]:
             lines.append(
                 f"| {memory} | yes | {r['iterations']} | {r['seconds']:.0f} s | {r['train_peak_mib']:.0f} MiB | "
@@ -240,16 +256,23 @@ def run_one(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
-    ks = args.steps
+def render(data: dict[str, Any]) -> str:
+    """The page: the table of ``data["cells"]``, the ratios, and the capped run when there is one."""
+    settings, results = data["settings"], data["cells"]
+    ks = settings["steps"]
     lines = [
         "# Memory and time against inner steps K",
         "",
-        f"`{' '.join(['python', 'benchmarks/memory.py', *sys.argv[1:]])}` — {args.model} {args.image_size} px, "
-        f"5-way 1-shot 15-query, meta-batch {args.meta_batch}, CPU, one thread, a fresh process per cell. "
+        f"`{settings['command']}` — {settings['model']} {settings['image_size']} px, "
+        f"5-way 1-shot 15-query, meta-batch {settings['meta_batch']}, CPU, one thread, a fresh process per cell. "
         "Growth: peak resident set during the first meta-iteration minus the resident set before it (MiB; "
         "freed blocks returned at once). "
         "Time: median of the following iterations (s). '—': not run (refused or out of memory).",
+        *(
+            ["", "Cells redone afterwards (`--update`): " + "; ".join(f"`{c}`" for c in settings["updates"]) + "."]
+            if settings.get("updates")
+            else []
+        ),
         "",
         "| contender | " + " | ".join(f"K={k} MiB" for k in ks) + " | " + " | ".join(f"K={k} s" for k in ks) + " |",
         "| --- |" + " --- |" * (2 * len(ks)),
@@ -272,15 +295,52 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
                 )
         if rec[0] and rec[-1]:
             # every task of the batch keeps its K iterates (batch.tasks / the chunk's trajectory) until the batch ends
-            snapshots = rec[-1]["snapshot_mib"] * ks[-1] * args.meta_batch
+            snapshots = rec[-1]["snapshot_mib"] * ks[-1] * settings["meta_batch"]
             beyond = rec[-1]["growth_mib"] - snapshots
             lines += [
                 "",
                 f"Recompute ({engine}): growth at K={ks[-1]} beyond the parameter snapshots ({ks[-1]} steps × "
-                f"{args.meta_batch} tasks × {rec[-1]['snapshot_mib']:.2f} MiB = {snapshots:.1f} MiB): {beyond:.1f} MiB, "
+                f"{settings['meta_batch']} tasks × {rec[-1]['snapshot_mib']:.2f} MiB = {snapshots:.1f} MiB): {beyond:.1f} MiB, "
                 f"{beyond / rec[0]['growth_mib']:.2f}× its growth at K={ks[0]} ({rec[0]['growth_mib']:.1f} MiB).",
             ]
-    return "\n".join(lines) + "\n"
+    for png in data.get("plots", []):
+        lines += ["", f"![{png}]({png})"]
+    text = "\n".join(lines) + "\n"
+    return text + (capped_section(data["capped"]) if data.get("capped") else "")
+
+
+def write_report(data: dict[str, Any], docs: Path) -> None:
+    """``NAME.md`` from the JSON (and its plot); NAME is the run's ``--name``."""
+    name = data["settings"]["name"]
+    data["plots"] = plot(data, docs)
+    (docs / f"{name}.md").write_text(render(data))
+
+
+def plot(data: dict[str, Any], docs: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    settings, cells = data["settings"], data["cells"]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name in CONTENDERS:
+        ks = [k for k in settings["steps"] if cells.get(f"{name}/K={k}")]
+        if ks:
+            style = "--" if "vmap" in name else "-"
+            ax.plot(ks, [cells[f"{name}/K={k}"]["growth_mib"] for k in ks], style, marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("inner steps K")
+    ax.set_ylabel("memory growth of one meta-iteration (MiB)")
+    ax.set_title(f"{settings['model']} {settings['image_size']} px, meta-batch {settings['meta_batch']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    name = f"{settings['name']}.png"
+    fig.savefig(docs / name, dpi=90)
+    plt.close(fig)
+    return [name]
 
 
 def main() -> None:
@@ -304,17 +364,23 @@ def main() -> None:
     parser.add_argument("--cap-extra-mib", type=float, default=800)
     parser.add_argument("--cap-iters", type=int, default=30)
     parser.add_argument("--capped-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--report-only", action="store_true", help="rewrite NAME.md (and its plot) from NAME.json")
+    parser.add_argument("--update", action="store_true", help="keep the other cells (and the capped run) of NAME.json")
     args = parser.parse_args()
     if args.capped_worker:
         print(json.dumps(capped_worker(json.loads(args.capped_worker))))
         return
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    path = docs / f"{args.name}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
     if args.capped:
-        text = capped_run(args)
-        Path(args.docs).mkdir(parents=True, exist_ok=True)
-        out = Path(args.docs) / f"{args.name}.md"
-        previous = out.read_text().split("\n## Under a memory cap")[0].rstrip("\n") + "\n" if out.is_file() else ""
-        out.write_text(previous + text)
-        print(text)
+        data["capped"] = capped_run(args)
+        write_json(path, data)
+        write_report(data, docs)
+        return
+    if args.report_only:
+        write_report(data, docs)
         return
     if args.worker:
         cap = os.environ.get("METAOPT_BENCH_CAP_MIB")
@@ -323,11 +389,24 @@ def main() -> None:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    results = {}
+    settings = {
+        "name": args.name,
+        "command": " ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]),
+        "model": args.model,
+        "image_size": args.image_size,
+        "meta_batch": args.meta_batch,
+        "steps": args.steps,
+        "iters": args.iters,
+    }
+    cells = data.get("cells", {}) if args.update else {}
+    if args.update:  # the page keeps the full run's command and settings; this one only redoes cells
+        settings = data.get("settings", settings)
+        settings.setdefault("updates", []).append(" ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]))
+    data = {"settings": settings, "cells": cells, "capped": data.get("capped") if args.update else None}
     for name in args.contenders:
         for k in args.steps:
             if name == "keep (vmap)" and k > args.vmap_max_k:
-                results[f"{name}/K={k}"] = None
+                cells[f"{name}/K={k}"] = None
                 continue
             spec = dict(
                 contender=name,
@@ -338,14 +417,11 @@ def main() -> None:
                 iters=args.iters,
                 cap_mib=args.cap_mib,
             )
-            cell = run_cell(spec)
-            results[f"{name}/K={k}"] = cell
-            print(name, k, cell, flush=True)
-    out = Path(args.docs)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(results, indent=2))
-    (out / f"{args.name}.md").write_text(report(results, args))
-    print(report(results, args))
+            cells[f"{name}/K={k}"] = run_cell(spec)
+            print(name, k, cells[f"{name}/K={k}"], flush=True)
+            write_json(path, data)
+    write_report(data, docs)
+    print(render(data))
 
 
 if __name__ == "__main__":

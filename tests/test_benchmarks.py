@@ -150,9 +150,19 @@ def test_memory_harness_writes_its_table_and_the_capped_run(tmp_path):
         *("--steps", "2", "--iters", "1", "--meta-batch", "1", "--image-size", "16"),
         *("--contenders", "recompute (loop)", "--docs", str(tmp_path)),
     )
-    results = json.loads((tmp_path / "memory.json").read_text())
+    results = json.loads((tmp_path / "memory.json").read_text())["cells"]
     assert set(results) == {"recompute (loop)/K=2"}
     assert results["recompute (loop)/K=2"]["growth_mib"] > 0 and results["recompute (loop)/K=2"]["median_s"] > 0
+    # --update redoes some cells and keeps the others; the page names both commands
+    _run(
+        "memory.py",
+        *("--steps", "2", "--iters", "1", "--meta-batch", "1", "--image-size", "16"),
+        *("--contenders", "recompute (vmap)", "--docs", str(tmp_path), "--update"),
+    )
+    data = json.loads((tmp_path / "memory.json").read_text())
+    assert set(data["cells"]) == {"recompute (loop)/K=2", "recompute (vmap)/K=2"}
+    assert data["cells"]["recompute (loop)/K=2"] == results["recompute (loop)/K=2"]
+    assert "--update" in (tmp_path / "memory.md").read_text()
     _run(
         "memory.py",
         "--capped",
@@ -171,6 +181,7 @@ def test_memory_harness_writes_its_table_and_the_capped_run(tmp_path):
     )
     text = (tmp_path / "memory.md").read_text()
     assert "| recompute (loop) |" in text and "## Under a memory cap" in text and "| recompute | yes | 1 |" in text
+    assert json.loads((tmp_path / "memory.json").read_text())["capped"]["rows"]["recompute"]["finished"]
 
 
 # -- the suite: registries, no import circle, a tiny run of every runner, regeneration -----------------
@@ -313,7 +324,7 @@ def test_foundation_runner_tiny(tmp_path):
 
 
 def test_data_runner_tiny(tmp_path):
-    _run("data.py", "--classes", "5", "--per-class", "3", "--tasks", "2", "--docs", str(tmp_path))
+    _run("data.py", "--classes", "5", "--per-class", "16", "--tasks", "10", "--docs", str(tmp_path))
     rows = json.loads((tmp_path / "data.json").read_text())["rows"]
     assert rows["lazy, 0 workers"]["tasks_per_s"] > 0
 
