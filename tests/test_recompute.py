@@ -241,3 +241,34 @@ def test_the_replay_runs_under_the_autocast_its_step_ran_under(engine):
     replays = [autocast for replaying, autocast in spy.seen if replaying]
     firsts = [autocast for replaying, autocast in spy.seen if not replaying]
     assert replays and firsts and all(replays) and all(firsts)
+
+
+class RecordFinal:
+    name = "record_final"
+
+    def __init__(self) -> None:
+        self.values: list[dict] = []
+        self.tasks: list = []
+
+    @hookimpl
+    def task_end(self, task):
+        self.values.append({n: p.detach().clone() for n, p in task.trajectory.iterates[-1].items()})
+
+    @hookimpl
+    def batch_end(self, batch):
+        self.tasks = list(batch.tasks)
+
+
+def test_a_task_is_cut_from_its_spent_graph_after_its_backward_with_the_same_values():
+    """Loop engine, recompute: each step's node (saved random state, closure) stayed reachable from the
+    task's record until the batch ended, growing memory with K; after the task's own backward the record
+    keeps its values without the graph."""
+    recorder = RecordFinal()
+    learner = MetaLearner(seeded_mlp(), [recorder], inner_steps=4, inner_lr=0.3, loss_fn=F.mse_loss, memory="recompute")
+    learner.backward(regression_tasks(3))
+    assert len(recorder.tasks) == 3
+    for task, values in zip(recorder.tasks, recorder.values, strict=True):
+        assert task.loss.grad_fn is None and all(p.grad_fn is None for p in task.params.values())
+        assert all(p.grad_fn is None for step in task.trajectory.iterates[1:] for p in step.values())
+        assert len(task.trajectory.iterates) == 5
+        assert all(torch.equal(task.trajectory.iterates[-1][n], v) for n, v in values.items())
