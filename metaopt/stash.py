@@ -20,9 +20,8 @@ class StashKey(Generic[T]):
 
 
 class Stash:
-    """A mapping from :class:`StashKey` to values of the key's type."""
-
-    __slots__ = ("_data",)
+    """A mapping from :class:`StashKey` to values of the key's type (no ``__slots__``: torch.compile
+    traces a class with a plain ``__dict__``)."""
 
     def __init__(self) -> None:
         self._data: dict[StashKey[Any], Any] = {}
@@ -44,3 +43,9 @@ class Stash:
 
     def __delitem__(self, key: StashKey[T]) -> None:
         del self._data[key]
+
+
+def new_stash() -> Stash:
+    """An empty stash (the dataclasses' default factory: torch.compile traces a function call here,
+    where it cannot trace the class used as a factory)."""
+    return Stash()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from metaopt.inner_optim import fresh_state
-from metaopt.stash import Stash
+from metaopt.stash import Stash, new_stash
 
 if TYPE_CHECKING:
     from metaopt.inner_optim import InnerOptimizer
@@ -120,7 +120,7 @@ class Task:
     query_output: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-    stash: Stash = field(default_factory=Stash)
+    stash: Stash = field(default_factory=new_stash)
     #: True inside the batched-task engine (``engine="vmap"``): tensors are per-task views of
     #: a batch, gradients come from ``torch.func.grad`` (see :meth:`grad`)
     vectorised: bool = False
@@ -202,7 +202,7 @@ class Batch:
     make_tasks: Callable[[], list[Task]] | None = field(default=None, repr=False)
     meta_loss: torch.Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    stash: Stash = field(default_factory=Stash)
+    stash: Stash = field(default_factory=new_stash)
     reruns: int = 0
     #: the default outer step: each task's loss is backpropagated as soon as it is computed
     #: (one task graph alive at a time; ``meta_loss`` is then detached)
