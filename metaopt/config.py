@@ -130,6 +130,7 @@ FIELD_HELP: dict[str, str] = {
     "bn_policy": "BatchNorm during adaptation: batch statistics (transductive) or running statistics",
     "backend": "functional engine of the inner loop (loop engine)",
     "engine": "loop: task by task; vmap: every task of a meta-batch at once (torch.func.vmap, same gradients); "
+    "compile: vmap under torch.compile, checked against float64 on the first batch before it is trusted; "
     "auto (the CLI's default): vmap for models without convolutions, else loop (docs/engines.md)",
     "task_chunk": "vmap engine: tasks per vmap call (unset: the whole meta-batch); smaller holds less memory",
     "memory": "keep: every inner step's graph until the outer backward; recompute: only the parameters after each "
@@ -163,7 +164,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "inner_optimizer": ("sgd", "adam", "higher_adam", "rmsprop", "adagrad"),
     "bn_policy": ("transductive", "running"),
     "backend": ("higher", "torch.func"),
-    "engine": ("loop", "vmap", "auto"),
+    "engine": ("loop", "vmap", "compile", "auto"),
     "memory": ("keep", "recompute"),
     "lr_schedule": ("none", "cosine", "tanh", "step", "multistep", "poly"),
     "keep_best": ("accuracy", "mse", "query_loss"),

@@ -16,11 +16,13 @@ from torch import nn
 
 from metaopt.backend import make_backend
 from metaopt.engines import (
+    CompileEngine,
     EngineContext,
     LoopEngine,
     VmapEngine,
     check_engine,
     choose_engine,
+    compile_refusals,
     make_task,
     vmap_refusals,
 )
@@ -299,6 +301,7 @@ class MetaLearner(nn.Module):
             autocast=self.autocast,
             memory=memory,
             meta_parameters=lambda: list(self.meta_parameters()),
+            holder=self,
         )
         if memory not in MEMORY_MODES:
             raise ConfigError(
@@ -313,10 +316,11 @@ class MetaLearner(nn.Module):
                 )
         #: why engine="vmap" cannot run this learner (empty when it can)
         self.vmap_reasons = vmap_refusals(self.engine_context)
-        if engine == "vmap" and self.vmap_reasons:
+        refused = self.vmap_reasons + (compile_refusals(self.engine_context) if engine == "compile" else [])
+        if engine in ("vmap", "compile") and refused:
             raise ConfigError(
-                "engine='vmap' cannot run this learner: "
-                + "; ".join(self.vmap_reasons)
+                f"engine={engine!r} cannot run this learner: "
+                + "; ".join(refused)
                 + ". Use engine='loop' (or 'auto', which falls back to the loop for it)."
             )
         #: the engines this learner has run, by name (built when first needed)
@@ -434,12 +438,12 @@ class MetaLearner(nn.Module):
             batch.meta_loss = self.engines["loop"].run(batch, self.engine_context)
             return batch.meta_loss
         if name not in self.engines:
-            self.engines[name] = VmapEngine(self.engine_context)
+            self.engines[name] = (CompileEngine if name == "compile" else VmapEngine)(self.engine_context)
         try:
             batch.meta_loss = self.engines[name].run(batch, self.engine_context, stacks=self.engine == "auto")
         except PluginHookError as exc:
             raise PluginHookError(
-                f"{exc} [engine='vmap': hooks run once for all tasks, inside torch.func.vmap; a hook must take "
+                f"{exc} [engine={name!r}: hooks run once for all tasks, inside torch.func.vmap; a hook must take "
                 "gradients with task.grad(...) / task.inner_grad_at(...), not torch.autograd.grad, and must not "
                 "read values (.item(), float(), if on a tensor). Use engine='loop' for this plugin.]",
                 plugin=exc.plugin,

@@ -510,6 +510,7 @@ class Trainer:
                 record = {"iteration": self.iteration, "time": round(self._clock(), 3), **step_metrics}
                 if self.learner.last_engine is not None:
                     record["engine"] = self.learner.last_engine
+                record.update(self.compile_report())
                 self._log(record)
                 if "skipped" not in step_metrics:
                     self.recent.append({k: v for k, v in step_metrics.items() if isinstance(v, int | float)})
@@ -555,12 +556,37 @@ class Trainer:
 
         return self.learner.engine if self.learner.engine != "auto" else auto_engine(self.learner.engine_context)
 
+    def compile_report(self) -> dict[str, Any]:
+        """engine="compile": first-call time (compilation and the exactness gate), graphs, recompilations,
+        and the gate's distances from float64 (empty for the other engines)."""
+        engine = self.learner.engines.get("compile")
+        if engine is None:
+            return {}
+        report = {"compile_s": round(engine.compile_seconds, 3), "graphs": engine.compiles}
+        report["recompiles"] = engine.recompiles
+        if engine.gate is not None:
+            report["gate"] = {k: engine.gate[k] for k in ("d_compiled", "d_eager", "tolerance")}
+        return report
+
     def summary(self) -> str:
         """One line for the end of training: engine, running means, best periodic eval, wall time."""
         how = " (chosen by --engine auto)" if self.config.engine == "auto" else ""
         parts = [
             f"trained {self.iteration} iterations in {self._clock():.1f} s on the {self.engine_chosen} engine{how}"
         ]
+        compiled = self.compile_report()
+        if compiled:
+            gate = compiled.get("gate")
+            trusted = (
+                f", trusted by its exactness gate (meta-gradient {gate['d_compiled']:.2g} from float64, eager "
+                f"{gate['d_eager']:.2g}, bound {gate['tolerance']:.2g})"
+                if gate
+                else ""
+            )
+            parts.append(
+                f"compiled {compiled['graphs']} graph(s) in {compiled['compile_s']:.1f} s of first calls, "
+                f"{compiled['recompiles']} recompilation(s){trusted}"
+            )
         if self.recent:
             means = ", ".join(f"{k}={v:.4f}" for k, v in self.running_means().items())
             parts.append(f"mean of the last {len(self.recent)}: {means}")

@@ -77,6 +77,9 @@ class HyperMAML(IterationCounter):
         self.eval_mode = eval_mode
         self.iteration = 0
         self.net: nn.Module | None = None
+        # the blend weights of this batch (training, evaluation), set in batch_start: see there
+        self._weights = {True: torch.ones((), dtype=torch.float64), False: torch.ones((), dtype=torch.float64)}
+        self._parts = {True: (False, True), False: (False, True)}  # (maml part, hypernetwork part)
 
     # -- setup ----------------------------------------------------------------------
     @hookimpl
@@ -125,6 +128,15 @@ class HyperMAML(IterationCounter):
             return self.blend()
         return 0.0 if self.iteration < self.warmup_iters else 1.0
 
+    @hookimpl
+    def batch_start(self, batch) -> None:
+        # adapt reads the blend from here, never self.iteration: under engine="compile" a Python value read
+        # in the compiled task body is guarded on, and the counter would recompile it every iteration.  The
+        # weight is a tensor (a graph input); which parts run changes once per phase.
+        for training, w in ((True, self.blend()), (False, self.eval_blend())):
+            self._weights[training].fill_(w)
+            self._parts[training] = (w < 1.0, w > 0.0)
+
     # -- adaptation -----------------------------------------------------------------
     def hyper_update(self, task: Task, start: Params) -> Params:
         assert self.net is not None
@@ -147,15 +159,19 @@ class HyperMAML(IterationCounter):
         start = trajectory.iterates[0]
         if trajectory.steps == 0:  # "0 inner steps" (e.g. the unadapted baseline): no update at all
             return start
-        w = self.blend() if task.training else self.eval_blend()
-        parts: list[tuple[float, Params]] = []
-        if w < 1.0:
+        use_maml, use_hyper = self._parts[task.training]
+        maml_params = hyper_params = None
+        if use_maml:
             maml = task.learner.new_trajectory(
                 task, self.maml_steps, lr=self.maml_lr, start=start, main=trajectory.main
             )
-            parts.append((1.0 - w, gradient_adapt(task, maml)))
-        if w > 0.0:
-            parts.append((w, self.hyper_update(task, start)))
-        params = parts[0][1] if len(parts) == 1 else {n: sum(c * p[n] for c, p in parts) for n in start}
+            maml_params = gradient_adapt(task, maml)
+        if use_hyper:
+            hyper_params = self.hyper_update(task, start)
+        if maml_params is None or hyper_params is None:
+            params = maml_params if hyper_params is None else hyper_params
+        else:
+            w = self._weights[task.training].to(start["head.weight"])
+            params = {n: (1.0 - w) * maml_params[n] + w * hyper_params[n] for n in start}
         trajectory.iterates.append(params)
         return params

@@ -33,6 +33,9 @@ class MAMLPlusPlus(IterationCounter):
         self.lslr, self.msl = bool(lslr), bool(msl)
         self.msl_iters, self.first_order_iters = msl_iters, first_order_iters
         self.iteration = 0
+        # the schedule's state for the current training batch, set in batch_start (see there)
+        self._annealing, self._first_order = False, False
+        self._progress = torch.zeros((), dtype=torch.float64)
         self.lrs: nn.ParameterDict | None = None
         self.rates: dict[str, nn.Parameter] = {}
         if not self.lslr:
@@ -69,12 +72,27 @@ class MAMLPlusPlus(IterationCounter):
         """Weights of the query losses after steps 1..K (sum 1), annealed to the last step."""
         if not self.msl or steps <= 1:
             return [1.0] * min(steps, 1)
-        s = 1.0 if self.msl_iters == 0 else min(1.0, self.iteration / self.msl_iters)
+        s = self.schedule_progress()
         return [(1 - s) / steps] * (steps - 1) + [(1 - s) / steps + s]
+
+    def schedule_progress(self) -> float:
+        """How far the multi-step loss has annealed: 0 (uniform weights) to 1 (the last step only)."""
+        return 1.0 if self.msl_iters == 0 else min(1.0, self.iteration / self.msl_iters)
+
+    @hookimpl
+    def batch_start(self, batch) -> None:
+        # The task hooks read the schedule from here, never self.iteration: under engine="compile" a
+        # Python value read in the compiled task body is guarded on, and the counter would recompile
+        # the body every iteration.  The progress is a tensor (an input of the compiled graph); the
+        # two flags change once each (one recompilation when each phase ends).
+        if batch.training:
+            self._annealing = self.msl and self.schedule_progress() < 1.0
+            self._first_order = self.iteration < self.first_order_iters
+            self._progress.fill_(self.schedule_progress())
 
     @hookimpl
     def task_start(self, task: Task) -> None:
-        if task.training and self.iteration < self.first_order_iters:
+        if task.training and self._first_order:
             task.second_order = False
 
     # -- the hooks ------------------------------------------------------------------
@@ -88,14 +106,14 @@ class MAMLPlusPlus(IterationCounter):
     @hookimpl
     def loss_modification(self, task: Task, params: Params, loss: torch.Tensor) -> dict[str, torch.Tensor] | None:
         trajectory = task.trajectory
-        if trajectory is None or not self.msl or trajectory.steps <= 1:
+        if trajectory is None or not self._annealing or trajectory.steps <= 1:
             return None
-        weights = self.msl_weights(trajectory.steps)
-        if weights[-1] == 1.0:
-            return None
+        # msl_weights(K) as tensors: (1 - s)/K for the steps before the last, (1 - s)/K + s for the last
+        progress = self._progress.to(loss)
+        w = (1.0 - progress) / trajectory.steps
         output, metrics = task.query_output, dict(task.metrics)
-        term = (weights[-1] - 1.0) * loss
-        for w, point in zip(weights[:-1], trajectory.iterates[1:-1], strict=True):
+        term = (w + progress - 1.0) * loss
+        for point in trajectory.iterates[1:-1]:
             term = term + w * query_loss(task, point)
         task.query_output = output  # query_loss sets them; keep the final step's
         task.metrics.update(metrics)

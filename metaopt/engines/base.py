@@ -19,7 +19,7 @@ from torch import nn
 from metaopt.errors import ConfigError, suggest
 from metaopt.task import Batch, Params, Task, TaskData, TrajectoryFactory
 
-ENGINES = ("loop", "vmap", "auto")
+ENGINES = ("loop", "vmap", "compile", "auto")
 
 
 def check_engine(engine: str) -> None:
@@ -48,6 +48,8 @@ class EngineContext:
     autocast: Callable[[], contextlib.AbstractContextManager[Any]]
     memory: str = "keep"
     meta_parameters: Callable[[], list[torch.Tensor]] = list
+    #: the module holding every meta-parameter (names, and the compile gate's float64 round trip)
+    holder: nn.Module | None = None
 
     def start_params(self, training: bool, named: Params | None = None) -> Params:
         """The adapted parameters' starting point: the meta-parameters (evaluation: detached copies)."""

@@ -28,6 +28,16 @@ def vmap_refusals(ctx: EngineContext) -> list[str]:
     return reasons
 
 
+def compile_refusals(ctx: EngineContext) -> list[str]:
+    """Why ``engine="compile"`` cannot run this learner, beyond :func:`vmap_refusals`."""
+    if ctx.memory == "recompute":
+        return [
+            "memory='recompute' makes each inner step an autograd.Function with a vmap rule, which torch.compile "
+            "does not trace; use engine='vmap' (recompute runs there) or memory='keep'"
+        ]
+    return []
+
+
 def ragged(data: list[TaskData]) -> str | None:
     """A description of the first shape that differs between tasks, or None when all stack."""
     for field_index, field in enumerate(FIELDS):

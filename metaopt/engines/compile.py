@@ -1,0 +1,192 @@
+"""``engine="compile"``: the vmap engine's chunk under ``torch.compile``, trusted only after a gate.
+
+The whole task body of a chunk (every hook, the inner loop with ``torch.func.grad``, the outer
+loss) is one ``torch.compile``d function of the chunk's tensors; the outer backward runs through
+the compiled graph's backward.  Compilation reorders floating-point operations, and a
+second-order meta-gradient can be badly conditioned, so before the first training step the
+engine proves itself on the user's own model and first batch (:func:`exactness_gate`):
+
+* ``g64``: the eager engine's meta-gradient with every meta-parameter, buffer and input in float64;
+* ``d_eager``: the eager engine's distance from ``g64`` in the model's own dtype, ``d_compiled``
+  the compiled engine's, both as the largest entry difference over the largest entry of ``g64``;
+* accepted when ``d_compiled <= max(4 * d_eager, floor)``: the compiled result is as close to
+  float64 as eager arithmetic in the same dtype is (within a factor for rounding noise); the floor
+  is ``4 * eps`` of the dtype (float32: 4.8e-7), and 1e-10 for a float64 model, whose eager result
+  is the reference itself (``d_eager`` = 0).
+
+A failure raises :class:`~metaopt.errors.ConfigError` naming the parameter with the largest
+difference and offering ``engine="vmap"`` / ``"loop"``; the result is logged and kept in
+``engine.gate``.  Each (task shape, training/evaluation) compiles once; ``engine.compiles``
+counts graphs and ``engine.recompiles`` any compilation after a key's first call (0 expected),
+``engine.compile_seconds`` the wall time of first calls (compilation included).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import types
+from typing import Any
+
+import torch
+
+from metaopt.engines.base import EngineContext
+from metaopt.engines.vmap import VmapEngine
+from metaopt.errors import ConfigError
+from metaopt.task import Batch
+
+log = logging.getLogger("metaopt.engines")
+#: the torch.compile backend (tests use "aot_eager": dynamo and AOT autograd without code generation)
+COMPILE_BACKEND = "inductor"
+_ENGINE_IDS = itertools.count()
+#: the gate's bound on the compiled result's distance from float64, in units of the eager one's
+GATE_FACTOR = 4.0
+#: the bound's floor: float64 models are held to the project's float64 agreement (their eager result
+#: is the reference itself), lower precisions to a few machine epsilons
+GATE_FLOOR = {torch.float64: 1e-10}
+GATE_FLOOR_EPS = 4.0
+
+
+class CompileEngine(VmapEngine):
+    """The vmap engine with its chunk compiled (``backend``: a ``torch.compile`` backend name)."""
+
+    name = "compile"
+
+    def __init__(self, ctx: EngineContext, backend: str | None = None, mode: str | None = None) -> None:
+        super().__init__(ctx)
+        self.backend_name, self.mode = backend or COMPILE_BACKEND, mode
+        self.compiles = 0
+        self.recompiles = 0
+        self.compile_seconds = 0.0
+        self.gate: dict[str, Any] | None = None
+        self._keys: set[tuple[Any, ...]] = set()
+        self._eager_chunk = super()._chunk
+        # dynamo keeps compiled code per code object, with a limit on entries after which it silently runs
+        # the frame eagerly: each engine compiles its own copy of the chunk's code, so learners never share
+        # (or exhaust) one cache, and hitting the limit raises (compiled_call) instead of running eagerly
+        fn = VmapEngine._chunk
+        code = fn.__code__.replace(co_name=f"compiled_chunk_{next(_ENGINE_IDS)}")
+        own = types.MethodType(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__), self)
+        self._compiled_chunk = torch.compile(own, backend=self._count, mode=mode, dynamic=False, fullgraph=True)
+        self._use_compiled = True
+
+    def _count(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        """The compile backend, counting every graph dynamo hands it."""
+        self.compiles += 1
+        if self._warm_key is not None and self._warm_key in self._keys:
+            self.recompiles += 1
+        backend = torch._dynamo.lookup_backend(self.backend_name)
+        return backend(graph, example_inputs)
+
+    _warm_key: tuple[Any, ...] | None = None
+
+    def _chunk(self, ctx, batch, start, parts, finite):  # type: ignore[no-untyped-def, override]
+        if not self._use_compiled:
+            return self._eager_chunk(ctx, batch, start, parts, finite)
+        try:
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return self._compiled_chunk(ctx, batch, start, parts, finite)
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
+            raise ConfigError(
+                f"engine='compile' cannot compile this learner's task body as one graph: {str(exc).splitlines()[0]} "
+                "(a hook or the model does something torch.compile cannot trace inside torch.func.vmap, or its "
+                "compiled code keeps changing). Use engine='vmap' (the same computation uncompiled) or engine='loop'."
+            ) from exc
+
+    def run(self, batch: Batch, ctx: EngineContext, stacks: bool = False) -> torch.Tensor:
+        key = (batch.training, *((tuple(t.shape), t.dtype) for t in batch.data[0]), len(batch.data))
+        first = key not in self._keys
+        self._warm_key = key
+        start = time.perf_counter()  # a key's first call: compilation (and, first of all, the gate) included
+        if self.gate is None and batch.training:
+            self.gate = exactness_gate(self, batch, ctx)
+        loss = super().run(batch, ctx, stacks)
+        if first:
+            self.compile_seconds += time.perf_counter() - start
+            self._keys.add(key)
+        return loss
+
+    def eager(self) -> _Eager:
+        """A context in which this engine runs its chunks uncompiled."""
+        return _Eager(self)
+
+
+class _Eager:
+    def __init__(self, engine: CompileEngine) -> None:
+        self.engine = engine
+
+    def __enter__(self) -> None:
+        self.engine._use_compiled = False
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine._use_compiled = True
+
+
+def exactness_gate(engine: CompileEngine, batch: Batch, ctx: EngineContext) -> dict[str, Any]:
+    """Compare the compiled meta-gradient on ``batch`` with the eager one and with float64 (see the
+    module docstring); raise :class:`ConfigError` when the compiled one is not as close as eager."""
+    holder = ctx.holder
+    named = [(n, p) for n, p in holder.named_parameters() if p.requires_grad]
+    dtype = named[0][1].dtype
+
+    def meta_gradient(compiled: bool, data: list[Any]) -> list[torch.Tensor]:
+        probe = Batch(learner=batch.learner, data=data, training=True, runner=batch.runner)
+        with torch.random.fork_rng(), torch.enable_grad():
+            torch.manual_seed(0)
+            if compiled:
+                loss = VmapEngine.run(engine, probe, ctx, stacks=True)
+            else:
+                with engine.eager():
+                    loss = VmapEngine.run(engine, probe, ctx, stacks=True)
+            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g.detach() for (_, p), g in zip(named, grads, strict=True)]
+
+    started = time.perf_counter()
+    eager = meta_gradient(False, batch.data)
+    compiled = meta_gradient(True, batch.data)
+    if dtype == torch.float64:
+        reference = eager
+    else:
+        holder.to(torch.float64)
+        try:
+            wide = [tuple(t.double() if t.is_floating_point() else t for t in task) for task in batch.data]
+            reference = meta_gradient(False, wide)
+        finally:
+            holder.to(dtype)
+    scale = max(float(g.abs().max()) for g in reference) or 1.0
+
+    def distance(grads: list[torch.Tensor]) -> tuple[float, str]:
+        per = [float((g.double() - r).abs().max()) / scale for g, r in zip(grads, reference, strict=True)]
+        worst = max(range(len(per)), key=per.__getitem__)
+        return per[worst], named[worst][0]
+
+    d_eager, _ = distance(eager)
+    d_compiled, worst = distance(compiled)
+    tolerance = max(GATE_FACTOR * d_eager, GATE_FLOOR.get(dtype, GATE_FLOOR_EPS * torch.finfo(dtype).eps))
+    gate = {
+        "passed": d_compiled <= tolerance,
+        "d_eager": d_eager,
+        "d_compiled": d_compiled,
+        "tolerance": tolerance,
+        "largest_difference_in": worst,
+        "dtype": str(dtype).removeprefix("torch."),
+        "seconds": time.perf_counter() - started,
+    }
+    log.info(
+        "engine='compile' exactness gate: compiled meta-gradient %.3g from float64 (eager %s: %.3g; bound %.3g) -> %s",
+        d_compiled,
+        gate["dtype"],
+        d_eager,
+        tolerance,
+        "trusted" if gate["passed"] else "refused",
+    )
+    if not gate["passed"]:
+        raise ConfigError(
+            f"engine='compile' failed its exactness gate on the first batch: the compiled meta-gradient is "
+            f"{d_compiled:.3g} (largest entry difference over the largest entry) from a float64 computation, "
+            f"eager {gate['dtype']} is {d_eager:.3g}, and the bound is {tolerance:.3g}; the largest difference is "
+            f"in {worst!r}. Compilation reorders floating-point operations, and random draws inside a task (dropout) "
+            "differ when compiled. Use engine='vmap' (the same computation uncompiled) or engine='loop'."
+        )
+    return gate

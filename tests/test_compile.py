@@ -1,0 +1,150 @@
+"""engine="compile": the vmap engine's chunk under torch.compile, trusted after an exactness gate.
+
+Float64: every built-in plugin that runs under vmap gives the loop engine's meta-gradient to 1e-10
+under compile (the plugin matrix compiles with "aot_eager" — dynamo and AOT autograd, the tracing
+that could change what is computed — and two cases with inductor, which also reorders arithmetic);
+no recompilation after warm-up; the gate refuses a compiled gradient that is off and names the
+parameter; the CLI reports the compilation and the gate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import regression_tasks
+from test_engine import conv_bn, image_tasks, seeded_mlp
+
+import metaopt.engines.compile as compile_engine
+from metaopt import ConfigError, MetaLearner
+
+PLUGINS = {
+    "maml": [],
+    "fomaml": ["fomaml"],
+    "reptile": ["reptile"],
+    "shot": ["shot:weight=0.5"],
+    "sharp_inner": ["sharp_maml:rho_inner=0.05"],
+    "sharp_outer": ["sharp_maml:rho_outer=0.05"],
+    "shot+sharp_both": ["shot:weight=0.5", "sharp_maml:rho_inner=0.05,rho_outer=0.05"],
+    "meta_sgd": ["meta_sgd"],
+    "maml_pp": ["maml_pp:msl_iters=2,first_order_iters=1"],
+    "anil": ["anil"],
+    "proto_head": ["proto_head"],
+    "hypermaml": ["hypermaml"],
+}
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    monkeypatch.setattr(compile_engine, "COMPILE_BACKEND", "aot_eager")
+
+
+def gradient(learner: MetaLearner, tasks) -> torch.Tensor:
+    for p in learner.parameters():
+        p.grad = None
+    learner.backward(tasks)
+    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in learner.parameters()])
+
+
+def train_side_by_side(make_model, plugins, make_tasks, loss_fn, iterations: int, steps: int = 2):
+    """The loop and the compile engine from the same start, stepping together; the largest relative
+    difference of their meta-gradients, and the compile engine."""
+    learners = {}
+    for engine in ("loop", "compile"):
+        torch.manual_seed(0)
+        learners[engine] = MetaLearner(
+            make_model(), list(plugins), inner_steps=steps, inner_lr=0.3, loss_fn=loss_fn, engine=engine
+        )
+    worst = 0.0
+    for _ in range(iterations):
+        tasks = make_tasks()
+        loop, compiled = (gradient(learners[e], tasks) for e in ("loop", "compile"))
+        assert loop.norm() > 0
+        worst = max(worst, float((compiled - loop).norm() / loop.norm()))
+        with torch.no_grad():  # the same plain SGD step on both, so schedules and values move on together
+            for a, b in zip(learners["loop"].parameters(), learners["compile"].parameters(), strict=True):
+                if a.grad is not None:
+                    a -= 0.01 * a.grad
+                    b -= 0.01 * b.grad
+    return worst, learners["compile"].engines["compile"]
+
+
+@pytest.mark.usefixtures("aot_eager")
+@pytest.mark.parametrize("plugin", list(PLUGINS))
+def test_every_built_in_plugin_compiles_to_the_loop_engines_gradient_in_float64(plugin):
+    worst, engine = train_side_by_side(conv_bn, PLUGINS[plugin], lambda: image_tasks(3), F.cross_entropy, 4)
+    assert worst <= 1e-10
+    assert engine.gate["passed"] and engine.gate["d_compiled"] <= 1e-10
+    # one graph per phase: MAML++'s schedule ends two phases (first order, then the multi-step loss)
+    assert engine.recompiles == (2 if plugin == "maml_pp" else 0)
+
+
+def test_inductor_compiles_second_order_maml_to_the_loop_engines_gradient_in_float64():
+    worst, engine = train_side_by_side(conv_bn, [], lambda: image_tasks(3), F.cross_entropy, 3)
+    assert worst <= 1e-10 and engine.backend_name == "inductor"
+    assert engine.compiles == 1 and engine.recompiles == 0 and engine.compile_seconds > 0
+
+
+def test_inductor_float32_passes_the_gate_calibrated_against_float64():
+    torch.manual_seed(0)
+    learner = MetaLearner(seeded_mlp().float(), inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss, engine="compile")
+    tasks = [tuple(t.float() for t in task) for task in regression_tasks(4)]
+    learner.backward(tasks)
+    gate = learner.engines["compile"].gate
+    assert gate["passed"] and gate["dtype"] == "float32"
+    # float32 rounding, measured: neither exact nor far; the bound comes from the eager result's own distance
+    assert 0 < gate["d_eager"] < 1e-5 and 0 < gate["d_compiled"] <= gate["tolerance"]
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_training_and_evaluation_shapes_compile_once_each():
+    learner = MetaLearner(seeded_mlp(), inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss, engine="compile")
+    for _ in range(3):
+        learner.backward(regression_tasks(3))
+        learner.evaluate(regression_tasks(3), steps=2)
+    engine = learner.engines["compile"]
+    assert engine.compiles == 2 and engine.recompiles == 0
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_the_gate_refuses_a_compiled_gradient_that_is_off_and_names_the_parameter(caplog):
+    learner = MetaLearner(seeded_mlp(), inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss, engine="compile")
+    learner.backward(regression_tasks(3))  # builds the engine; the gate passes
+    engine = learner.engines["compile"]
+    compiled = engine._compiled_chunk
+
+    def off(*args):  # a compiled chunk whose loss is 1e-6 too large: its meta-gradient is off by 1e-6
+        loss, metrics = compiled(*args)
+        return loss * (1 + 1e-6), metrics
+
+    engine._compiled_chunk, engine.gate = off, None
+    with caplog.at_level(logging.INFO, logger="metaopt.engines"), pytest.raises(ConfigError) as info:
+        learner.backward(regression_tasks(3))
+    message = str(info.value)
+    assert "exactness gate" in message and "engine='vmap'" in message and "'model." in message
+    assert "refused" in caplog.text
+
+
+def test_compile_refusals_are_named_when_the_learner_is_built():
+    with pytest.raises(ConfigError, match=r"engine='compile' cannot run.*convergent_fo"):
+        MetaLearner(seeded_mlp(), ["convergent_fo"], loss_fn=F.mse_loss, engine="compile")
+    with pytest.raises(ConfigError, match=r"engine='compile' cannot run.*memory='recompute'"):
+        MetaLearner(seeded_mlp(), loss_fn=F.mse_loss, engine="compile", memory="recompute")
+
+
+def test_the_cli_reports_compilation_and_the_gate(tmp_path, capsys, monkeypatch):
+    from metaopt.cli import main
+
+    monkeypatch.setattr(compile_engine, "COMPILE_BACKEND", "aot_eager")
+    out = tmp_path / "run"
+    argv = ["train", "--data", "sinusoid", "--iterations", "3", "--meta-batch", "4", "--engine", "compile"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "on the compile engine" in printed and "compiled 1 graph(s)" in printed and "exactness gate" in printed
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "meta_loss" in line]
+    assert steps and all(s["engine"] == "compile" and s["recompiles"] == 0 for s in steps)
+    assert steps[-1]["gate"]["d_compiled"] <= steps[-1]["gate"]["tolerance"]
