@@ -48,9 +48,11 @@ def meta_gradient(learner: Any, tasks: list[Any]) -> Any:
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    import metaopt.engines.compile
     from metaopt import MetaLearner
 
     torch.set_num_threads(1)
+    metaopt.engines.compile.COMPILE_BACKEND = spec["backend"]
     wl = WORKLOADS.get(spec["workload"])
     batches = make_batches(wl.model, wl.meta_batch, spec["iters"] + 1)
 
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS, choices=WORKLOADS.names())
     parser.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend (the tests use aot_eager)")
     parser.add_argument("--docs", default=str(DOCS))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -145,7 +148,7 @@ def main() -> None:
     }
     for wl in args.workloads:
         for engine in args.engines:
-            spec = {"workload": wl, "engine": engine, "iters": args.iters}
+            spec = {"workload": wl, "engine": engine, "iters": args.iters, "backend": args.backend}
             proc = subprocess.run(
                 [sys.executable, __file__, "--worker", json.dumps(spec)],
                 capture_output=True,

@@ -359,6 +359,14 @@ def test_lake_curve_runner_tiny(tmp_path, omniglot_dir):
     assert [p["iteration"] for p in points] == [1, 2]
 
 
+def test_compile_runner_tiny(tmp_path):
+    _run("compile.py", "--workloads", "sinusoid mlp, 10-shot, mb 25, K=1", "--engines", "vmap", "compile",
+         "--iters", "1", "--backend", "aot_eager", "--docs", str(tmp_path))  # fmt: skip
+    cells = json.loads((tmp_path / "compile.json").read_text())["cells"]["sinusoid mlp, 10-shot, mb 25, K=1"]
+    assert cells["compile"]["gate"]["passed"] and cells["compile"]["recompiles"] == 0
+    assert 0 < cells["vmap"]["d_float32"] < 1e-5 and "| compile |" in (tmp_path / "compile.md").read_text()
+
+
 def _render(name: str, results: dict, docs: Path) -> None:
     sys.path.insert(0, str(BENCH))
     try:
