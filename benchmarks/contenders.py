@@ -62,6 +62,7 @@ metaopt_contender("metaopt maml (per_task_backward=False)", per_task_backward=Fa
 metaopt_contender("metaopt maml (vmap)", engine="vmap")
 metaopt_contender("metaopt maml (vmap, check_finite=False)", engine="vmap", check_finite=False)
 metaopt_contender("metaopt maml (auto)", engine="auto")
+metaopt_contender("metaopt maml (compile)", engine="compile")
 metaopt_contender("metaopt fomaml", ["fomaml"])
 metaopt_contender("metaopt convergent_fo", ["convergent_fo"])
 metaopt_contender("metaopt shot", ["shot"])

@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -391,7 +392,7 @@ def main() -> None:
         return
     settings = {
         "name": args.name,
-        "command": " ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "benchmarks/memory.py", *sys.argv[1:]]),
         "model": args.model,
         "image_size": args.image_size,
         "meta_batch": args.meta_batch,
@@ -401,7 +402,7 @@ def main() -> None:
     cells = data.get("cells", {}) if args.update else {}
     if args.update:  # the page keeps the full run's command and settings; this one only redoes cells
         settings = data.get("settings", settings)
-        settings.setdefault("updates", []).append(" ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]))
+        settings.setdefault("updates", []).append(shlex.join(["python", "benchmarks/memory.py", *sys.argv[1:]]))
     data = {"settings": settings, "cells": cells, "capped": data.get("capped") if args.update else None}
     for name in args.contenders:
         for k in args.steps:
