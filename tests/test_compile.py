@@ -148,3 +148,46 @@ def test_the_cli_reports_compilation_and_the_gate(tmp_path, capsys, monkeypatch)
     steps = [line for line in lines if "meta_loss" in line]
     assert steps and all(s["engine"] == "compile" and s["recompiles"] == 0 for s in steps)
     assert steps[-1]["gate"]["d_compiled"] <= steps[-1]["gate"]["tolerance"]
+
+
+def conv_bn_pool():
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten()
+    )
+    from metaopt import HeadedModel
+
+    return HeadedModel(body, torch.nn.Linear(4 * 2 * 2, 3)).double()
+
+
+@pytest.mark.usefixtures("aot_eager")
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("name", ["conv_bn_pool", "layer_norm"])
+def test_compiled_meta_gradient_equals_the_loop_and_central_differences(name, steps):
+    """Independent of every engine: central differences (Richardson, h = 1e-6 / 5e-7) of the float64
+    meta-objective, computed with the loop engine's forward only."""
+    from test_engine import layer_norm
+
+    make_model = {"conv_bn_pool": conv_bn_pool, "layer_norm": layer_norm}[name]
+    tasks = image_tasks()
+    learners = {e: MetaLearner(make_model(), inner_steps=steps, inner_lr=0.3, engine=e) for e in ("compile", "loop")}
+    grads = {e: gradient(learner, tasks) for e, learner in learners.items()}
+    assert float((grads["compile"] - grads["loop"]).norm() / grads["loop"].norm()) <= 1e-10
+    reference = learners["loop"]
+    params = list(reference.model.parameters())
+    theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
+
+    def objective(flat: torch.Tensor) -> float:
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(flat, params)
+        return float(reference.forward(tasks).loss.detach())
+
+    def central(direction: torch.Tensor, h: float) -> float:
+        return (objective(theta + h * direction) - objective(theta - h * direction)) / (2 * h)
+
+    compiled = grads["compile"][: theta.numel()]  # the model's parameters come first
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        direction = torch.randn(theta.shape, generator=g, dtype=theta.dtype)
+        fd = (4 * central(direction, 5e-7) - central(direction, 1e-6)) / 3
+        assert abs(float(compiled @ direction) - fd) <= 1e-7 * max(1.0, abs(fd))
