@@ -17,6 +17,7 @@ says whether it computes plain MAML's meta-gradient (then it is checked against 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,21 @@ metaopt_contender("metaopt maml (vmap)", engine="vmap")
 metaopt_contender("metaopt maml (vmap, check_finite=False)", engine="vmap", check_finite=False)
 metaopt_contender("metaopt maml (auto)", engine="auto")
 metaopt_contender("metaopt maml (compile)", engine="compile")
+
+
+def _compiled_with(mode: str) -> Callable[..., Built]:
+    def build(model, steps: int, lr: float, loss_fn) -> Built:
+        import metaopt.engines.compile as compile_engine
+
+        compile_engine.COMPILE_MODE = mode  # this worker process only
+        learner, step = metaopt_step_fn(model, [], steps, lr, loss_fn, engine="compile")
+        return Built(step, list(learner.meta_parameters()), learner)
+
+    return build
+
+
+# CUDA graphs through torch.compile's "reduce-overhead" mode (on CPU the same as plain compile)
+CONTENDERS.register("metaopt maml (compile, CUDA graphs)", Contender(_compiled_with("reduce-overhead")))
 metaopt_contender("metaopt fomaml", ["fomaml"])
 metaopt_contender("metaopt convergent_fo", ["convergent_fo"])
 metaopt_contender("metaopt shot", ["shot"])
@@ -180,5 +196,29 @@ def hand_vmap_step_fn(model, steps: int, lr: float, loss_fn):
         stacked = [torch.stack([t[i] for t in tasks]) for i in range(4)]
         params = dict(model.named_parameters())
         vmap(task, in_dims=(None, 0, 0, 0, 0), randomness="different")(params, *stacked).mean().backward()
+
+    return step
+
+
+@hand_contender("hand vmap (compiled)")
+def hand_vmap_compiled_step_fn(model, steps: int, lr: float, loss_fn):
+    """The hand vmap loop with its whole batched task function under torch.compile."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    torch.func.replace_all_batch_norm_modules_(model)
+
+    def task(params, sx, sy, qx, qy):
+        for _ in range(steps):
+            g = grad(lambda p: loss_fn(functional_call(model, p, (sx,)), sy))(params)
+            params = {n: params[n] - lr * g[n] for n in params}
+        return loss_fn(functional_call(model, params, (qx,)), qy)
+
+    backend = os.environ.get("METAOPT_COMPILE_BACKEND", "inductor")  # as metaopt's compile engine
+    batched = torch.compile(vmap(task, in_dims=(None, 0, 0, 0, 0), randomness="different"), backend=backend)
+
+    def step(tasks):
+        stacked = [torch.stack([t[i] for t in tasks]) for i in range(4)]
+        batched(dict(model.named_parameters()), *stacked).mean().backward()
 
     return step

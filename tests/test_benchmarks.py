@@ -367,6 +367,21 @@ def test_compile_runner_tiny(tmp_path):
     assert 0 < cells["vmap"]["d_float32"] < 1e-5 and "| compile |" in (tmp_path / "compile.md").read_text()
 
 
+def test_the_device_check_runs_in_its_tiny_mode(tmp_path):
+    """benchmarks/device_check.sh, the script a lent GPU runs once, on CPU: every step, tiny."""
+    assert "fd_check.py" in (BENCH / "device_check.sh").read_text()  # its runners: "fd_check.py", "speed.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEVICE_CHECK_TINY": "1", "METAOPT_COMPILE_BACKEND": "aot_eager"}
+    proc = subprocess.run(
+        ["bash", str(BENCH / "device_check.sh"), str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fd = json.loads((tmp_path / "fd_check.json").read_text())["results"]
+    assert all(r["passed"] for row in fd.values() for r in row.values()) and len(fd) == 2
+    rows = json.loads((tmp_path / "speed.json").read_text())["speed"]["sinusoid mlp, 10-shot, mb 25, K=1"]
+    for contender in ("metaopt maml (compile)", "metaopt maml (compile, CUDA graphs)", "hand vmap (compiled)"):
+        assert rows[contender]["median_s"] > 0 and rows[contender]["rel_err_vs_float64"] < 1e-4, contender
+
+
 def _render(name: str, results: dict, docs: Path) -> None:
     sys.path.insert(0, str(BENCH))
     try:

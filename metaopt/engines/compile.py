@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 import types
 from typing import Any
@@ -37,8 +38,11 @@ from metaopt.errors import ConfigError
 from metaopt.task import Batch
 
 log = logging.getLogger("metaopt.engines")
-#: the torch.compile backend (tests use "aot_eager": dynamo and AOT autograd without code generation)
-COMPILE_BACKEND = "inductor"
+#: the torch.compile backend; METAOPT_COMPILE_BACKEND=aot_eager (dynamo and AOT autograd without code
+#: generation) is for quick checks of what is traced, as the tests and the device script's tiny mode do
+COMPILE_BACKEND = os.environ.get("METAOPT_COMPILE_BACKEND", "inductor")
+#: the torch.compile mode (None; "reduce-overhead" adds CUDA graphs on a GPU)
+COMPILE_MODE: str | None = None
 _ENGINE_IDS = itertools.count()
 #: the gate's bound on the compiled result's distance from float64, in units of the eager one's
 GATE_FACTOR = 4.0
@@ -55,7 +59,7 @@ class CompileEngine(VmapEngine):
 
     def __init__(self, ctx: EngineContext, backend: str | None = None, mode: str | None = None) -> None:
         super().__init__(ctx)
-        self.backend_name, self.mode = backend or COMPILE_BACKEND, mode
+        self.backend_name, self.mode = backend or COMPILE_BACKEND, mode or COMPILE_MODE
         self.compiles = 0
         self.recompiles = 0
         self.compile_seconds = 0.0
@@ -68,7 +72,7 @@ class CompileEngine(VmapEngine):
         fn = VmapEngine._chunk
         code = fn.__code__.replace(co_name=f"compiled_chunk_{next(_ENGINE_IDS)}")
         own = types.MethodType(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__), self)
-        self._compiled_chunk = torch.compile(own, backend=self._count, mode=mode, dynamic=False, fullgraph=True)
+        self._compiled_chunk = torch.compile(own, backend=self._count, dynamic=False, fullgraph=True)
         self._use_compiled = True
 
     def _count(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
@@ -76,8 +80,12 @@ class CompileEngine(VmapEngine):
         self.compiles += 1
         if self._warm_key is not None and self._warm_key in self._keys:
             self.recompiles += 1
-        backend = torch._dynamo.lookup_backend(self.backend_name)
-        return backend(graph, example_inputs)
+        if self.backend_name == "inductor" and self.mode:  # a mode is inductor's config (CUDA graphs)
+            from torch._inductor import list_mode_options
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(graph, example_inputs, config_patches=list_mode_options(self.mode))
+        return torch._dynamo.lookup_backend(self.backend_name)(graph, example_inputs)
 
     _warm_key: tuple[Any, ...] | None = None
 
