@@ -10,9 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-docs/benchmarks/gpu-check}"
-if [ "${DEVICE_CHECK_TINY:-0}" = 1 ]; then
+CONTENDERS=("metaopt maml" "metaopt maml (vmap)" "metaopt maml (compile)" "metaopt maml (compile, CUDA graphs)"
+            "raw higher" torchopt torch.func "hand vmap" "hand vmap (compiled)")
+if [ "${DEVICE_CHECK_TINY:-0}" = 1 ]; then  # every step; of the contenders, the compiled ones and one hand loop
   DEVICE=cpu STEPS=(1) ITERS=1 WARMUP=1
   WORKLOADS=("sinusoid mlp, 10-shot, mb 25, K=1")
+  CONTENDERS=("metaopt maml (compile)" "metaopt maml (compile, CUDA graphs)" "raw higher" "hand vmap (compiled)")
 else
   DEVICE=cuda STEPS=(1 3) ITERS=10 WARMUP=2
   WORKLOADS=("sinusoid mlp, 10-shot, mb 25, K=1" "conv4 28px 5w1s, mb 8, K=1" "conv4 28px 5w1s, mb 8, K=5"
@@ -20,5 +23,4 @@ else
 fi
 python benchmarks/fd_check.py --device "$DEVICE" --steps "${STEPS[@]}" --docs "$OUT"
 python benchmarks/speed.py --workloads "${WORKLOADS[@]}" --rounds 1 --iters "$ITERS" --warmup "$WARMUP" --no-memory \
-  --docs "$OUT" --contenders "metaopt maml" "metaopt maml (vmap)" "metaopt maml (compile)" \
-  "metaopt maml (compile, CUDA graphs)" "raw higher" torchopt torch.func "hand vmap" "hand vmap (compiled)"
+  --docs "$OUT" --contenders "${CONTENDERS[@]}"
