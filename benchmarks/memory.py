@@ -403,6 +403,7 @@ def main() -> None:
     if args.update:  # the page keeps the full run's command and settings; this one only redoes cells
         settings = data.get("settings", settings)
         settings.setdefault("updates", []).append(shlex.join(["python", "benchmarks/memory.py", *sys.argv[1:]]))
+        settings["steps"] = sorted(set(settings["steps"]) | set(args.steps))  # the table shows every K it has
     data = {"settings": settings, "cells": cells, "capped": data.get("capped") if args.update else None}
     for name in args.contenders:
         for k in args.steps:
