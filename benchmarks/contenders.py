@@ -173,9 +173,9 @@ def torchopt_step_fn(model, steps: int, lr: float, loss_fn):
     return step
 
 
-@hand_contender("hand vmap")
-def hand_vmap_step_fn(model, steps: int, lr: float, loss_fn):
-    """All tasks at once: torch.func.vmap over tasks of an inner loop written with torch.func.grad.
+def hand_vmap_step(model, steps: int, lr: float, loss_fn, compiled: bool):
+    """All tasks at once: torch.func.vmap over tasks of an inner loop written with torch.func.grad
+    (``compiled``: the whole batched task function under torch.compile, backend as metaopt's engine).
 
     BatchNorm modules lose their running statistics (functorch's replace_all_batch_norm_modules_,
     the documented way to run them under vmap); their second-order gradient under vmap is then
@@ -192,33 +192,22 @@ def hand_vmap_step_fn(model, steps: int, lr: float, loss_fn):
             params = {n: params[n] - lr * g[n] for n in params}
         return loss_fn(functional_call(model, params, (qx,)), qy)
 
-    def step(tasks):
-        stacked = [torch.stack([t[i] for t in tasks]) for i in range(4)]
-        params = dict(model.named_parameters())
-        vmap(task, in_dims=(None, 0, 0, 0, 0), randomness="different")(params, *stacked).mean().backward()
-
-    return step
-
-
-@hand_contender("hand vmap (compiled)")
-def hand_vmap_compiled_step_fn(model, steps: int, lr: float, loss_fn):
-    """The hand vmap loop with its whole batched task function under torch.compile."""
-    import torch
-    from torch.func import functional_call, grad, vmap
-
-    torch.func.replace_all_batch_norm_modules_(model)
-
-    def task(params, sx, sy, qx, qy):
-        for _ in range(steps):
-            g = grad(lambda p: loss_fn(functional_call(model, p, (sx,)), sy))(params)
-            params = {n: params[n] - lr * g[n] for n in params}
-        return loss_fn(functional_call(model, params, (qx,)), qy)
-
-    backend = os.environ.get("METAOPT_COMPILE_BACKEND", "inductor")  # as metaopt's compile engine
-    batched = torch.compile(vmap(task, in_dims=(None, 0, 0, 0, 0), randomness="different"), backend=backend)
+    batched = vmap(task, in_dims=(None, 0, 0, 0, 0), randomness="different")
+    if compiled:
+        batched = torch.compile(batched, backend=os.environ.get("METAOPT_COMPILE_BACKEND", "inductor"))
 
     def step(tasks):
         stacked = [torch.stack([t[i] for t in tasks]) for i in range(4)]
         batched(dict(model.named_parameters()), *stacked).mean().backward()
 
     return step
+
+
+@hand_contender("hand vmap")
+def hand_vmap_step_fn(model, steps: int, lr: float, loss_fn):
+    return hand_vmap_step(model, steps, lr, loss_fn, compiled=False)
+
+
+@hand_contender("hand vmap (compiled)")
+def hand_vmap_compiled_step_fn(model, steps: int, lr: float, loss_fn):
+    return hand_vmap_step(model, steps, lr, loss_fn, compiled=True)

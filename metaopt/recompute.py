@@ -101,10 +101,13 @@ def _surroundings() -> list[contextlib.AbstractContextManager[Any]]:
     for device in ("cpu", "cuda"):
         if torch.is_autocast_enabled(device):
             entered.append(torch.autocast(device, dtype=torch.get_autocast_dtype(device)))
-    modes = torch.overrides._get_current_function_mode_stack()
-    if any(isinstance(mode, SafeNorms) for mode in modes):
+    if _safe_norms_active():
         entered.append(SafeNorms())
     return entered
+
+
+def _safe_norms_active() -> bool:
+    return any(isinstance(mode, SafeNorms) for mode in torch.overrides._get_current_function_mode_stack())
 
 
 class VmapStep(torch.autograd.Function):
@@ -174,7 +177,7 @@ def replayed_step(task: Task, trajectory: Trajectory, params: Params) -> Params:
     own = [params[n] for n in names] + [state[f][i] for f, i in slots]
     if task.vectorised:
         # a torch function mode is off while it handles a call (VmapStep.apply): enter SafeNorms again inside
-        norms = any(isinstance(mode, SafeNorms) for mode in torch.overrides._get_current_function_mode_stack())
+        norms = _safe_norms_active()
 
         def one_task(*args: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, ...]:
             # one task of the chunk: a view of the task record holding that task's own data

@@ -23,11 +23,13 @@ counts graphs and ``engine.recompiles`` any compilation after a key's first call
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import time
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -65,6 +67,7 @@ class CompileEngine(VmapEngine):
         self.compile_seconds = 0.0
         self.gate: dict[str, Any] | None = None
         self._keys: set[tuple[Any, ...]] = set()
+        self._warm_key: tuple[Any, ...] | None = None  # the key of the batch being run
         self._eager_chunk = super()._chunk
         # dynamo keeps compiled code per code object, with a limit on entries after which it silently runs
         # the frame eagerly: each engine compiles its own copy of the chunk's code, so learners never share
@@ -86,8 +89,6 @@ class CompileEngine(VmapEngine):
 
             return compile_fx(graph, example_inputs, config_patches=list_mode_options(self.mode))
         return torch._dynamo.lookup_backend(self.backend_name)(graph, example_inputs)
-
-    _warm_key: tuple[Any, ...] | None = None
 
     def _chunk(self, ctx, batch, start, parts, finite):  # type: ignore[no-untyped-def, override]
         if not self._use_compiled:
@@ -115,20 +116,14 @@ class CompileEngine(VmapEngine):
             self._keys.add(key)
         return loss
 
-    def eager(self) -> _Eager:
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
         """A context in which this engine runs its chunks uncompiled."""
-        return _Eager(self)
-
-
-class _Eager:
-    def __init__(self, engine: CompileEngine) -> None:
-        self.engine = engine
-
-    def __enter__(self) -> None:
-        self.engine._use_compiled = False
-
-    def __exit__(self, *exc: object) -> None:
-        self.engine._use_compiled = True
+        self._use_compiled = False
+        try:
+            yield
+        finally:
+            self._use_compiled = True
 
 
 def exactness_gate(engine: CompileEngine, batch: Batch, ctx: EngineContext) -> dict[str, Any]:
