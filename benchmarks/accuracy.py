@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from algorithms import ALGORITHMS, algorithm_flags
-from common import DOCS, ROOT, SHARED_DATA, cli, device_name, fmt, train_eval, write_json
+from common import DOCS, ROOT, SHARED_DATA, cli, device_name, fmt, shown, train_eval, write_json
 from recipe_knobs import columns_of, seed_table
 from seeds import INTRO, seed_tables
 
@@ -169,7 +169,7 @@ def write_report(results: dict[str, Any]) -> None:
         if "--config" in common:  # a generated file holding only `test_alphabets: []`
             common = _without_config(common)
             lines += ["", "Meta-trained on every alphabet of the train archive (`test_alphabets: []`)."]
-        lines += ["", f"Shared training flags: `{' '.join(common)}`", ""]
+        lines += ["", f"Shared training flags: `{shown(' '.join(common))}`", ""]
         plot = plot_group(group, rows, steps[-1])
         if plot:
             lines += [f"![{group}]({plot})", ""]
@@ -263,7 +263,7 @@ def lake_table(group: str, rows: list[tuple[str, dict[str, Any]]], steps: list[s
         lines.append("| " + " | ".join(cells) + " |")
     common = _without_config(rows[0][1]["train_args"][: rows[0][1]["train_args"].index("--checkpoint-every")])
     lines += ["", "Meta-trained on every alphabet of small1 (`test_alphabets: []`).", ""]
-    lines += [f"Shared training flags: `{' '.join(common)}`", ""]
+    lines += [f"Shared training flags: `{shown(' '.join(common))}`", ""]
     return lines
 
 

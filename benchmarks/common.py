@@ -18,6 +18,11 @@ DOCS = ROOT / "docs" / "benchmarks"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "omniglot"
 
 
+def shown(text: str) -> str:
+    """``text`` with this checkout's parent folder written ``..``: pages read the same from any clone."""
+    return text.replace(f"{ROOT.parent}/", "../")
+
+
 def cli(args: list[str]) -> str:
     """Run ``metaopt ARGS`` in a fresh interpreter; return its stdout (raise with stderr on failure)."""
     cmd = [sys.executable, "-m", "metaopt.cli", *args]

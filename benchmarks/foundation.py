@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import DOCS, ROOT, SHARED_DATA, device_name, fmt, train_eval, write_json
+from common import DOCS, ROOT, SHARED_DATA, device_name, fmt, shown, train_eval, write_json
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
             base = e["unadapted"]
             key = "accuracy" if "accuracy" in e else "mse"
             lines.append(
-                f"| {r['name']} | `{' '.join(r['train_args'])}` | {r['train_wall_s']} | {steps} | {key} {fmt(e)} | "
+                f"| {r['name']} | `{shown(' '.join(r['train_args']))}` | {r['train_wall_s']} | {steps} | {key} {fmt(e)} | "
                 f"{base[key]:.4f} ± {base['ci95']:.4f} |"
             )
     if not archive.is_file():

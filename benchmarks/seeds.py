@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from algorithms import ALGORITHMS, algorithm_flags
-from common import DOCS, SHARED_DATA, device_name, paired_difference, summary, train_eval, write_json
+from common import DOCS, SHARED_DATA, device_name, paired_difference, shown, summary, train_eval, write_json
 
 TEST_SEED = 12345
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -119,7 +119,7 @@ def seed_tables(results: dict[str, Any], level: str = "##") -> list[str]:
             default = f"Scored on validation tasks (test seed {spec['test_seed']}), used for tuning only."
             lines += [spec.get("note", default), ""]
         first = next(iter(next(iter(algos.values())).values()))
-        lines += [f"Shared flags: `{' '.join(spec['flags'])} --iterations {first['iterations']}`; device: "]
+        lines += [f"Shared flags: `{shown(' '.join(spec['flags']))} --iterations {first['iterations']}`; device: "]
         lines[-1] += f"{first['device']}; `--engine auto` unless the name says the engine."
         lines += ["", "| algorithm | seeds | " + " | ".join(f"{metric} after {s} step(s)" for s in steps)]
         lines[-1] += " | vs maml (" + " / ".join(f"{s} step(s)" for s in steps) + ") | train wall s (mean) |"
