@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -19,8 +20,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "omniglot"
 
 
 def shown(text: str) -> str:
-    """``text`` with this checkout's parent folder written ``..``: pages read the same from any clone."""
-    return text.replace(f"{ROOT.parent}/", "../")
+    """``text`` with every absolute path into a ``shared/data`` folder written ``../shared/data/`` (where the
+    README puts it beside the checkout): a page reads the same from a clone at any path, whatever path its
+    JSON recorded."""
+    return re.sub(r"/[^\s:`'\"]*/shared/data/", "../shared/data/", text)
 
 
 def cli(args: list[str]) -> str:
