@@ -22,8 +22,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "omniglot"
 def shown(text: str) -> str:
     """``text`` with every absolute path into a ``shared/data`` folder written ``../shared/data/`` (where the
     README puts it beside the checkout): a page reads the same from a clone at any path, whatever path its
-    JSON recorded."""
-    return re.sub(r"/[^\s:`'\"]*/shared/data/", "../shared/data/", text)
+    JSON recorded; a path inside this checkout is written relative to it."""
+    return re.sub(r"/[^\s:`'\"]*/shared/data/", "../shared/data/", text).replace(f"{ROOT}/", "")
 
 
 def cli(args: list[str]) -> str:
