@@ -89,7 +89,7 @@ def algorithm_args(name: str, iterations: int) -> list[str]:
     return [*algorithm_flags(name, iterations), "--engine", "auto"]
 
 
-def run_cell(setting: str, algo: str, seed: int, work: Path, iterations: int) -> dict[str, Any]:
+def run_cell(setting: str, algo: str, seed: int, work: Path, iterations: int, tasks: int = 600) -> dict[str, Any]:
     spec = SETTINGS[setting]
     train = [*spec["flags"], "--iterations", str(iterations), "--seed", str(seed), "--checkpoint-every", "0"]
     train += algorithm_args(algo, iterations)
@@ -102,7 +102,7 @@ def run_cell(setting: str, algo: str, seed: int, work: Path, iterations: int) ->
         train = ["--config", str(config), *train]
     out = work / f"{setting}_{algo}_{seed}".replace(" ", "_").replace("/", "_")
     eval_args = [*spec.get("eval_args", []), "--seed", str(spec.get("test_seed", TEST_SEED)), "--no-baseline"]
-    row = train_eval(out, train, spec["eval_steps"], eval_args=eval_args)
+    row = train_eval(out, train, spec["eval_steps"], tasks=tasks, eval_args=eval_args)
     row.update(device=device_name(), finished=time.strftime("%Y-%m-%d %H:%M"), iterations=iterations)
     return row
 
@@ -259,6 +259,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/seeds")
     parser.add_argument("--docs", default=str(DOCS))
     parser.add_argument("--rerun", action="store_true")
+    parser.add_argument("--tasks", type=int, default=600, help="test tasks per evaluation (the pages: 600)")
     args = parser.parse_args()
     for algo in args.algorithms:
         base = algo.removesuffix(" (loop)").removesuffix(" (vmap)")
@@ -272,7 +273,7 @@ def main() -> None:
             results = json.loads(path.read_text()) if path.is_file() else {}
             if str(seed) in results.get(args.setting, {}).get(algo, {}) and not args.rerun:
                 continue
-            row = run_cell(args.setting, algo, seed, Path(args.work), iterations)
+            row = run_cell(args.setting, algo, seed, Path(args.work), iterations, args.tasks)
             store(path, args.setting, algo, seed, row)
             print(args.setting, algo, seed, {k: v.get("mse", v.get("accuracy")) for k, v in row["evals"].items()})
 

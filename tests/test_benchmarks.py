@@ -13,8 +13,8 @@ from conftest import OUTSIDE
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _run(script: str, *args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run(script: str, *args: str, env: dict[str, str] | None = None) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env, cwd=OUTSIDE
     )
@@ -306,15 +306,35 @@ def _twice(tmp_path, script: str, page: str, *args: str) -> None:
 
 
 def test_seeds_runner_tiny_regenerates_its_page_and_plot(tmp_path):
-    args = ["--setting", "sinusoid", "--algorithms", "maml", "fomaml", "--seeds", "0", "1", "--iterations", "2"]
-    _twice(tmp_path, "seeds.py", "seeds.md", *args, "--work", str(tmp_path / "w"), "--docs", str(tmp_path), "--rerun")
+    common = ["--setting", "sinusoid", "--iterations", "2", "--tasks", "20", "--work", str(tmp_path / "w")]
+    common += ["--docs", str(tmp_path)]
+    _run("seeds.py", *common, "--algorithms", "maml", "fomaml", "--seeds", "0", "1")
+    first = (tmp_path / "seeds.md").read_text()
+    # one cell trained again from scratch (--rerun) must land on the same numbers; the others stay
+    _run("seeds.py", *common, "--algorithms", "fomaml", "--seeds", "1", "--rerun")
     page = (tmp_path / "seeds.md").read_text()
-    assert "| fomaml | 0,1 |" in page
+    assert _timings_masked(first) == _timings_masked(page)
+    assert "| fomaml | 0,1 |" in page and "| maml | 0,1 |" in page
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return
     assert (tmp_path / "seeds-sinusoid.png").stat().st_size > 0 and "![seeds-sinusoid.png]" in page
+
+
+def test_seeds_runner_writes_the_sinusoid_paper_setting_on_its_own_page(tmp_path):
+    """sinusoid-paper: the recipe's flags on the compile engine, scored on 5-shot tasks after 1/5/10 steps."""
+    env_backend = {"METAOPT_COMPILE_BACKEND": "aot_eager"}  # no C++ build in the unit suite
+    args = ["--setting", "sinusoid-paper", "--algorithms", "maml", "--seeds", "0", "--iterations", "2"]
+    _run("seeds.py", *args, "--tasks", "5", "--work", str(tmp_path / "w"), "--docs", str(tmp_path), env=env_backend)
+    assert not (tmp_path / "seeds.json").exists()
+    row = json.loads((tmp_path / "sinusoid_paper.json").read_text())["sinusoid-paper"]["maml"]["0"]
+    assert "--config" in row["train_args"] and row["train_args"][-2:] == ["--engine", "compile"]
+    assert list(row["evals"]) == ["1", "5", "10"] and all(e["tasks"] == 5 for e in row["evals"].values())
+    config = json.loads((tmp_path / "w" / "sinusoid-paper_maml_0" / "config.json").read_text())
+    assert (config["iterations"], config["meta_batch"], config["shots"], config["inner_lr"]) == (2, 25, 10, 0.01)
+    page = (tmp_path / "sinusoid_paper.md").read_text()
+    assert "0.67 / 0.38 / 0.35" in page and "| maml | 0 |" in page and "`--engine compile`" in page
 
 
 def test_foundation_runner_tiny(tmp_path):
