@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -121,6 +122,28 @@ INTRO = [
 ]
 
 
+def value(report: dict[str, Any], metric: str) -> float:
+    """A cell's metric; NaN where the evaluation diverged (a non-finite loss, no metric)."""
+    return float("nan") if report.get("diverged") else report[metric]
+
+
+def metric_cell(reports: list[dict[str, Any]], metric: str) -> str:
+    """Mean ± sd over the seeds that stayed finite, every seed's value (``diverged`` where it did not);
+    one seed: its 95% interval over test tasks."""
+    values = [value(r, metric) for r in reports]
+    finite = [v for v in values if math.isfinite(v)]
+    if len(values) == 1:
+        return "diverged" if not finite else f"{finite[0]:.4f} ± {reports[0]['ci95']:.4f} (95% CI, tasks)"
+    each = ", ".join(f"{v:.3f}" if math.isfinite(v) else "diverged" for v in values)
+    if not finite:
+        return f"diverged ({each})"
+    if len(finite) == 1:
+        return f"{finite[0]:.4f} ({each}; the only finite seed)"
+    mean, sd = summary(finite)
+    over = f"; over the {len(finite)} finite" if len(finite) < len(values) else ""
+    return f"{mean:.4f} ± {sd:.4f} ({each}{over})"
+
+
 def seed_tables(results: dict[str, Any], level: str = "##") -> list[str]:
     """One table per setting: mean ± spread over seeds and the paired difference to MAML."""
     lines: list[str] = []
@@ -139,21 +162,26 @@ def seed_tables(results: dict[str, Any], level: str = "##") -> list[str]:
         lines += ["|" + " --- |" * (len(steps) + 4)]
         reference = algos.get("maml")
         for algo, seeds in algos.items():
-            cells = [algo, ",".join(sorted(seeds, key=int))]
+            order = sorted(seeds, key=int)
+            cells = [algo, ",".join(order)]
             for s in steps:
-                values = [r["evals"][s].get(metric, float("nan")) for r in seeds.values()]
-                mean, sd = summary(values)
-                if len(values) == 1:  # one seed: the 95% interval over test tasks instead
-                    cells.append(f"{mean:.4f} ± {next(iter(seeds.values()))['evals'][s]['ci95']:.4f} (95% CI, tasks)")
-                    continue
-                cells.append(f"{mean:.4f} ± {sd:.4f} ({', '.join(f'{v:.3f}' for v in values)})")
+                cells.append(metric_cell([seeds[k]["evals"][s] for k in order], metric))
             if reference is not None and algo != "maml" and len(set(seeds) & set(reference)) > 1:
                 parts = []
                 common = sorted(set(seeds) & set(reference), key=int)
                 for s in steps:  # paired by seed: the same seed draws the same init and training tasks
-                    diffs = [seeds[k]["evals"][s][metric] - reference[k]["evals"][s][metric] for k in common]
+                    pairs = [
+                        (value(seeds[k]["evals"][s], metric), value(reference[k]["evals"][s], metric)) for k in common
+                    ]
+                    diffs = [a - b for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+                    if len(diffs) < 2:
+                        parts.append(f"— ({len(common) - len(diffs)} of {len(common)} pairs diverged)")
+                        continue
                     diff, se, beyond = paired_difference(diffs)
-                    parts.append(f"{diff:+.4f} ± {se:.4f}" + (" **measurable**" if beyond else ""))
+                    dropped = (
+                        f" ({len(common) - len(diffs)} diverged pair(s) left out)" if len(diffs) < len(common) else ""
+                    )
+                    parts.append(f"{diff:+.4f} ± {se:.4f}" + (" **measurable**" if beyond else "") + dropped)
                 cells.append(" / ".join(parts))
             else:
                 cells.append("—")
@@ -232,7 +260,10 @@ def plots(results: dict[str, Any], docs: Path) -> list[str]:
         fig, axes = plt.subplots(1, len(steps), figsize=(4.2 * len(steps), 0.32 * len(seeded) + 1.4), squeeze=False)
         for ax, step in zip(axes[0], steps, strict=True):
             names = list(seeded)
-            stats = [summary([r["evals"][step][metric] for r in seeded[a].values()]) for a in names]
+            finite = [
+                [v for r in seeded[a].values() if math.isfinite(v := value(r["evals"][step], metric))] for a in names
+            ]
+            stats = [summary(f) if f else (float("nan"), 0.0) for f in finite]  # diverged seeds left out
             colours = ["tab:gray" if a == "maml" else "tab:blue" for a in names]
             ax.barh(names, [m for m, _ in stats], xerr=[sd for _, sd in stats], color=colours, capsize=3)
             if "maml" in seeded:

@@ -43,6 +43,8 @@ def test_speed_harness_times_and_checks_gradients(tmp_path):
         "metaopt maml (vmap)",
         "raw higher",
         "hand vmap",
+        "--rounds",
+        "2",  # two interleaved rounds combine (the default three only cost time here)
         "--iters",
         "2",
         "--warmup",
