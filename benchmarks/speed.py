@@ -275,7 +275,13 @@ MALLOC_TEXT = {
     "default": "glibc defaults (runs before --malloc existed, or --malloc default)",
 }
 HAND = [name for name, entry in CONTENDERS.items() if entry.hand]
-ENGINE_ROWS = {"loop": "metaopt maml", "vmap": "metaopt maml (vmap)", "auto": "metaopt maml (auto)"}
+ENGINE_ROWS = {
+    "loop": "metaopt maml",
+    "vmap": "metaopt maml (vmap)",
+    "compile": "metaopt maml (compile)",
+    "auto": "metaopt maml (auto)",
+}
+ENGINES = ("loop", "vmap", "compile")  # what a user picks; auto picks one of loop and vmap
 
 
 def paired(rows: dict[str, dict[str, Any]], contender: str, fastest_hand_s: float) -> str:
@@ -297,12 +303,13 @@ def engine_table(results: dict[str, Any]) -> list[str]:
         "## Engines against the fastest hand-written loop",
         "",
         "From the tables below (same runs): metaopt's second-order MAML under each engine, divided by the",
-        "fastest of the hand-written contenders (raw higher, torch.func per-task loop, TorchOpt, hand vmap);",
+        "fastest of the hand-written contenders timed (raw higher, torch.func per-task loop, TorchOpt, hand vmap,",
+        "and hand vmap under torch.compile where it was timed);",
         "in brackets, where the run had several rounds, the range of the same ratio within each round (each",
         "round's median over the fastest hand contender of that round).",
         "",
-        "| workload | fastest hand loop | loop × | vmap × | auto × [engine it picks] | best engine |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| workload | fastest hand loop | loop × | vmap × | compile × | auto × [engine it picks] | best engine |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for wl, rows in results["speed"].items():
         hand = {c: rows[c]["median_s"] for c in HAND if "median_s" in rows.get(c, {})}
@@ -310,13 +317,13 @@ def engine_table(results: dict[str, Any]) -> list[str]:
         if not hand or not ours:
             continue
         best_hand = min(hand, key=hand.get)
-        cells = [paired(rows, ENGINE_ROWS[e], hand[best_hand]) if e in ours else "—" for e in ("loop", "vmap")]
+        cells = [paired(rows, ENGINE_ROWS[e], hand[best_hand]) if e in ours else "—" for e in ENGINES]
         auto = "—"
         if "auto" in ours:
             picked = rows[ENGINE_ROWS["auto"]].get("engine", "?")
             auto = f"{paired(rows, ENGINE_ROWS['auto'], hand[best_hand])} [{picked}]"
-        best = min((e for e in ("loop", "vmap") if e in ours), key=ours.get)
-        lines.append(f"| {wl} | {best_hand} ({hand[best_hand]:.4f} s) | {cells[0]} | {cells[1]} | {auto} | {best} |")
+        best = min((e for e in ENGINES if e in ours), key=ours.get)
+        lines.append(f"| {wl} | {best_hand} ({hand[best_hand]:.4f} s) | {' | '.join(cells)} | {auto} | {best} |")
     return lines + [""]
 
 
@@ -331,12 +338,13 @@ def summary_plot(plt: Any, speed: dict[str, Any], out: Path) -> list[str]:
         for engine, row in ENGINE_ROWS.items():
             value = rows.get(row, {}).get("median_s")
             groups[engine].append(float("nan") if value is None else value / min(hands))
+    groups = {engine: ratios for engine, ratios in groups.items() if any(r == r for r in ratios)}  # timed ones
     if not names:
         return []
     fig, ax = plt.subplots(figsize=(8, 0.75 * len(names) + 1.2))
     height = 0.8 / len(groups)
     for i, (engine, ratios) in enumerate(groups.items()):
-        ys = [y + (i - 1) * height for y in range(len(names))]
+        ys = [y + (i - (len(groups) - 1) / 2) * height for y in range(len(names))]
         ax.barh(ys, [0 if r != r else r for r in ratios], height=height, label=f"metaopt, engine={engine}")
         for y, r in zip(ys, ratios, strict=True):
             if r == r:
