@@ -103,7 +103,14 @@ def run_cell(setting: str, algo: str, seed: int, work: Path, iterations: int, ta
         train = ["--config", str(config), *train]
     out = work / f"{setting}_{algo}_{seed}".replace(" ", "_").replace("/", "_")
     eval_args = [*spec.get("eval_args", []), "--seed", str(spec.get("test_seed", TEST_SEED)), "--no-baseline"]
-    row = train_eval(out, train, spec["eval_steps"], tasks=tasks, eval_args=eval_args)
+    try:
+        row = train_eval(out, train, spec["eval_steps"], tasks=tasks, eval_args=eval_args)
+    except RuntimeError as exc:  # a plugin the setting's engine refuses (convergent FO): the engine auto picks
+        if "engine" not in spec or "cannot run this learner" not in str(exc):
+            raise
+        train = [*train[:-2], "--engine", "auto"]
+        row = train_eval(out, train, spec["eval_steps"], tasks=tasks, eval_args=eval_args)
+        row["engine_refused"] = str(exc).split("metaopt: error: ", 1)[-1].strip()
     row.update(device=device_name(), finished=time.strftime("%Y-%m-%d %H:%M"), iterations=iterations)
     return row
 
@@ -188,6 +195,13 @@ def seed_tables(results: dict[str, Any], level: str = "##") -> list[str]:
             cells.append(f"{statistics.fmean(r['train_wall_s'] for r in seeds.values()):.0f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        for algo, seeds in algos.items():  # the setting's engine refused these: they ran on what auto picks
+            refused = next((r["engine_refused"] for r in seeds.values() if "engine_refused" in r), None)
+            if refused:
+                lines += [
+                    f"{algo} ran on `--engine auto` (the loop): `--engine {spec['engine']}` refused it: {refused}",
+                    "",
+                ]
     return lines
 
 
