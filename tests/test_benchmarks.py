@@ -428,7 +428,10 @@ def test_every_page_written_from_a_json_regenerates_byte_identical_from_it(tmp_p
     for name in ("seeds.json", "recipe_knobs.json"):  # accuracy.md includes their over-seed tables
         shutil.copy(docs / name, tmp_path / name)
     pages = [(m, m) for m in ("seeds", "lake_seeds", "lake_curve", "recipe_knobs", "speed", "accuracy", "memory")]
-    pages += [("memory", "memory_resnet10t"), ("compile", "compile")]
+    pages += [("memory", "memory_resnet10t"), ("compile", "compile"), ("seeds", "sinusoid_paper")]
+    pages += [("speed", "compile_speed/speed")]
     for module, page in pages:
-        _render(module, json.loads((docs / f"{page}.json").read_text()), tmp_path)
+        out = tmp_path / Path(page).parent
+        out.mkdir(exist_ok=True)
+        _render(module, json.loads((docs / f"{page}.json").read_text()), out)
         assert (tmp_path / f"{page}.md").read_text() == (docs / f"{page}.md").read_text(), page
