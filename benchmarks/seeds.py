@@ -134,6 +134,10 @@ def value(report: dict[str, Any], metric: str) -> float:
     return float("nan") if report.get("diverged") else report[metric]
 
 
+def short(v: float) -> str:
+    return f"{v:.3f}" if abs(v) < 1000 else f"{v:.1e}"
+
+
 def metric_cell(reports: list[dict[str, Any]], metric: str) -> str:
     """Mean ± sd over the seeds that stayed finite, every seed's value (``diverged`` where it did not);
     one seed: its 95% interval over test tasks."""
@@ -141,11 +145,13 @@ def metric_cell(reports: list[dict[str, Any]], metric: str) -> str:
     finite = [v for v in values if math.isfinite(v)]
     if len(values) == 1:
         return "diverged" if not finite else f"{finite[0]:.4f} ± {reports[0]['ci95']:.4f} (95% CI, tasks)"
-    each = ", ".join(f"{v:.3f}" if math.isfinite(v) else "diverged" for v in values)
+    each = ", ".join(short(v) if math.isfinite(v) else "diverged" for v in values)
     if not finite:
         return f"diverged ({each})"
     if len(finite) == 1:
-        return f"{finite[0]:.4f} ({each}; the only finite seed)"
+        return f"{short(finite[0])} ({each}; the only finite seed)"
+    if min(finite) > 0 and max(finite) > 10 * min(finite):  # a seed blew up: a mean would only show it
+        return f"median {short(statistics.median(finite))} ({each}; spread over {max(finite) / min(finite):.0e}×)"
     mean, sd = summary(finite)
     over = f"; over the {len(finite)} finite" if len(finite) < len(values) else ""
     return f"{mean:.4f} ± {sd:.4f} ({each}{over})"
