@@ -111,6 +111,7 @@ def run_cell(setting: str, algo: str, seed: int, work: Path, iterations: int, ta
         train = [*train[:-2], "--engine", "auto"]
         row = train_eval(out, train, spec["eval_steps"], tasks=tasks, eval_args=eval_args)
         row["engine_refused"] = str(exc).split("metaopt: error: ", 1)[-1].strip()
+        row["engine_chosen"] = json.loads((out / "config.json").read_text()).get("engine_chosen", "?")
     row.update(device=device_name(), finished=time.strftime("%Y-%m-%d %H:%M"), iterations=iterations)
     return row
 
@@ -202,10 +203,12 @@ def seed_tables(results: dict[str, Any], level: str = "##") -> list[str]:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         for algo, seeds in algos.items():  # the setting's engine refused these: they ran on what auto picks
-            refused = next((r["engine_refused"] for r in seeds.values() if "engine_refused" in r), None)
+            refused = next((r for r in seeds.values() if "engine_refused" in r), None)
             if refused:
+                chosen = refused.get("engine_chosen", "loop")
                 lines += [
-                    f"{algo} ran on `--engine auto` (the loop): `--engine {spec['engine']}` refused it: {refused}",
+                    f"{algo} ran on `--engine auto` (it chose {chosen}): `--engine {spec['engine']}` refused it: "
+                    f"{refused['engine_refused']}",
                     "",
                 ]
     return lines

@@ -316,12 +316,14 @@ class MetaLearner(nn.Module):
                 )
         #: why engine="vmap" cannot run this learner (empty when it can)
         self.vmap_reasons = vmap_refusals(self.engine_context)
-        refused = self.vmap_reasons + (compile_refusals(self.engine_context) if engine == "compile" else [])
+        compile_only = compile_refusals(self.engine_context) if engine == "compile" else []
+        refused = self.vmap_reasons + compile_only
         if engine in ("vmap", "compile") and refused:
+            instead = "engine='vmap' or 'loop'" if not self.vmap_reasons else "engine='loop'"
             raise ConfigError(
                 f"engine={engine!r} cannot run this learner: "
                 + "; ".join(refused)
-                + ". Use engine='loop' (or 'auto', which falls back to the loop for it)."
+                + f". Use {instead} (or 'auto', which runs a supported engine for it)."
             )
         #: the engines this learner has run, by name (built when first needed)
         self.engines: dict[str, Any] = {"loop": LoopEngine()}

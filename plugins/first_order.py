@@ -83,16 +83,32 @@ def fd_hvp(
 
     Also returns the mixed block d/d(others) of <grad L_S, vector> for the trainable parameters
     that are not adapted (``others``), from the same perturbed gradients.  With ``pieces``,
-    ReLU masks and max-pool winners are those of ``point`` at every perturbed point.
+    ReLU masks and max-pool winners are those of ``point`` at every perturbed point.  Under
+    ``engine="vmap"`` the step size stays a tensor (each task its own) and gradients come from
+    ``task.grad``; the loop engine reads the norm on the host, as it always has.
     """
     others = others or {}
-    norm = float(global_norm(vector))
-    if norm == 0.0:
-        return {n: torch.zeros_like(v) for n, v in vector.items()}, {n: torch.zeros_like(p) for n, p in others.items()}
-    r = delta / norm
+    if task.vectorised:
+        norm = global_norm(vector)
+        # a zero vector gives plus == minus, so any finite step returns the exact zero product
+        r: Any = delta / torch.where(norm > 0, norm, torch.ones_like(norm))
+    else:
+        host_norm = float(global_norm(vector))
+        if host_norm == 0.0:
+            zeros = {n: torch.zeros_like(v) for n, v in vector.items()}
+            return zeros, {n: torch.zeros_like(p) for n, p in others.items()}
+        r = delta / host_norm
     fixed = {n: p.detach() for n, p in point.items()}
 
     def grad_at(sign: float, mode: contextlib.AbstractContextManager[Any]) -> Params:
+        if task.vectorised:
+            shifted = {n: fixed[n] + sign * r * vector[n] for n in point}
+
+            def loss_at(values: Params) -> torch.Tensor:
+                with mode:
+                    return task.support_loss(values)
+
+            return task.grad(loss_at, {**shifted, **others}, create_graph=False)
         shifted = {n: (fixed[n] + sign * r * vector[n]).requires_grad_() for n in point}
         with torch.enable_grad(), mode:
             loss = task.support_loss(shifted)
@@ -118,10 +134,11 @@ class ConvergentFO:
 
     name = "convergent_fo"
     forces_first_order = True
-    #: read by engine="vmap" (refused) and engine="auto" (runs the loop)
-    vmap_unsupported = (
-        "its finite differences step by each task's own vector norm and replay the ReLU/max-pool pieces recorded "
-        "on that task, which needs per-task values on the host"
+    vmap_safe = True  # per-task step sizes stay tensors under vmap (tests/plugins/test_first_order.py)
+    #: read by engine="compile" (refused) and engine="auto" (vmap or the loop instead)
+    compile_unsupported = (
+        "it replays the ReLU/max-pool pieces recorded on each task through a TorchFunctionMode, which "
+        "torch.compile does not trace; use engine='vmap' or 'loop'"
     )
 
     def __init__(self, delta: float = 1e-3, estimator: str = "symmetric", freeze_activations: bool = True) -> None:
@@ -155,11 +172,15 @@ class ConvergentFO:
 
     @hookimpl
     def outer_loss(self, task: Task, params: Params) -> torch.Tensor:
-        loss = query_loss(task, params)
         if not task.training:
-            return loss
+            return query_loss(task, params)
         assert task.trajectory is not None
-        g = grad_dict(loss, params, create_graph=False, retain_graph=True)
+        if task.vectorised:  # torch.func.grad differentiates a function: one more query forward
+            g = task.grad(lambda p: query_loss(task, p), params, create_graph=False)
+            loss = query_loss(task, params)
+        else:
+            loss = query_loss(task, params)
+            g = grad_dict(loss, params, create_graph=False, retain_graph=True)
         v = dict(g)
         learner = task.learner
         others = {n: p for n, p in learner.model.named_parameters() if p.requires_grad and n not in params}

@@ -129,7 +129,7 @@ def test_the_gate_refuses_a_compiled_gradient_that_is_off_and_names_the_paramete
 
 
 def test_compile_refusals_are_named_when_the_learner_is_built():
-    with pytest.raises(ConfigError, match=r"engine='compile' cannot run.*convergent_fo"):
+    with pytest.raises(ConfigError, match=r"engine='compile' cannot run.*convergent_fo.*Use engine='vmap' or 'loop'"):
         MetaLearner(seeded_mlp(), ["convergent_fo"], loss_fn=F.mse_loss, engine="compile")
     with pytest.raises(ConfigError, match=r"engine='compile' cannot run.*memory='recompute'"):
         MetaLearner(seeded_mlp(), loss_fn=F.mse_loss, engine="compile", memory="recompute")

@@ -238,11 +238,10 @@ def test_auto_picks_vmap_for_the_functional_layer_norm_model():
     assert learner.engine_for([TaskData(*t) for t in image_tasks()]) == "vmap"
 
 
-def test_convergent_fo_is_refused_by_vmap_and_run_by_the_loop_under_auto():
-    with pytest.raises(ConfigError, match="plugin 'convergent_fo'.*engine='loop'"):
-        MetaLearner(mlp(), [ConvergentFO()], engine="vmap")
+def test_convergent_fo_runs_under_vmap_and_auto_picks_vmap_for_it():
     learner = MetaLearner(mlp(), [ConvergentFO()], engine="auto", loss_fn=F.mse_loss)
-    assert learner.engine_for([tuple(t.float() for t in task) for task in regression_tasks()]) == "loop"
+    assert learner.engine_for([tuple(t.float() for t in task) for task in regression_tasks()]) == "vmap"
+    assert MetaLearner(mlp(), [ConvergentFO()], engine="vmap").vmap_reasons == []
 
 
 def test_higher_inner_optimizers_are_refused():

@@ -30,12 +30,17 @@ def vmap_refusals(ctx: EngineContext) -> list[str]:
 
 def compile_refusals(ctx: EngineContext) -> list[str]:
     """Why ``engine="compile"`` cannot run this learner, beyond :func:`vmap_refusals`."""
+    reasons = [
+        f"plugin {name!r}: {reason}"
+        for name, plugin in ctx.plugins
+        if (reason := getattr(plugin, "compile_unsupported", None))
+    ]
     if ctx.memory == "recompute":
-        return [
+        reasons.append(
             "memory='recompute' makes each inner step an autograd.Function with a vmap rule, which torch.compile "
             "does not trace; use engine='vmap' (recompute runs there) or memory='keep'"
-        ]
-    return []
+        )
+    return reasons
 
 
 def ragged(data: list[TaskData]) -> str | None:

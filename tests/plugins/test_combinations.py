@@ -11,7 +11,7 @@ from conftest import class_tasks
 from reference import combo_meta_grad
 from torch import nn
 
-from metaopt import ConfigError, HeadedModel, MetaLearner, PluginConflictError
+from metaopt import HeadedModel, MetaLearner, PluginConflictError
 from metaopt.plugins import ANIL, FOMAML, SHOT, ConvergentFO, HyperMAML, MAMLPlusPlus, MetaSGD, Reptile, SharpMAML
 
 STEPS, LR, RHO, SHOT_WEIGHT = 2, 0.3, 0.05, 0.5
@@ -73,10 +73,6 @@ def test_pair_is_refused_at_build_or_matches_its_reference(pair, engine):
             _build(pair, engine)
         names = {"sharp_inner": "sharp_maml", "sharp_both": "sharp_maml"}
         assert all(names.get(n, n) in str(info.value) for n in pair), str(info.value)
-        return
-    if engine == "vmap" and "convergent_fo" in pair:  # refused by the batched engine, with the reason
-        with pytest.raises(ConfigError, match="engine='vmap' cannot run this learner: plugin 'convergent_fo'"):
-            _build(pair, engine)
         return
     learner = _build(pair, engine)
     options = {}

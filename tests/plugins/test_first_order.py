@@ -140,3 +140,63 @@ def test_convergent_fo_gives_non_adapted_parameters_their_second_order_terms():
         MetaLearner(model, [HeadOnly(), plugin], inner_steps=3, inner_lr=0.1, loss_fn=F.mse_loss).backward(tasks)
         errors[plugin.name] = ((_flat(model) - exact).norm() / exact.norm()).item()
     assert errors["convergent_fo"] < 1e-6 and errors["fomaml"] > 1e-2, errors
+
+
+def test_convergent_fo_under_vmap_equals_the_loop_engine_with_frozen_pieces_and_non_adapted_parameters():
+    """Per-task step sizes and recorded ReLU / max-pool pieces stay per task inside vmap."""
+
+    class HeadOnly:
+        name = "head_only"
+        vmap_safe = True
+
+        @hookimpl
+        def adapted_params(self, learner, candidates):
+            return [n for n in candidates if n.startswith("head.")]
+
+    g = torch.Generator().manual_seed(0)
+    conv_tasks = [
+        (torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(5))
+        + (torch.randn(10, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(5).repeat(2))
+        for _ in range(4)
+    ]
+    sine = [tuple(t.double() for t in task) for task in SinusoidTasks(shots=10, seed=0).sample(6)]
+    cases = {
+        "relu mlp": (lambda: mlp().double(), [], sine, 3, 0.01, F.mse_loss),
+        "head only": (lambda: mlp(hidden=(16, 16)).double(), [HeadOnly()], sine, 2, 0.1, F.mse_loss),
+        "conv max-pool": (_conv_pool_net, [], conv_tasks, 2, 0.1, F.cross_entropy),
+    }
+    for label, (make, extra, tasks, steps, lr, loss_fn) in cases.items():
+        grads = {}
+        for engine in ("loop", "vmap"):
+            torch.manual_seed(0)
+            model = make()
+            learner = MetaLearner(
+                model, [*extra, ConvergentFO()], inner_steps=steps, inner_lr=lr, loss_fn=loss_fn, engine=engine
+            )
+            result = learner.backward(tasks)
+            assert learner.last_engine == engine and torch.isfinite(result.loss)
+            grads[engine] = _flat(model)
+        assert grads["loop"].norm() > 0, label
+        error = ((grads["vmap"] - grads["loop"]).norm() / grads["loop"].norm()).item()
+        assert error < 1e-10, (label, error)
+
+
+def test_convergent_fo_under_vmap_handles_a_zero_query_gradient_per_task():
+    """A task whose query loss is flat (zero vector) gets exactly zero, its neighbours their value."""
+    torch.manual_seed(0)
+    tasks = regression_tasks(3, shots=8)
+    model = mlp(hidden=(8,)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # output 0 everywhere: a task with query targets 0 has a zero query gradient
+    x, _, qx, _ = tasks[1]
+    tasks[1] = (x, torch.zeros_like(x), qx, torch.zeros_like(qx))  # stays at 0: a zero query gradient
+    grads = {}
+    for engine in ("loop", "vmap"):
+        model.zero_grad()
+        MetaLearner(model, [ConvergentFO()], inner_steps=1, inner_lr=0.1, loss_fn=F.mse_loss, engine=engine).backward(
+            tasks
+        )
+        grads[engine] = _flat(model)
+    assert torch.isfinite(grads["vmap"]).all() and grads["loop"].norm() > 0
+    assert ((grads["vmap"] - grads["loop"]).norm() / grads["loop"].norm()).item() < 1e-10
