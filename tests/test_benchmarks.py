@@ -14,7 +14,9 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _run(script: str, *args: str, env: dict[str, str] | None = None) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    """Run a benchmark runner; the CLI runs it calls run in its own process (``METAOPT_BENCH_IN_PROCESS``,
+    one torch import instead of one per call) unless ``env`` sets that variable to "0"."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "METAOPT_BENCH_IN_PROCESS": "1", **(env or {})}
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env, cwd=OUTSIDE
     )
@@ -297,12 +299,14 @@ def _timings_masked(text: str) -> str:
     return "\n".join(out)
 
 
-def _twice(tmp_path, script: str, page: str, *args: str) -> None:
-    """Run ``script`` twice with the same arguments; its page must change only in timings and timestamps."""
+def _twice(tmp_path, script: str, page: str, *args: str, fresh_second: bool = False) -> None:
+    """Run ``script`` twice with the same arguments; its page must change only in timings and timestamps.
+    ``fresh_second``: the second run calls the CLI in a fresh interpreter each time (the measured runs'
+    path), so the two pages also show that running the CLI in process changes no result."""
     _run(script, *args)
     first = (tmp_path / page).read_text()
     (tmp_path / page).unlink()
-    _run(script, *args)
+    _run(script, *args, env={"METAOPT_BENCH_IN_PROCESS": "0"} if fresh_second else None)
     second = (tmp_path / page).read_text()
     assert _timings_masked(first) == _timings_masked(second)
 
@@ -341,7 +345,7 @@ def test_seeds_runner_writes_the_sinusoid_paper_setting_on_its_own_page(tmp_path
 
 def test_foundation_runner_tiny(tmp_path):
     args = ["--sin-iters", "2", "--omniglot", str(tmp_path / "absent"), "--out", str(tmp_path / "runs")]
-    _twice(tmp_path, "foundation.py", "foundation.md", *args, "--docs", str(tmp_path))
+    _twice(tmp_path, "foundation.py", "foundation.md", *args, "--docs", str(tmp_path), fresh_second=True)
     assert "| sinusoid 10-shot |" in (tmp_path / "foundation.md").read_text()
 
 
