@@ -158,6 +158,18 @@ def metric_cell(reports: list[dict[str, Any]], metric: str) -> str:
     return f"{mean:.4f} ± {sd:.4f} ({each}{over})"
 
 
+def kept_pairs(pairs: list[tuple[float, float]], metric: str) -> list[tuple[float, float]]:
+    """The (algorithm, MAML) pairs a paired difference may average: both finite and, for an error
+    (``mse``), both within 10× of the smallest value of the step, the rule by which ``metric_cell``
+    shows a median; one blown-up seed would otherwise make the mean difference its own value."""
+    finite = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+    values = [v for pair in finite for v in pair if v > 0]
+    if metric != "mse" or not values:
+        return finite
+    limit = 10 * min(values)
+    return [(a, b) for a, b in finite if a <= limit and b <= limit]
+
+
 def seed_tables(results: dict[str, Any], level: str = "##") -> list[str]:
     """One table per setting: mean ± spread over seeds and the paired difference to MAML."""
     lines: list[str] = []
@@ -187,13 +199,16 @@ def seed_tables(results: dict[str, Any], level: str = "##") -> list[str]:
                     pairs = [
                         (value(seeds[k]["evals"][s], metric), value(reference[k]["evals"][s], metric)) for k in common
                     ]
-                    diffs = [a - b for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+                    kept = kept_pairs(pairs, metric)
+                    diffs = [a - b for a, b in kept]
                     if len(diffs) < 2:
-                        parts.append(f"— ({len(common) - len(diffs)} of {len(common)} pairs diverged)")
+                        parts.append(f"— ({len(common) - len(diffs)} of {len(common)} pairs diverged or blew up)")
                         continue
                     diff, se, beyond = paired_difference(diffs)
                     dropped = (
-                        f" ({len(common) - len(diffs)} diverged pair(s) left out)" if len(diffs) < len(common) else ""
+                        f" ({len(common) - len(diffs)} diverged or blown-up pair(s) left out)"
+                        if len(diffs) < len(common)
+                        else ""
                     )
                     parts.append(f"{diff:+.4f} ± {se:.4f}" + (" **measurable**" if beyond else "") + dropped)
                 cells.append(" / ".join(parts))

@@ -439,3 +439,15 @@ def test_every_page_written_from_a_json_regenerates_byte_identical_from_it(tmp_p
         out.mkdir(exist_ok=True)
         _render(module, json.loads((docs / f"{page}.json").read_text()), out)
         assert (tmp_path / f"{page}.md").read_text() == (docs / f"{page}.md").read_text(), page
+
+
+def test_paired_differences_leave_out_blown_up_pairs_of_an_error():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import seeds
+    finally:
+        sys.path.remove(str(BENCH))
+    nan = float("nan")
+    pairs = [(0.40, 0.53), (0.39, 25.3), (0.44, 0.33), (nan, 0.57), (5.9e16, 2.5e6)]
+    assert seeds.kept_pairs(pairs, "mse") == [(0.40, 0.53), (0.44, 0.33)]
+    assert seeds.kept_pairs([(0.05, 0.9), (0.5, 0.6)], "accuracy") == [(0.05, 0.9), (0.5, 0.6)]
