@@ -71,8 +71,14 @@ SETTINGS["omniglot5-validation"] = {
 }
 
 
+PAPER_INIT = " (paper init)"
+
+
 def algorithm_args(name: str, iterations: int) -> list[str]:
-    """CLI flags of an algorithm: an accuracy-harness name, "NAME (loop|vmap)", or convergent FO's outer step."""
+    """CLI flags of an algorithm: an accuracy-harness name, "NAME (loop|vmap)", "NAME (paper init)" (the
+    sinusoid MLP initialised as the MAML authors' code, ``--model mlp_paper``), or convergent FO's outer step."""
+    if name.endswith(PAPER_INIT):
+        return [*algorithm_args(name.removesuffix(PAPER_INIT), iterations), "--model", "mlp_paper"]
     if name.endswith((" (loop)", " (vmap)")):
         base, engine = name[:-7], name[-5:-1]
         return [*algorithm_args(base, iterations), "--engine", engine]
@@ -331,7 +337,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=600, help="test tasks per evaluation (the pages: 600)")
     args = parser.parse_args()
     for algo in args.algorithms:
-        base = algo.removesuffix(" (loop)").removesuffix(" (vmap)")
+        base = algo.removesuffix(PAPER_INIT).removesuffix(" (loop)").removesuffix(" (vmap)")
         if base.split(":", 1)[0] not in ALGORITHMS:
             parser.error(f"unknown algorithm {algo!r}; use one of {sorted(ALGORITHMS.names())}")
     docs = Path(args.docs)

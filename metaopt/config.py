@@ -119,7 +119,7 @@ FIELD_HELP: dict[str, str] = {
     "workers": "DataLoader worker processes decoding folder:/csv: tasks (the same tasks for any number)",
     "within_alphabet": "Omniglot: draw all classes of a task from one alphabet (as the Lake one-shot runs do)",
     "test_alphabets": "Omniglot alphabets held out for testing (repeatable)",
-    "model": "auto (conv4 for images, the MLP for sinusoid), conv4, conv4_3pool (the last block keeps its 3x3 map), mlp, or any timm model name",
+    "model": "auto (conv4 for images, the MLP for sinusoid), conv4, conv4_3pool (the last block keeps its 3x3 map), mlp, mlp_paper (the MLP initialised as the MAML authors' code: truncated normal std 0.01, zero biases), or any timm model name",
     "pretrained_path": "a local state_dict file for a timm model (nothing is downloaded)",
     "plugins": "algorithm plugin, NAME or NAME:key=value,... (see `metaopt plugins`)",
     "inner_steps": "inner gradient steps per task during training",
@@ -305,9 +305,9 @@ class TrainConfig:
             )
         if self.within_alphabet and kind != "omniglot":
             raise ConfigError(f"within_alphabet applies to omniglot: data only; data={self.data!r}.")
-        if self.model == "mlp" and not self.regression:
+        if self.model in ("mlp", "mlp_paper") and not self.regression:
             raise ConfigError(
-                f"model='mlp' is the sinusoid regression MLP (one input); data={self.data!r} gives images. Use "
+                f"model={self.model!r} is the sinusoid regression MLP (one input); data={self.data!r} gives images. Use "
                 "model=auto (conv4), conv4, or a timm name, or data=sinusoid."
             )
         if self.regression and self.model in ("conv4", "conv4_3pool"):

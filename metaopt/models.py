@@ -65,7 +65,27 @@ def mlp(num_classes: int = 1, in_features: int = 1, hidden: tuple[int, ...] = (4
     return HeadedModel(nn.Sequential(*layers), nn.Linear(width, num_classes))
 
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {"conv4": conv4, "conv4_3pool": conv4_3pool, "mlp": mlp}
+def mlp_paper(num_classes: int = 1, in_features: int = 1, hidden: tuple[int, ...] = (40, 40)) -> HeadedModel:
+    """:func:`mlp` initialised as the MAML authors' code does: weights from a normal with std 0.01
+    truncated at two standard deviations, biases 0 (PyTorch's default ``nn.Linear`` draws uniform
+    weights of scale 1/sqrt(fan_in), 0.16 for the 40-wide layers)."""
+    model = mlp(num_classes, in_features, hidden)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.01, a=-0.02, b=0.02)
+                nn.init.zeros_(module.bias)
+    return model
+
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "conv4": conv4,
+    "conv4_3pool": conv4_3pool,
+    "mlp": mlp,
+    "mlp_paper": mlp_paper,
+}
+#: the sinusoid regressors (one input, one output)
+REGRESSION_MODELS = ("mlp", "mlp_paper")
 #: metaopt's own image networks: built with ``in_chans`` (timm models also take ``pretrained_path``)
 OWN_IMAGE_MODELS = ("conv4", "conv4_3pool")
 

@@ -26,7 +26,7 @@ from metaopt.data.sampler import TaskSampler
 from metaopt.data.sources import make_sampler
 from metaopt.errors import CheckpointError, ConfigError, DataError, NumericalError, TrainingInterrupted
 from metaopt.learner import MetaLearner
-from metaopt.models import OWN_IMAGE_MODELS, conv4, create_model, mlp
+from metaopt.models import OWN_IMAGE_MODELS, REGRESSION_MODELS, conv4, create_model, mlp
 from metaopt.numerics import all_finite
 from metaopt.optim import make_outer_optimizer, param_groups
 from metaopt.registry import create_plugin
@@ -77,7 +77,9 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
             return mlp()
         return conv4(num_classes=config.ways, img_size=config.image_size, in_chans=config.channels or 1)
     if config.regression:
-        return create_model(config.model) if config.model == "mlp" else create_model(config.model, num_classes=1)
+        if config.model in REGRESSION_MODELS:
+            return create_model(config.model)
+        return create_model(config.model, num_classes=1)
     kwargs: dict[str, Any] = {"num_classes": config.ways, "img_size": config.image_size}
     if config.model in OWN_IMAGE_MODELS:
         kwargs.update(in_chans=config.channels or 1)

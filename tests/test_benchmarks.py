@@ -441,7 +441,7 @@ def test_every_page_written_from_a_json_regenerates_byte_identical_from_it(tmp_p
         assert (tmp_path / f"{page}.md").read_text() == (docs / f"{page}.md").read_text(), page
 
 
-def test_paired_differences_leave_out_blown_up_pairs_of_an_error():
+def test_paired_differences_leave_out_blown_up_pairs_and_paper_init_names_its_model():
     sys.path.insert(0, str(BENCH))
     try:
         import seeds
@@ -451,3 +451,6 @@ def test_paired_differences_leave_out_blown_up_pairs_of_an_error():
     pairs = [(0.40, 0.53), (0.39, 25.3), (0.44, 0.33), (nan, 0.57), (5.9e16, 2.5e6)]
     assert seeds.kept_pairs(pairs, "mse") == [(0.40, 0.53), (0.44, 0.33)]
     assert seeds.kept_pairs([(0.05, 0.9), (0.5, 0.6)], "accuracy") == [(0.05, 0.9), (0.5, 0.6)]
+    # "NAME (paper init)": the same algorithm on the MLP initialised as the MAML authors' code
+    assert seeds.algorithm_args("sharp_outer (paper init)", 100)[-2:] == ["--model", "mlp_paper"]
+    assert seeds.algorithm_args("sharp_outer (paper init)", 100)[:-2] == seeds.algorithm_args("sharp_outer", 100)

@@ -29,3 +29,21 @@ def test_conv4_3pool_is_registered_and_built_by_the_trainer():
 def test_conv4_refuses_a_pool_count_out_of_range():
     with pytest.raises(ConfigError, match="pools=5"):
         conv4(pools=5)
+
+
+def test_mlp_paper_is_the_mlp_initialised_as_the_maml_authors_code():
+    torch.manual_seed(0)
+    config = TrainConfig.from_dict({"data": "sinusoid", "model": "mlp_paper"}, source="test")
+    model = build_model(config)
+    default = create_model("mlp")
+    assert [p.shape for p in model.parameters()] == [p.shape for p in default.parameters()]
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(float(b.abs().max()) == 0.0 for b in biases)
+    assert all(float(w.abs().max()) <= 0.02 for w in weights)  # truncated at two standard deviations
+    hidden = weights[1]  # 40 x 40: 1,600 draws
+    assert 0.0075 < float(hidden.std()) < 0.0095  # std 0.01 truncated at 2 sd: 0.0088
+    # PyTorch's default draws uniform weights of scale 1/sqrt(40) = 0.16 there
+    assert float(default.body[2].weight.abs().max()) > 0.1
+    with pytest.raises(ConfigError, match=r"model='mlp_paper' is the sinusoid regression MLP"):
+        TrainConfig.from_dict({"data": "glyphs", "model": "mlp_paper"}, source="test")
