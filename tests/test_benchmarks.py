@@ -454,3 +454,34 @@ def test_paired_differences_leave_out_blown_up_pairs_and_paper_init_names_its_mo
     # "NAME (paper init)": the same algorithm on the MLP initialised as the MAML authors' code
     assert seeds.algorithm_args("sharp_outer (paper init)", 100)[-2:] == ["--model", "mlp_paper"]
     assert seeds.algorithm_args("sharp_outer (paper init)", 100)[:-2] == seeds.algorithm_args("sharp_outer", 100)
+
+
+def test_curvature_runner_tiny_and_its_eigenvalue_against_the_full_hessian(tmp_path):
+    import torch
+
+    from metaopt.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", "sinusoid", "--iterations", "2", "--meta-batch", "2", "--out", str(run),
+                 "--no-progress", "--eval-every", "0"]) == 0  # fmt: skip
+    _run("curvature.py", str(run), "--tasks", "2", "--steps", "2", "--power-iters", "3", "--docs", str(tmp_path))
+    row = json.loads((tmp_path / "curvature.json").read_text())["run, 5-shot"]
+    assert len(row["alpha_lambda_start"]) == 2 and len(row["query_mse"]) == 2 and row["steps"] == 2
+    assert "| run, 5-shot |" in (tmp_path / "curvature.md").read_text()
+    # the power iteration finds the Hessian eigenvalue of largest magnitude (a small quadratic-plus-tanh loss)
+    sys.path.insert(0, str(BENCH))
+    try:
+        import curvature
+    finally:
+        sys.path.remove(str(BENCH))
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    x0 = torch.randn(6, generator=g, dtype=torch.float64)
+
+    def loss(p):
+        return 0.5 * p["w"] @ (a @ a.T) @ p["w"] + torch.tanh(p["w"]).sum()
+
+    eigenvalues = torch.linalg.eigvalsh(torch.autograd.functional.hessian(lambda w: loss({"w": w}), x0))
+    expected = float(eigenvalues[eigenvalues.abs().argmax()])
+    got = curvature.top_eigenvalue(loss, {"w": x0}, iters=200, generator=torch.Generator().manual_seed(1))
+    assert abs(got - expected) < 1e-6 * abs(expected), (got, expected)
