@@ -98,16 +98,16 @@ def measure(run: Path, tasks: int, shots: int, steps: int, lr: float, iters: int
 def row(name: str, r: dict[str, Any]) -> str:
     start, along, mse = r["alpha_lambda_start"], r["alpha_lambda_max_along"], r["query_mse"]
     finite = [m for m in mse if math.isfinite(m)]
-    blown = sum(1 for m in mse if not math.isfinite(m) or m > 10)
+    blown = [i for i, m in enumerate(mse) if not math.isfinite(m) or m > 10]
     unstable = [i for i, a in enumerate(along) if a > 2]
-    caught = sum(1 for i, m in enumerate(mse) if (not math.isfinite(m) or m > 10) and i in unstable)
+    at_start = ", ".join(f"{start[i]:.2f}" for i in blown)
     cells = [
         name,
         f"{statistics.median(start):.2f} / {max(start):.2f}",
         f"{sum(a > 2 for a in start)} / {len(start)}",
         f"{len(unstable)} / {len(along)}",
         f"{statistics.median(finite):.3f}" if finite else "diverged",
-        f"{blown} / {len(mse)}" + (f" ({caught} of them with α·λ > 2 on the way)" if blown else ""),
+        f"{len(blown)} / {len(mse)}" + (f" (their α·λ at the start: {at_start})" if blown else ""),
     ]
     return "| " + " | ".join(cells) + " |"
 

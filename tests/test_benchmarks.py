@@ -433,7 +433,7 @@ def test_every_page_written_from_a_json_regenerates_byte_identical_from_it(tmp_p
         shutil.copy(docs / name, tmp_path / name)
     pages = [(m, m) for m in ("seeds", "lake_seeds", "lake_curve", "recipe_knobs", "speed", "accuracy", "memory")]
     pages += [("memory", "memory_resnet10t"), ("compile", "compile"), ("seeds", "sinusoid_paper")]
-    pages += [("speed", "compile_speed/speed")]
+    pages += [("speed", "compile_speed/speed"), ("curvature", "curvature")]
     for module, page in pages:
         out = tmp_path / Path(page).parent
         out.mkdir(exist_ok=True)
