@@ -3,7 +3,7 @@
 Plain gradient descent at step α diverges on a quadratic once α·λ_max(H) > 2.  For each trained
 run, on fresh K-shot tasks (float64, the run's final meta-parameters): the largest-magnitude
 eigenvalue of the Hessian of the support MSE, by power iteration on Hessian-vector products
-(``torch.func``, no metaopt code), at the meta-learned start and after each of S inner steps at α,
+(double backward through ``torch.func.functional_call``, no metaopt code), at the meta-learned start and after each of S inner steps at α,
 and the query MSE after the S steps.  The page asks whether the runs whose multi-step scores blow
 up (docs/benchmarks/sinusoid_paper.md) start, or arrive, where α·λ_max > 2.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import statistics
 import sys
@@ -156,8 +157,6 @@ def main() -> None:
 
 
 def json_or_empty(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

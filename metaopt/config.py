@@ -305,7 +305,9 @@ class TrainConfig:
             )
         if self.within_alphabet and kind != "omniglot":
             raise ConfigError(f"within_alphabet applies to omniglot: data only; data={self.data!r}.")
-        if self.model in ("mlp", "mlp_paper") and not self.regression:
+        from metaopt.models import REGRESSION_MODELS
+
+        if self.model in REGRESSION_MODELS and not self.regression:
             raise ConfigError(
                 f"model={self.model!r} is the sinusoid regression MLP (one input); data={self.data!r} gives images. Use "
                 "model=auto (conv4), conv4, or a timm name, or data=sinusoid."

@@ -138,7 +138,7 @@ class ConvergentFO:
     #: read by engine="compile" (refused) and engine="auto" (vmap or the loop instead)
     compile_unsupported = (
         "it replays the ReLU/max-pool pieces recorded on each task through a TorchFunctionMode, which "
-        "torch.compile does not trace; use engine='vmap' or 'loop'"
+        "torch.compile does not trace"
     )
 
     def __init__(self, delta: float = 1e-3, estimator: str = "symmetric", freeze_activations: bool = True) -> None:
