@@ -129,7 +129,8 @@ class TorchFuncBackend:
 
     def release(self) -> None:
         for module, mode in self._modes:
-            module.training = mode
+            if module.training != mode:  # nn.Module.__setattr__ is slow; most flags are unchanged
+                module.training = mode
         self._modes = []
 
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor], **kwargs: Any) -> Any:

@@ -18,6 +18,7 @@ read either, and under ``"running"`` BatchNorm runs in eval mode and only reads 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,18 +108,159 @@ def instance_norm(
     return y if bias is None else y + bias.reshape(shape)
 
 
-_REPLACEMENTS = {
+def _torch_batch_norm(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    cudnn_enabled: bool = True,
+) -> torch.Tensor:
+    """``torch.batch_norm``'s argument order (what ``F.batch_norm`` calls) onto :func:`batch_norm`."""
+    return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _torch_layer_norm(
+    input: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    cudnn_enable: bool = True,
+) -> torch.Tensor:
+    return layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def _torch_group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    cudnn_enabled: bool = True,
+) -> torch.Tensor:
+    return group_norm(input, num_groups, weight, bias, eps)
+
+
+def _torch_instance_norm(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    use_input_stats: bool,
+    momentum: float,
+    eps: float,
+    cudnn_enabled: bool = True,
+) -> torch.Tensor:
+    return instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+
+
+#: the ``torch.*`` norm functions that every ``F.*`` one calls, by name, with their replacements
+_TORCH_LEVEL = {
+    "batch_norm": _torch_batch_norm,
+    "layer_norm": _torch_layer_norm,
+    "group_norm": _torch_group_norm,
+    "instance_norm": _torch_instance_norm,
+}
+_ORIGINALS = {name: getattr(torch, name) for name in _TORCH_LEVEL}
+_REPLACEMENTS: dict[Any, Any] = {
     F.batch_norm: batch_norm,
     F.layer_norm: layer_norm,
     F.group_norm: group_norm,
     F.instance_norm: instance_norm,
+    **{_ORIGINALS[name]: replacement for name, replacement in _TORCH_LEVEL.items()},
 }
+_local = threading.local()
+_lock = threading.Lock()
+_holders = 0  # threads inside SafeNorms: the torch.* attributes are routed while it is > 0
 
 
-class SafeNorms(TorchFunctionMode):
-    """While active, ``F.batch_norm`` / ``F.layer_norm`` / ``F.group_norm`` / ``F.instance_norm`` run as
-    plain tensor ops."""
+def _routed(name: str) -> Any:
+    original, replacement = _ORIGINALS[name], _TORCH_LEVEL[name]
+
+    def routed(*args: Any, **kwargs: Any) -> Any:
+        return (replacement if getattr(_local, "depth", 0) else original)(*args, **kwargs)
+
+    routed.__name__ = routed.__qualname__ = name
+    routed.__doc__ = f"torch.{name}, routed through metaopt.norms in a thread inside SafeNorms."
+    return routed
+
+
+_ROUTED = {name: _routed(name) for name in _TORCH_LEVEL}
+
+
+class SafeNorms:
+    """While active in this thread, ``torch.batch_norm`` / ``layer_norm`` / ``group_norm`` /
+    ``instance_norm`` — which ``F.batch_norm`` and the others, and so every ``nn`` norm module,
+    call — run as plain tensor ops.
+
+    The ``torch`` attributes are swapped for routing functions while any thread is inside (other
+    threads still get torch's own kernels: the routing reads a thread-local flag), so a torch call
+    that is not a norm pays nothing.  A ``torch.batch_norm`` function object bound before that
+    (``from torch import layer_norm``) is not seen: :class:`SafeNormsMode` catches it too.
+    """
+
+    def __enter__(self) -> SafeNorms:
+        global _holders
+        depth = getattr(_local, "depth", 0)
+        if depth == 0:
+            with _lock:
+                if _holders == 0:
+                    for name, routed in _ROUTED.items():
+                        setattr(torch, name, routed)
+                _holders += 1
+        _local.depth = depth + 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        global _holders
+        _local.depth -= 1
+        if _local.depth == 0:
+            with _lock:
+                _holders -= 1
+                if _holders == 0:
+                    for name, original in _ORIGINALS.items():
+                        setattr(torch, name, original)
+
+
+def routing() -> bool:
+    """Whether :class:`SafeNorms` is active in this thread."""
+    return getattr(_local, "depth", 0) > 0
+
+
+class SafeNormsMode(TorchFunctionMode):
+    """The same replacement as a ``TorchFunctionMode``: it sees every torch call, however bound.
+
+    Used where :class:`SafeNorms` cannot be: inside ``torch.compile`` (dynamo traces a mode), and
+    by the vmap engine on its first batch, which records in :attr:`bound` whether a ``torch.*`` norm
+    function was called without passing through the routed attribute (then the engine keeps the
+    mode).  Its cost is one Python dispatch per torch call.
+    """
+
+    def __init__(self, audit: bool = False) -> None:
+        super().__init__()
+        self.audit, self.bound = audit, False
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         replacement = _REPLACEMENTS.get(func)
-        return (replacement or func)(*args, **(kwargs or {}))
+        if replacement is None:
+            return func(*args, **(kwargs or {}))
+        if self.audit and func in _ORIGINAL_SET:
+            self.bound = True
+        return replacement(*args, **(kwargs or {}))
+
+
+_ORIGINAL_SET = set(_ORIGINALS.values())
+
+
+def active_norm_contexts() -> list[Any]:
+    """Fresh context managers for the norm routing active now in this thread (to enter it again, e.g.
+    when the outer backward replays a step: memory="recompute")."""
+    entered: list[Any] = [SafeNorms()] if routing() else []
+    if any(isinstance(mode, SafeNormsMode) for mode in torch.overrides._get_current_function_mode_stack()):
+        entered.append(SafeNormsMode())
+    return entered

@@ -13,6 +13,7 @@ meta-gradient in ``outer_step`` (training, before the optimizer can step) or in 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +43,8 @@ def max_abs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per-tensor max |x| as 0-dim tensors, finite exactly where the tensor is (no sync).
 
     On CUDA, two ``_foreach`` calls for the whole list (``abs`` then ``max``: few kernel
-    launches); elsewhere one ``aminmax`` reduction per tensor, which reads each tensor once
-    without writing an ``abs`` copy.  Exact: an L2 norm could overflow.  Empty tensors count
+    launches); elsewhere one ``_foreach_norm`` with ``ord=inf`` (one call for the list, each
+    tensor read once, no ``abs`` copy).  Exact: an L2 norm could overflow.  Empty tensors count
     as 0.
     """
     full = [t for t in tensors if t.numel()]
@@ -51,7 +52,9 @@ def max_abs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if full and full[0].is_cuda:
             norms = iter(torch._foreach_max(torch._foreach_abs(full)))
         else:
-            norms = iter(torch.maximum(hi, -lo) for lo, hi in map(torch.aminmax, full))
+            norms = iter(torch._foreach_norm(full, math.inf) if full else ())
+        if len(full) == len(tensors):
+            return list(norms)
         return [next(norms) if t.numel() else t.new_zeros(()) for t in tensors]
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from metaopt.inner_optim import ExactAdam
-from metaopt.norms import SafeNorms
+from metaopt.norms import active_norm_contexts
 
 if TYPE_CHECKING:
     from metaopt.task import Params, Task, Trajectory
@@ -101,13 +101,7 @@ def _surroundings() -> list[contextlib.AbstractContextManager[Any]]:
     for device in ("cpu", "cuda"):
         if torch.is_autocast_enabled(device):
             entered.append(torch.autocast(device, dtype=torch.get_autocast_dtype(device)))
-    if _safe_norms_active():
-        entered.append(SafeNorms())
-    return entered
-
-
-def _safe_norms_active() -> bool:
-    return any(isinstance(mode, SafeNorms) for mode in torch.overrides._get_current_function_mode_stack())
+    return entered + active_norm_contexts()
 
 
 class VmapStep(torch.autograd.Function):
@@ -176,14 +170,16 @@ def replayed_step(task: Task, trajectory: Trajectory, params: Params) -> Params:
 
     own = [params[n] for n in names] + [state[f][i] for f, i in slots]
     if task.vectorised:
-        # a torch function mode is off while it handles a call (VmapStep.apply): enter SafeNorms again inside
-        norms = _safe_norms_active()
+        # a torch function mode is off while it handles a call (VmapStep.apply): enter the norm routing again inside
+        norms = [type(context) for context in active_norm_contexts()]
 
         def one_task(*args: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, ...]:
             # one task of the chunk: a view of the task record holding that task's own data
             view = copy.copy(task)
             view.support_x, view.support_y, view.query_x, view.query_y = args[len(own) :]
-            with SafeNorms() if norms else contextlib.nullcontext():
+            with contextlib.ExitStack() as stack:
+                for kind in norms:
+                    stack.enter_context(kind())
                 return run(*args[: len(own)], create_graph=create_graph, on=view)
 
         data = (task.support_x, task.support_y, task.query_x, task.query_y)

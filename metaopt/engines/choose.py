@@ -47,9 +47,10 @@ def ragged(data: list[TaskData]) -> str | None:
     """A description of the first shape that differs between tasks, or None when all stack."""
     for field_index, field in enumerate(FIELDS):
         first = data[0][field_index]
+        shape, dtype = first.shape, first.dtype
         for i, task in enumerate(data[1:], 1):
             other = task[field_index]
-            if other.shape != first.shape or other.dtype != first.dtype:
+            if other.shape != shape or other.dtype != dtype:
                 return (
                     f"{field} of task 0 is {tuple(first.shape)} {first.dtype} but of task {i} "
                     f"{tuple(other.shape)} {other.dtype}"

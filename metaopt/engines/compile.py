@@ -37,6 +37,7 @@ import torch
 from metaopt.engines.base import EngineContext
 from metaopt.engines.vmap import VmapEngine
 from metaopt.errors import ConfigError
+from metaopt.norms import SafeNormsMode
 from metaopt.task import Batch
 
 log = logging.getLogger("metaopt.engines")
@@ -89,6 +90,10 @@ class CompileEngine(VmapEngine):
 
             return compile_fx(graph, example_inputs, config_patches=list_mode_options(self.mode))
         return torch._dynamo.lookup_backend(self.backend_name)(graph, example_inputs)
+
+    def _norm_routing(self, training: bool) -> contextlib.AbstractContextManager[Any]:
+        """The function mode, which dynamo traces (SafeNorms' attribute swap would break the graph)."""
+        return SafeNormsMode() if self.safe_norms else contextlib.nullcontext()
 
     def _chunk(self, ctx, batch, start, parts, finite):  # type: ignore[no-untyped-def, override]
         if not self._use_compiled:

@@ -9,6 +9,7 @@ the outer backward is one call per chunk of tasks.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from metaopt.backend import TorchFuncBackend
 from metaopt.engines.base import EngineContext, make_task, run_task
 from metaopt.engines.choose import ragged
 from metaopt.errors import DataError
-from metaopt.norms import SafeNorms
+from metaopt.norms import SafeNorms, SafeNormsMode
 from metaopt.task import Batch, Task, upcast
 
 
@@ -53,6 +54,9 @@ class VmapEngine:
         self.backend = VmapBackend(ctx.model, ctx.backend.bn_policy)
         #: always on: a model may call F.layer_norm / F.batch_norm itself, with no norm module to find
         self.safe_norms = True
+        #: per training flag: whether the model calls a torch.* norm function bound before SafeNorms
+        #: routed it (then SafeNormsMode stays on); None until the first batch has told
+        self.norms_mode: dict[bool, bool | None] = {True: None, False: None}
 
     def run(self, batch: Batch, ctx: EngineContext, stacks: bool = False) -> torch.Tensor:
         """The batch's mean loss; ``stacks``: the caller (``engine="auto"``) already checked the shapes."""
@@ -73,7 +77,7 @@ class VmapEngine:
             with torch.enable_grad():
                 start = ctx.start_params(batch.training)
                 for first in range(0, count, chunk):
-                    parts = [t[first : first + chunk] for t in stacked]
+                    parts = stacked if chunk >= count else [t[first : first + chunk] for t in stacked]
                     loss, metrics = self._chunk(ctx, batch, start, parts, finite)
                     if finite is not None:
                         finite.record_task_losses(list(range(first, first + len(loss))), loss)
@@ -84,10 +88,10 @@ class VmapEngine:
                     losses.append(loss)
         finally:
             self.backend.release()
-        total = torch.cat(losses)
-        keys = chunks[0][3].keys()
+        total = losses[0] if len(losses) == 1 else torch.cat(losses)
+        metrics = chunks[0][3] if len(chunks) == 1 else {k: torch.cat([c[3][k] for c in chunks]) for k in chunks[0][3]}
         batch._tasks = None  # built from the chunks when read
-        batch.stacked = (total.detach(), {k: torch.cat([c[3][k] for c in chunks]) for k in keys})
+        batch.stacked = (total.detach(), metrics)
         batch.make_tasks = lambda: [t for c in chunks for t in self._views(ctx, batch, *c)]
         return upcast(total).mean()
 
@@ -103,11 +107,26 @@ class VmapEngine:
         if finite is not None:
             finite.suspended = True
         try:
-            with SafeNorms() if self.safe_norms else contextlib.nullcontext():
+            with self._norm_routing(batch.training):
                 return torch.func.vmap(one_task, in_dims=(None, 0, 0, 0, 0), randomness="different")(start, *parts)
         finally:
             if finite is not None:
                 finite.suspended = False
+
+    @contextlib.contextmanager
+    def _norm_routing(self, training: bool) -> Iterator[None]:
+        """:class:`SafeNorms` (no cost for other torch calls); on the first batch of each kind also
+        :class:`SafeNormsMode`, which catches a norm function bound before the routing and, if it
+        sees one, stays on for later batches."""
+        if not self.safe_norms:
+            yield
+            return
+        known = self.norms_mode[training]
+        mode = SafeNormsMode(audit=known is None) if known is not False else None
+        with SafeNorms(), mode or contextlib.nullcontext():
+            yield
+        if mode is not None and known is None:
+            self.norms_mode[training] = mode.bound
 
     @staticmethod
     def _views(
