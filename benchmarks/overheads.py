@@ -1,8 +1,9 @@
 """Two small costs metaopt pays for safety, measured in one process (one thread).
 
-``python benchmarks/overheads.py safe-norms``: entering metaopt.norms.SafeNorms for a model with
-no normalisation at all (the vmap engine enters it for every model, since a model may call
-``F.layer_norm`` itself): one Python dispatch per torch call, on the overhead-bound sinusoid MLP.
+``python benchmarks/overheads.py safe-norms``: the vmap engine's norm routing (metaopt.norms) for a
+model with no normalisation at all (the engine routes for every model, since a model may call
+``F.layer_norm`` itself), on the overhead-bound sinusoid MLP: engine.safe_norms on against off,
+after the first batch (whose audit mode costs one Python dispatch per torch call).
 
 ``python benchmarks/overheads.py checksum``: the checkpoint checksum (metaopt.rundir.checksum)
 of a timm resnet10t and resnet18 state with Adam-like moments, beside ``torch.save`` of it.

@@ -81,6 +81,55 @@ class HigherBackend:
     def release(self) -> None:
         pass
 
+    def stale_reads(self, x: torch.Tensor, names: list[str]) -> list[str]:
+        """Adapted parameters that the patched copy does not hand to the model's forward.
+
+        higher swaps a submodule's parameters for the fast weights only when that submodule's own
+        forward runs, so a forward that reads ``self.norm.weight`` without calling ``self.norm``
+        (``F.layer_norm(h, shape, self.norm.weight, ...)``, a weight tied by reading it) or before
+        calling it gets the original (or the previous call's) tensor: the inner loop's update to it
+        is lost without a word.  Found by one no-grad forward in eval mode with every adapted
+        parameter moved (seeded noise), through higher and through ``torch.func.functional_call``;
+        when they differ, one parameter at a time names the culprits.  Buffers are restored after.
+        """
+        named = dict(self.model.named_parameters())
+        g = torch.Generator().manual_seed(0)
+        moved = {}
+        for n in names:
+            p = named[n].detach()
+            if p.is_floating_point():
+                noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+                moved[n] = p + 0.1 * (p.abs().mean() + 1e-2) * noise
+        saved = {n: b.clone() for n, b in self.model.named_buffers()}
+        modes = [(m, m.training) for m in self.model.modules()]
+        if self._fmodel is None:
+            self._patch()
+        higher.patch.buffer_sync(self.model, self._fmodel)  # the copy's own statistics may have moved
+
+        def differs(params: dict[str, torch.Tensor]) -> bool:
+            with torch.no_grad():
+                _set_modes(self._fmodel, False, "running")
+                ours = self.forward(x, params)
+                self.model.eval()
+                full = {**named, **params, **dict(self.model.named_buffers())}
+                theirs = torch.func.functional_call(self.model, full, (x,), strict=False)
+            if not isinstance(ours, torch.Tensor) or not isinstance(theirs, torch.Tensor):
+                return False
+            scale = float(theirs.abs().max()) if theirs.numel() else 0.0
+            return not torch.allclose(ours.float(), theirs.float(), rtol=1e-4, atol=1e-5 * max(scale, 1e-6))
+
+        try:
+            if not moved or not differs(moved):
+                return []
+            return [n for n in moved if differs({n: moved[n]})]
+        finally:
+            for module, mode in modes:
+                module.training = mode
+            with torch.no_grad():
+                for n, b in self.model.named_buffers():
+                    b.copy_(saved[n])
+            higher.patch.buffer_sync(self.model, self._fmodel)
+
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor], **kwargs: Any) -> Any:
         if self._fmodel is None:
             self.prepare(self.model.training)

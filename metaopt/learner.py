@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaopt.backend import make_backend
+from metaopt.backend import HigherBackend, make_backend
 from metaopt.engines import (
     CompileEngine,
     EngineContext,
@@ -497,6 +497,16 @@ class MetaLearner(nn.Module):
         if not isinstance(output, torch.Tensor):
             return
         check_labels(task, output, self.loss_fn)
+        stale = self.backend.stale_reads(x, self.adapted_names) if isinstance(self.backend, HigherBackend) else []
+        if stale:
+            raise ConfigError(
+                f"backend='higher' would hand the model's forward the original values of {stale[:3]}, not the "
+                "adapted ones: the forward reads them outside their own module's forward (e.g. "
+                "F.layer_norm(h, shape, self.norm.weight, ...), or a weight tied by reading another module's), and "
+                "higher swaps a module's parameters only when that module is called. The inner loop's updates to "
+                "them would be lost. Use backend='torch.func' (config: backend: torch.func), which runs the forward "
+                "with every parameter replaced, or engine='vmap'."
+            )
 
     @property
     def num_processes(self) -> int:

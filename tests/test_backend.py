@@ -102,3 +102,44 @@ def test_tied_weights_see_the_fast_weight_in_both_places():
 def test_unknown_backend_is_named():
     with pytest.raises(ConfigError, match="'torchfunc'.*'torch.func'"):
         MetaLearner(mlp(), backend="torchfunc")
+
+
+class ReadsAChildsWeight(torch.nn.Module):
+    """Normalisation written functionally with a child module's parameters, which is never called
+    (``order="read"``), or read before the child is called (``order="before"``)."""
+
+    def __init__(self, order: str = "read") -> None:
+        super().__init__()
+        self.order = order
+        self.linear, self.head = torch.nn.Linear(1, 8), torch.nn.Linear(8, 1)
+        self.norm = torch.nn.LayerNorm(8) if order == "read" else None
+
+    def forward(self, x):
+        h = self.linear(x)
+        if self.order == "read":
+            h = F.layer_norm(h, (8,), self.norm.weight, self.norm.bias)
+        else:
+            scale = self.head.bias  # read before self.head runs: higher hands the previous call's value
+            h = F.layer_norm(h, (8,), None, None) * scale
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("order", ["read", "before"])
+def test_higher_is_refused_for_a_forward_that_reads_a_childs_parameter(order):
+    """higher swaps a module's parameters only when that module runs: such a forward would adapt with
+    the original values of those parameters, silently.  Refused on the first batch, naming them, with
+    nothing changed; the torch.func backend runs it and equals the float64 reference."""
+    torch.manual_seed(0)
+    model = ReadsAChildsWeight(order).double()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    learner = MetaLearner(model, inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss)
+    name = "norm.weight" if order == "read" else "head.bias"
+    with pytest.raises(ConfigError, match=rf"{name}.*backend='torch.func'"):
+        learner.backward(regression_tasks(2))
+    assert all(p.grad is None and torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert model.training
+    learner = MetaLearner(model, inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss, backend="torch.func")
+    learner.backward(regression_tasks(2))
+    torch.manual_seed(0)
+    ref = maml_meta_grad(ReadsAChildsWeight(order).double(), regression_tasks(2), 2, 0.3, F.mse_loss)
+    assert max((p.grad - ref[n]).abs().max().item() for n, p in model.named_parameters() if n in ref) < 1e-10
