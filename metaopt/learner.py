@@ -502,8 +502,9 @@ class MetaLearner(nn.Module):
             raise ConfigError(
                 f"backend='higher' would hand the model's forward the original values of {stale[:3]}, not the "
                 "adapted ones: the forward reads them outside their own module's forward (e.g. "
-                "F.layer_norm(h, shape, self.norm.weight, ...), or a weight tied by reading another module's), and "
-                "higher swaps a module's parameters only when that module is called. The inner loop's updates to "
+                "F.layer_norm(h, shape, self.norm.weight, ...), a weight tied by reading another module's, or a "
+                "forward pre-hook such as torch.nn.utils.weight_norm's), and higher swaps a module's parameters only "
+                "when that module is called. The inner loop's updates to "
                 "them would be lost. Use backend='torch.func' (config: backend: torch.func), which runs the forward "
                 "with every parameter replaced, or engine='vmap'."
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,3 +145,29 @@ def test_higher_is_refused_for_a_forward_that_reads_a_childs_parameter(order):
     torch.manual_seed(0)
     ref = maml_meta_grad(ReadsAChildsWeight(order).double(), regression_tasks(2), 2, 0.3, F.mse_loss)
     assert max((p.grad - ref[n]).abs().max().item() for n, p in model.named_parameters() if n in ref) < 1e-10
+
+
+def test_higher_is_refused_for_hook_based_weight_norm():
+    """torch.nn.utils.weight_norm (the deprecated hook-based one) computes ``weight`` in a forward
+    pre-hook, which higher's copy runs on the original ``weight_g`` / ``weight_v``: refused; the
+    torch.func backend equals the float64 reference (the parametrization-based one runs under both)."""
+
+    def make(legacy: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(1, 16)
+        layer = torch.nn.utils.weight_norm(layer) if legacy else torch.nn.utils.parametrizations.weight_norm(layer)
+        return torch.nn.Sequential(layer, torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+
+    with pytest.warns(FutureWarning):
+        legacy = make(True)
+    with pytest.raises(ConfigError, match=r"0.weight_g.*weight_norm"):
+        MetaLearner(legacy, inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss).backward(regression_tasks(2))
+    for legacy, backend in [(True, "torch.func"), (False, "higher"), (False, "torch.func")]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = make(legacy)
+            ref = maml_meta_grad(make(legacy), regression_tasks(2), 2, 0.3, F.mse_loss)
+        MetaLearner(model, inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss, backend=backend).backward(
+            regression_tasks(2)
+        )
+        assert max((p.grad - ref[n]).abs().max().item() for n, p in model.named_parameters()) < 1e-10
