@@ -5,6 +5,11 @@ model with no normalisation at all (the engine routes for every model, since a m
 ``F.layer_norm`` itself), on the overhead-bound sinusoid MLP: engine.safe_norms on against off,
 after the first batch (whose audit mode costs one Python dispatch per torch call).
 
+``python benchmarks/overheads.py vmap``: metaopt's vmap engine (default, and without the finite check)
+against the hand-written vmap loop of the speed harness (benchmarks/contenders.py), sinusoid MLP,
+meta-batch 25, K=1 and K=5: process CPU time per meta-iteration (less exposed than the wall clock
+to another process on the other core), interleaved rounds, min and median of the rounds' means.
+
 ``python benchmarks/overheads.py checksum``: the checkpoint checksum (metaopt.rundir.checksum)
 of a timm resnet10t and resnet18 state with Adam-like moments, beside ``torch.save`` of it.
 """
@@ -51,6 +56,45 @@ def safe_norms(iters: int = 40, rounds: int = 5) -> str:
     )
 
 
+def vmap_overhead(steps: tuple[int, ...] = (1, 5), iters: int = 40, rounds: int = 15) -> list[str]:
+    import statistics
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from contenders import CONTENDERS
+
+    names = ["metaopt maml (vmap)", "metaopt maml (vmap, check_finite=False)", "hand vmap"]
+    tasks = [tuple(t.float() for t in task) for task in SinusoidTasks(shots=10, seed=0).sample(25)]
+    rows = []
+    for k in steps:
+        built = {}
+        for name in names:
+            torch.manual_seed(0)
+            model = mlp()
+            built[name] = (model, CONTENDERS.get(name).build(model, k, 0.01, F.mse_loss).step)
+        for model, step in built.values():
+            for _ in range(max(2, iters // 2)):
+                step(tasks)
+                model.zero_grad()
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names if r % 2 else names[::-1]:
+                model, step = built[name]
+                start = time.process_time()
+                for _ in range(iters):
+                    step(tasks)
+                    model.zero_grad()
+                times[name].append((time.process_time() - start) / iters)
+        hand_min, hand_median = min(times["hand vmap"]), statistics.median(times["hand vmap"])
+        for name in names:
+            low, mid = min(times[name]), statistics.median(times[name])
+            rows.append(
+                f"K={k} {name}: min {low * 1e3:.3f} ms ({low / hand_min:.3f}x hand), "
+                f"median {mid * 1e3:.3f} ms ({mid / hand_median:.3f}x hand)"
+            )
+    return rows
+
+
 def checksum_cost(models: tuple[str, ...] = ("resnet10t", "resnet18")) -> list[str]:
     import timm
 
@@ -80,7 +124,10 @@ def checksum_cost(models: tuple[str, ...] = ("resnet10t", "resnet18")) -> list[s
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["safe-norms", "checksum"])
+    parser.add_argument("what", choices=["safe-norms", "vmap", "checksum"])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(safe_norms() if args.what == "safe-norms" else "\n".join(checksum_cost()))
+    if args.what == "safe-norms":
+        print(safe_norms())
+    else:
+        print("\n".join(vmap_overhead() if args.what == "vmap" else checksum_cost()))

@@ -144,6 +144,8 @@ def test_overheads_harness_runs_both_measurements():
     finally:
         sys.path.remove(str(BENCH))
     assert "ratio" in overheads.safe_norms(iters=1, rounds=1)
+    rows = overheads.vmap_overhead(steps=(1,), iters=2, rounds=2)
+    assert len(rows) == 3 and all("x hand" in row for row in rows)
     (row,) = overheads.checksum_cost(("test_resnet",))
     assert row.startswith("test_resnet:") and "checksum" in row
 
