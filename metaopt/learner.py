@@ -505,7 +505,7 @@ class MetaLearner(nn.Module):
                 "F.layer_norm(h, shape, self.norm.weight, ...), a weight tied by reading another module's, or a "
                 "forward pre-hook such as torch.nn.utils.weight_norm's), and higher swaps a module's parameters only "
                 "when that module is called. The inner loop's updates to "
-                "them would be lost. Use backend='torch.func' (config: backend: torch.func), which runs the forward "
+                "them would be lost. Use backend='torch.func' (CLI --backend torch.func), which runs the forward "
                 "with every parameter replaced, or engine='vmap'."
             )
 
