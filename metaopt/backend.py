@@ -6,6 +6,7 @@ once per model and re-bound per call, so per-task cost is one list of tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import higher
@@ -89,8 +90,9 @@ class HigherBackend:
         (``F.layer_norm(h, shape, self.norm.weight, ...)``, a weight tied by reading it) or before
         calling it gets the original (or the previous call's) tensor: the inner loop's update to it
         is lost without a word.  Found by one no-grad forward in eval mode with every adapted
-        parameter moved (seeded noise), through higher and through ``torch.func.functional_call``;
-        when they differ, one parameter at a time names the culprits.  Buffers are restored after.
+        parameter moved (seeded noise), through higher and through ``torch.func.functional_call``,
+        each from the same buffers and random state; when they differ, one parameter at a time
+        names the culprits.  Buffers and modes are restored after.
         """
         named = dict(self.model.named_parameters())
         g = torch.Generator().manual_seed(0)
@@ -106,13 +108,26 @@ class HigherBackend:
             self._patch()
         higher.patch.buffer_sync(self.model, self._fmodel)  # the copy's own statistics may have moved
 
-        def differs(params: dict[str, torch.Tensor]) -> bool:
+        def restore() -> None:
             with torch.no_grad():
-                _set_modes(self._fmodel, False, "running")
-                ours = self.forward(x, params)
-                self.model.eval()
-                full = {**named, **params, **dict(self.model.named_buffers())}
-                theirs = torch.func.functional_call(self.model, full, (x,), strict=False)
+                for n, b in self.model.named_buffers():
+                    b.copy_(saved[n])
+            higher.patch.buffer_sync(self.model, self._fmodel)
+
+        def seeded(run: Callable[[], Any]) -> Any:
+            """``run`` from the same buffers and random state (a forward that draws or counts is not a stale read)."""
+            restore()
+            devices = [x.device] if x.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                torch.manual_seed(0)
+                return run()
+
+        def differs(params: dict[str, torch.Tensor]) -> bool:
+            _set_modes(self._fmodel, False, "running")
+            self.model.eval()
+            ours = seeded(lambda: self.forward(x, params))
+            full = {**named, **params}
+            theirs = seeded(lambda: torch.func.functional_call(self.model, full, (x,), strict=False))
             if not isinstance(ours, torch.Tensor) or not isinstance(theirs, torch.Tensor):
                 return False
             scale = float(theirs.abs().max()) if theirs.numel() else 0.0
@@ -125,10 +140,7 @@ class HigherBackend:
         finally:
             for module, mode in modes:
                 module.training = mode
-            with torch.no_grad():
-                for n, b in self.model.named_buffers():
-                    b.copy_(saved[n])
-            higher.patch.buffer_sync(self.model, self._fmodel)
+            restore()
 
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor], **kwargs: Any) -> Any:
         if self._fmodel is None:

@@ -171,3 +171,26 @@ def test_higher_is_refused_for_hook_based_weight_norm():
             regression_tasks(2)
         )
         assert max((p.grad - ref[n]).abs().max().item() for n, p in model.named_parameters()) < 1e-10
+
+
+class DrawsAndCounts(torch.nn.Module):
+    """Noise in every forward (eval mode included) and a buffer counting calls: no stale read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(1, 8), torch.nn.Linear(8, 1)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        h = torch.tanh(self.a(x)) * (1 + self.calls / 1e3) + 0.1 * torch.randn(x.shape[0], 8, dtype=x.dtype)
+        return self.b(h)
+
+
+def test_the_stale_read_check_compares_forwards_from_the_same_random_state_and_buffers():
+    torch.manual_seed(0)
+    model = DrawsAndCounts().double()
+    learner = MetaLearner(model, inner_steps=1, inner_lr=0.3, loss_fn=F.mse_loss)
+    assert learner.backend.stale_reads(regression_tasks(1)[0][0], learner.adapted_names) == []
+    assert float(model.calls) == 0  # the check's forwards leave the buffers as they were
+    learner.backward(regression_tasks(2))
