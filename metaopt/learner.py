@@ -562,7 +562,7 @@ class MetaLearner(nn.Module):
         batch = self._begin(tasks, training=True)
         # the default outer step needs no batch graph: free each task's graph after its backward
         batch.backward_per_task = self.per_task_backward and not self.host.replaced("outer_step")
-        params = list(self.meta_parameters())
+        params = batch.meta_params = list(self.meta_parameters())
         earlier = [p.grad for p in params]  # this batch accumulates apart: a failure leaves .grad as it was
         for p in params:
             p.grad = None

@@ -187,9 +187,17 @@ class FiniteCheck:
     @hookimpl(wrapper=True, tryfirst=True)
     def outer_step(self, batch: Batch):
         done = yield
-        grads = {n: p.grad for n, p in batch.learner.named_parameters() if p.grad is not None}
-        extra = _grads_record(grads, "outer_step", "meta-gradient", None) if grads else None
-        self.flush(batch.learner, extra)
+        learner = batch.learner
+        params = [p for p in batch.meta_params or learner.parameters() if p.grad is not None]
+        extra = None
+        if params:
+
+            def describe(finite: list[bool], _: list[torch.Tensor]) -> str:  # names looked up on failure only
+                names = {id(p): n for n, p in learner.named_parameters()}
+                return f"meta-gradient (in {[names.get(id(p), '?') for p, ok in zip(params, finite) if not ok][:3]})"
+
+            extra = _Record(max_abs([p.grad for p in params]), "outer_step", describe, None)
+        self.flush(learner, extra)
         return done
 
     @hookimpl(tryfirst=True)

@@ -210,6 +210,8 @@ class Batch:
     #: set by the learner: how to run the batch's tasks again, and how to backpropagate a loss
     runner: Callable[[Batch], torch.Tensor] | None = field(default=None, repr=False)
     backward_fn: Callable[[torch.Tensor], None] | None = field(default=None, repr=False)
+    #: set by ``learner.backward``: the meta-parameters whose ``.grad`` the outer step fills
+    meta_params: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     @property
     def tasks(self) -> list[Task]:
