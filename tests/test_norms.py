@@ -116,3 +116,26 @@ def test_the_mode_records_a_bound_call_only_when_auditing():
         with SafeNormsMode(audit=True) as mode:
             F.layer_norm(h, (8,), w, None)
         assert mode.bound is False
+
+
+def test_the_last_thread_to_leave_restores_the_originals():
+    """Two threads inside at once: the first to leave keeps the routing for the other."""
+    original = torch.layer_norm
+    inside, first_left, done = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, bool] = {}
+
+    def second() -> None:
+        with SafeNorms():
+            inside.set()
+            first_left.wait(10)
+            seen["still routed"] = routing() and torch.layer_norm is not original
+        done.set()
+
+    worker = threading.Thread(target=second)
+    with SafeNorms():
+        worker.start()
+        assert inside.wait(10)
+    first_left.set()
+    assert done.wait(10)
+    worker.join()
+    assert seen["still routed"] and torch.layer_norm is original and not routing()
