@@ -605,6 +605,9 @@ class MetaLearner(nn.Module):
         data = TaskData(*task)
         _check_inputs([data])
         _check_task(0, data)
+        if not self._validated:  # a learner used only through adapt / predict (e.g. loaded from a checkpoint)
+            self._check_against_model(data)
+            self._validated = True
         self.backend.prepare(False)
         if self.host.finite_check is not None:
             self.host.finite_check.reset(self.iteration + 1)

@@ -140,6 +140,9 @@ def test_higher_is_refused_for_a_forward_that_reads_a_childs_parameter(order):
         learner.backward(regression_tasks(2))
     assert all(p.grad is None and torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert model.training
+    fresh = MetaLearner(model, inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss)  # used only through predict
+    with pytest.raises(ConfigError, match=rf"{name}.*backend='torch.func'"):
+        fresh.predict(regression_tasks(1)[0])
     learner = MetaLearner(model, inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss, backend="torch.func")
     learner.backward(regression_tasks(2))
     torch.manual_seed(0)
