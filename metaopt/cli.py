@@ -242,9 +242,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
+        median = f", median over tasks {report['query_loss_median']:.4f}" if key == "mse" else ""
         print(
             f"{key} after {report['steps']} steps: {report[key]:.4f} ± {report['ci95']:.4f} "
-            f"over {report['tasks']} tasks" + ("" if baseline is None else f" (unadapted: {baseline[key]:.4f})")
+            f"over {report['tasks']} tasks{median}" + ("" if baseline is None else f" (unadapted: {baseline[key]:.4f})")
         )
     return 0
 

@@ -192,7 +192,10 @@ def evaluate(
     batch: int = 16,
     progress: str | None = None,
 ) -> dict[str, Any]:
-    """Mean and 95% confidence half-width (1.96 standard errors) of each metric over ``tasks`` tasks.
+    """Mean, 95% confidence half-width (1.96 standard errors) and median of each metric over ``tasks`` tasks.
+
+    The median is there for regression: one task whose inner loop blows up can make the mean MSE
+    that task's value alone (docs/benchmarks/sinusoid_paper.md).
 
     ``progress``: a label for a progress bar on stderr (None: no bar).
     """
@@ -212,6 +215,7 @@ def evaluate(
         std = float(t.std(unbiased=True)) if len(vals) > 1 else 0.0
         report[key] = float(t.mean())
         report[f"{key}_ci95"] = 1.96 * std / math.sqrt(len(vals))
+        report[f"{key}_median"] = float(t.quantile(0.5)) if len(vals) else math.nan
     if "accuracy" in report:
         report["ci95"] = report["accuracy_ci95"]
     else:
@@ -227,7 +231,9 @@ def metric_key(report: dict[str, Any]) -> str:
 
 def describe_report(report: dict[str, Any]) -> str:
     key = metric_key(report)
-    return f"{key} {report[key]:.4f} ± {report['ci95']:.4f} over {report['tasks']} tasks"
+    median = report.get("query_loss_median") if key == "mse" else None
+    extra = f" (median over tasks {median:.4f})" if median is not None else ""
+    return f"{key} {report[key]:.4f} ± {report['ci95']:.4f} over {report['tasks']} tasks{extra}"
 
 
 def restore_learner(learner: MetaLearner, state: dict[str, Any], path: Path) -> None:

@@ -41,7 +41,10 @@ def test_train_from_config_file_with_flag_override(tmp_path, capsys):
     assert saved["iterations"] == 4 and saved["shots"] == 5
     capsys.readouterr()
     assert main(["eval", str(out), "--tasks", "5", "--json"]) == 0
-    assert "mse" in json.loads(capsys.readouterr().out)
+    report = json.loads(capsys.readouterr().out)
+    assert "mse" in report and "query_loss_median" in report
+    assert main(["eval", str(out), "--tasks", "5", "--no-progress"]) == 0
+    assert f"median over tasks {report['query_loss_median']:.4f}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

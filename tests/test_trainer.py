@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,24 @@ def test_unknown_or_missing_tracker_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="'tensorbord'.*'tensorboard'"):
         Trainer(_config(log_with=["tensorbord"]), tmp_path / "r")
+
+
+def test_evaluate_reports_the_median_beside_the_mean():
+    """One blown-up task makes the mean MSE its own value; the median says what a typical task does."""
+    from metaopt.trainer import describe_report, evaluate
+
+    class Fixed:
+        eval_inner_steps = 1
+        losses = iter([[0.1, 0.3, 1e6], [0.2, 0.4]])
+
+        def evaluate(self, tasks, steps=None):
+            values = next(self.losses)
+            return types.SimpleNamespace(per_task={"query_loss": values})
+
+    class Sampler:
+        def sample(self, n):
+            return [None] * n
+
+    report = evaluate(Fixed(), Sampler(), tasks=5, batch=3)
+    assert report["query_loss_median"] == 0.3 and report["mse"] > 2e5
+    assert describe_report(report).endswith("over 5 tasks (median over tasks 0.3000)")
