@@ -179,11 +179,16 @@ _lock = threading.Lock()
 _holders = 0  # threads inside SafeNorms: the torch.* attributes are routed while it is > 0
 
 
+#: what the torch attributes held when the routing was installed (torch's functions, or another
+#: library's wrappers of them): other threads keep calling these, and they are put back after
+_outside: dict[str, Any] = dict(_ORIGINALS)
+
+
 def _routed(name: str) -> Any:
-    original, replacement = _ORIGINALS[name], _TORCH_LEVEL[name]
+    replacement = _TORCH_LEVEL[name]
 
     def routed(*args: Any, **kwargs: Any) -> Any:
-        return (replacement if getattr(_local, "depth", 0) else original)(*args, **kwargs)
+        return (replacement if getattr(_local, "depth", 0) else _outside[name])(*args, **kwargs)
 
     routed.__name__ = routed.__qualname__ = name
     routed.__doc__ = f"torch.{name}, routed through metaopt.norms in a thread inside SafeNorms."
@@ -211,6 +216,7 @@ class SafeNorms:
             with _lock:
                 if _holders == 0:
                     for name, routed in _ROUTED.items():
+                        _outside[name] = getattr(torch, name)
                         setattr(torch, name, routed)
                 _holders += 1
         _local.depth = depth + 1
@@ -223,8 +229,8 @@ class SafeNorms:
             with _lock:
                 _holders -= 1
                 if _holders == 0:
-                    for name, original in _ORIGINALS.items():
-                        setattr(torch, name, original)
+                    for name, outside in _outside.items():
+                        setattr(torch, name, outside)
 
 
 def routing() -> bool:

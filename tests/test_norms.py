@@ -139,3 +139,20 @@ def test_the_last_thread_to_leave_restores_the_originals():
     assert done.wait(10)
     worker.join()
     assert seen["still routed"] and torch.layer_norm is original and not routing()
+
+
+def test_another_librarys_wrapper_is_kept_for_other_threads_and_put_back(monkeypatch):
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return bound_torch_layer_norm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "layer_norm", wrapper)
+    h = torch.randn(4, 8)
+    with SafeNorms():
+        worker = threading.Thread(target=lambda: torch.layer_norm(h, (8,)))
+        worker.start()
+        worker.join()
+        torch.layer_norm(h, (8,))  # this thread: the decomposition, not the wrapper
+    assert calls == [1] and torch.layer_norm is wrapper
