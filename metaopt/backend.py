@@ -6,7 +6,8 @@ once per model and re-bound per call, so per-task cost is one list of tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import higher
@@ -48,6 +49,19 @@ def _set_modes(module: nn.Module, training: bool, bn_policy: str) -> None:
     for sub in module.modules():
         if isinstance(sub, nn.modules.batchnorm._BatchNorm):
             sub.train(bn_policy == "transductive")
+
+
+@contextlib.contextmanager
+def _exact_kernels() -> Iterator[None]:
+    """No TF32 and deterministic cuDNN algorithms for a while (two forwards that run the same ops must
+    agree to rounding, not to TF32's 1e-3, for the stale-read check); restored after."""
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (cuda.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark)
+    cuda.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = False, False, True, False
+    try:
+        yield
+    finally:
+        cuda.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved
 
 
 class HigherBackend:
@@ -134,9 +148,10 @@ class HigherBackend:
             return not torch.allclose(ours.float(), theirs.float(), rtol=1e-4, atol=1e-5 * max(scale, 1e-6))
 
         try:
-            if not moved or not differs(moved):
-                return []
-            return [n for n in moved if differs({n: moved[n]})]
+            with _exact_kernels():
+                if not moved or not differs(moved):
+                    return []
+                return [n for n in moved if differs({n: moved[n]})]
         finally:
             for module, mode in modes:
                 module.training = mode
