@@ -51,6 +51,13 @@ def _set_modes(module: nn.Module, training: bool, bn_policy: str) -> None:
             sub.train(bn_policy == "transductive")
 
 
+def _float_leaves(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, dict):  # transformers' ModelOutput is an OrderedDict
+        output = list(output.values())
+    leaves = torch.utils._pytree.tree_leaves(output)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
 @contextlib.contextmanager
 def _exact_kernels() -> Iterator[None]:
     """No TF32 and deterministic cuDNN algorithms for a while (two forwards that run the same ops must
@@ -142,10 +149,15 @@ class HigherBackend:
             ours = seeded(lambda: self.forward(x, params))
             full = {**named, **params}
             theirs = seeded(lambda: torch.func.functional_call(self.model, full, (x,), strict=False))
-            if not isinstance(ours, torch.Tensor) or not isinstance(theirs, torch.Tensor):
-                return False
-            scale = float(theirs.abs().max()) if theirs.numel() else 0.0
-            return not torch.allclose(ours.float(), theirs.float(), rtol=1e-4, atol=1e-5 * max(scale, 1e-6))
+            # every floating-point tensor of the output (a tensor, a tuple, a dict or a transformers ModelOutput)
+            pairs = [
+                (a, b) for a, b in zip(_float_leaves(ours), _float_leaves(theirs), strict=False) if a.shape == b.shape
+            ]
+            for a, b in pairs:
+                scale = float(b.abs().max()) if b.numel() else 0.0
+                if not torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5 * max(scale, 1e-6)):
+                    return True
+            return False
 
         try:
             with _exact_kernels():

@@ -494,9 +494,8 @@ class MetaLearner(nn.Module):
             ) from exc
         finally:
             self.model.train(was_training)
-        if not isinstance(output, torch.Tensor):
-            return
-        check_labels(task, output, self.loss_fn)
+        if isinstance(output, torch.Tensor):
+            check_labels(task, output, self.loss_fn)
         stale = self.backend.stale_reads(x, self.adapted_names) if isinstance(self.backend, HigherBackend) else []
         if stale:
             raise ConfigError(

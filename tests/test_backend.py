@@ -204,3 +204,20 @@ def test_the_stale_read_check_compares_forwards_from_the_same_random_state_and_b
         cudnn.benchmark = saved
     assert float(model.calls) == 0  # the check's forwards leave the buffers as they were
     learner.backward(regression_tasks(2))
+
+
+class ReadsAndReturnsADict(ReadsAChildsWeight):
+    def forward(self, x):
+        return {"logits": super().forward(x), "step": torch.ones((), dtype=torch.long)}
+
+
+def test_the_stale_read_check_reads_dict_outputs():
+    torch.manual_seed(0)
+    model = ReadsAndReturnsADict("read").double()
+    learner = MetaLearner(model, inner_steps=1, inner_lr=0.3, loss_fn=lambda out, y: F.mse_loss(out["logits"], y))
+    assert learner.backend.stale_reads(regression_tasks(1)[0][0], learner.adapted_names) == [
+        "norm.weight",
+        "norm.bias",
+    ]
+    with pytest.raises(ConfigError, match="norm.weight"):
+        learner.backward(regression_tasks(2))
