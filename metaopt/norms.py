@@ -4,13 +4,15 @@
 ``F.layer_norm`` (their backward's batching rule for ``grad_input``; pytorch/functorch #534,
 still open on torch 2.14): a float64 meta-gradient through two inner steps of a conv+BN net
 differs from finite differences.  The same maths as mean / variance / normalise / affine is
-exact under vmap.  :class:`SafeNorms` routes ``F.batch_norm``, ``F.layer_norm``,
-``F.group_norm`` and ``F.instance_norm`` (however the model spells them: ``nn.BatchNorm2d``,
-timm's norm layers, a direct ``F.layer_norm(x, shape, self.w, self.b)`` call in the functional
-style of MAML code) through these decompositions whenever the vmap engine runs: it is entered
-for every model, not only for models that hold an ``nn`` norm module (a functional call leaves
-no module to find).  Its cost on a model without normalisation is one Python dispatch per torch
-call (about 6% on the sinusoid MLP, docs/engines.md).
+exact under vmap.  :class:`SafeNorms` routes ``torch.batch_norm``, ``torch.layer_norm``,
+``torch.group_norm`` and ``torch.instance_norm`` — which ``F.batch_norm`` and the others call, so
+however the model spells them: ``nn.BatchNorm2d``, timm's norm layers, a direct
+``F.layer_norm(x, shape, self.w, self.b)`` call in the functional style of MAML code — through
+these decompositions whenever the vmap engine runs: it is entered for every model, not only for
+models that hold an ``nn`` norm module (a functional call leaves no module to find).  It swaps
+those four attributes per thread, so other torch calls pay nothing; :class:`SafeNormsMode` (a
+``TorchFunctionMode``, one Python dispatch per torch call) does the same for a function bound
+before the swap, and inside ``torch.compile`` (docs/engines.md).
 
 Running statistics are never written here: under ``bn_policy="transductive"`` they are never
 read either, and under ``"running"`` BatchNorm runs in eval mode and only reads them.

@@ -15,7 +15,7 @@ made per task; :class:`VmapStep` gives the step a vmap rule instead, which makes
 :class:`ReplayedStep` node for the whole chunk of tasks (its step is the vmapped per-task step),
 outside the transform, so the outer backward recomputes one step of every task of the chunk at a
 time.  The replay restores what the forward ran under: the random state, autocast and
-:class:`~metaopt.norms.SafeNorms`.
+:class:`~metaopt.norms.SafeNorms` (or :class:`~metaopt.norms.SafeNormsMode`).
 
 The hooks of a step (``inner_grad``, ``inner_step`` and the ``inner_loss`` they call) therefore run
 twice; plugins declare that this is safe through the ``replay_safe`` hook (docs/writing-plugins.md).
@@ -96,7 +96,7 @@ class ReplayedStep(torch.autograd.Function):
 
 
 def _surroundings() -> list[contextlib.AbstractContextManager[Any]]:
-    """What a step ran under that the outer backward must enter again: autocast, SafeNorms."""
+    """What a step ran under that the outer backward must enter again: autocast, the norm routing."""
     entered: list[contextlib.AbstractContextManager[Any]] = []
     for device in ("cpu", "cuda"):
         if torch.is_autocast_enabled(device):
