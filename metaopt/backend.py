@@ -146,9 +146,12 @@ class HigherBackend:
         def differs(params: dict[str, torch.Tensor]) -> bool:
             _set_modes(self._fmodel, False, "running")
             self.model.eval()
-            ours = seeded(lambda: self.forward(x, params))
             full = {**named, **params}
-            theirs = seeded(lambda: torch.func.functional_call(self.model, full, (x,), strict=False))
+            try:
+                ours = seeded(lambda: self.forward(x, params))
+                theirs = seeded(lambda: torch.func.functional_call(self.model, full, (x,), strict=False))
+            except Exception:  # a module functional_call cannot reparametrise (a ScriptModule): no verdict
+                return False
             # every floating-point tensor of the output (a tensor, a tuple, a dict or a transformers ModelOutput)
             pairs = [
                 (a, b) for a, b in zip(_float_leaves(ours), _float_leaves(theirs), strict=False) if a.shape == b.shape
