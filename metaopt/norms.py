@@ -218,7 +218,9 @@ class SafeNorms:
             with _lock:
                 if _holders == 0:
                     for name, routed in _ROUTED.items():
-                        _outside[name] = getattr(torch, name)
+                        current = getattr(torch, name)
+                        if current is not routed:  # (never remember the routing itself as the outside)
+                            _outside[name] = current
                         setattr(torch, name, routed)
                 _holders += 1
         _local.depth = depth + 1
