@@ -68,14 +68,16 @@ class _Record:
     task: Task | None
 
 
-def _grads_record(grads: Params, hook: str, what: str, task: Task | None) -> _Record:
-    """A record of named gradients; a failure names (up to three of) the non-finite ones."""
-    names = list(grads)
+def _grads_record(
+    grads: list[torch.Tensor], names: Callable[[], list[str]], hook: str, what: str, task: Task | None
+) -> _Record:
+    """A record of gradients; a failure names (up to three of) the non-finite ones (``names()``, the
+    gradients' names in order, is called only then)."""
 
     def describe(finite: list[bool], _: list[torch.Tensor]) -> str:
-        return f"{what} (in {[n for n, ok in zip(names, finite, strict=True) if not ok][:3]})"
+        return f"{what} (in {[n for n, ok in zip(names(), finite, strict=True) if not ok][:3]})"
 
-    return _Record(max_abs(list(grads.values())), hook, describe, task)
+    return _Record(max_abs(grads), hook, describe, task)
 
 
 def _as_scalar(t: torch.Tensor) -> torch.Tensor:
@@ -167,7 +169,9 @@ class FiniteCheck:
     def inner_grad(self, task: Task, params: Params):
         grads = yield
         if grads and not self.suspended and not task.replaying:
-            self._records.append(_grads_record(grads, "inner_grad", "inner gradient", task))
+            self._records.append(
+                _grads_record(list(grads.values()), lambda: list(grads), "inner_grad", "inner gradient", task)
+            )
         return grads
 
     @hookimpl(wrapper=True, tryfirst=True)
@@ -189,14 +193,12 @@ class FiniteCheck:
         done = yield
         learner = batch.learner
         params = [p for p in batch.meta_params or learner.parameters() if p.grad is not None]
-        extra = None
-        if params:
 
-            def describe(finite: list[bool], _: list[torch.Tensor]) -> str:  # names looked up on failure only
-                names = {id(p): n for n, p in learner.named_parameters()}
-                return f"meta-gradient (in {[names.get(id(p), '?') for p, ok in zip(params, finite) if not ok][:3]})"
+        def names() -> list[str]:
+            by_id = {id(p): n for n, p in learner.named_parameters()}
+            return [by_id.get(id(p), "?") for p in params]
 
-            extra = _Record(max_abs([p.grad for p in params]), "outer_step", describe, None)
+        extra = _grads_record([p.grad for p in params], names, "outer_step", "meta-gradient", None) if params else None
         self.flush(learner, extra)
         return done
 
