@@ -267,10 +267,10 @@ class SafeNormsMode(TorchFunctionMode):
 _ORIGINAL_SET = set(_ORIGINALS.values())
 
 
-def active_norm_contexts() -> list[Any]:
-    """Fresh context managers for the norm routing active now in this thread (to enter it again, e.g.
-    when the outer backward replays a step: memory="recompute")."""
-    entered: list[Any] = [SafeNorms()] if routing() else []
+def active_norm_kinds() -> list[type]:
+    """The norm routing active now in this thread, as classes to enter again (e.g. when the outer
+    backward replays a step: memory="recompute")."""
+    kinds: list[type] = [SafeNorms] if routing() else []
     if any(isinstance(mode, SafeNormsMode) for mode in torch.overrides._get_current_function_mode_stack()):
-        entered.append(SafeNormsMode())
-    return entered
+        kinds.append(SafeNormsMode)
+    return kinds

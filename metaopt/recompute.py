@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from metaopt.inner_optim import ExactAdam
-from metaopt.norms import active_norm_contexts
+from metaopt.norms import active_norm_kinds
 
 if TYPE_CHECKING:
     from metaopt.task import Params, Task, Trajectory
@@ -101,7 +101,7 @@ def _surroundings() -> list[contextlib.AbstractContextManager[Any]]:
     for device in ("cpu", "cuda"):
         if torch.is_autocast_enabled(device):
             entered.append(torch.autocast(device, dtype=torch.get_autocast_dtype(device)))
-    return entered + active_norm_contexts()
+    return entered + [kind() for kind in active_norm_kinds()]
 
 
 class VmapStep(torch.autograd.Function):
@@ -171,7 +171,7 @@ def replayed_step(task: Task, trajectory: Trajectory, params: Params) -> Params:
     own = [params[n] for n in names] + [state[f][i] for f, i in slots]
     if task.vectorised:
         # a torch function mode is off while it handles a call (VmapStep.apply): enter the norm routing again inside
-        norms = [type(context) for context in active_norm_contexts()]
+        norms = active_norm_kinds()
 
         def one_task(*args: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, ...]:
             # one task of the chunk: a view of the task record holding that task's own data
