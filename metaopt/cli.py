@@ -207,7 +207,7 @@ def resume_settings(run_dir: Path, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from metaopt.trainer import evaluate, load_run, make_eval_sampler, metric_key
+    from metaopt.trainer import evaluate, load_run, make_eval_sampler, median_note, metric_key
 
     if args.tasks < 1:
         raise MetaOptError(f"--tasks {args.tasks} must be >= 1.")
@@ -242,10 +242,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        median = f", median over tasks {report['query_loss_median']:.4f}" if key == "mse" else ""
         print(
             f"{key} after {report['steps']} steps: {report[key]:.4f} ± {report['ci95']:.4f} "
-            f"over {report['tasks']} tasks{median}" + ("" if baseline is None else f" (unadapted: {baseline[key]:.4f})")
+            f"over {report['tasks']} tasks{median_note(report)}"
+            + ("" if baseline is None else f" (unadapted: {baseline[key]:.4f})")
         )
     return 0
 

@@ -229,11 +229,15 @@ def metric_key(report: dict[str, Any]) -> str:
     return "accuracy" if "accuracy" in report else "mse"
 
 
+def median_note(report: dict[str, Any]) -> str:
+    """`` (median over tasks X)`` for a regression report (one blown-up task dominates its mean), else ``""``."""
+    median = report.get("query_loss_median") if metric_key(report) == "mse" else None
+    return f" (median over tasks {median:.4f})" if median is not None else ""
+
+
 def describe_report(report: dict[str, Any]) -> str:
     key = metric_key(report)
-    median = report.get("query_loss_median") if key == "mse" else None
-    extra = f" (median over tasks {median:.4f})" if median is not None else ""
-    return f"{key} {report[key]:.4f} ± {report['ci95']:.4f} over {report['tasks']} tasks{extra}"
+    return f"{key} {report[key]:.4f} ± {report['ci95']:.4f} over {report['tasks']} tasks{median_note(report)}"
 
 
 def restore_learner(learner: MetaLearner, state: dict[str, Any], path: Path) -> None:
