@@ -36,6 +36,9 @@ PLUGINS = {
     "hypermaml": ["hypermaml"],
 }
 
+#: plugins whose task body reads meta-parameters besides the adapted start (their own, or a frozen body)
+UNFUSED = {"meta_sgd", "maml_pp", "anil", "hypermaml"}
+
 
 @pytest.fixture
 def aot_eager(monkeypatch):
@@ -80,6 +83,8 @@ def test_every_built_in_plugin_compiles_to_the_loop_engines_gradient_in_float64(
     assert engine.gate["passed"] and engine.gate["d_compiled"] <= 1e-10
     # one graph per phase: MAML++'s schedule ends two phases (first order, then the multi-step loss)
     assert engine.recompiles == (2 if plugin == "maml_pp" else 0)
+    # one graph for forward and outer backward unless the task body reads meta-parameters of its own
+    assert engine.fused == (plugin not in UNFUSED), engine.fused_reason
 
 
 def test_inductor_compiles_second_order_maml_to_the_loop_engines_gradient_in_float64():
@@ -114,18 +119,50 @@ def test_the_gate_refuses_a_compiled_gradient_that_is_off_and_names_the_paramete
     learner = MetaLearner(seeded_mlp(), inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss, engine="compile")
     learner.backward(regression_tasks(3))  # builds the engine; the gate passes
     engine = learner.engines["compile"]
-    compiled = engine._compiled_chunk
+    assert engine.fused  # plain MAML: inner loops and outer backward in one compiled graph
+    compiled = engine._compiled_fused
 
-    def off(*args):  # a compiled chunk whose loss is 1e-6 too large: its meta-gradient is off by 1e-6
-        loss, metrics = compiled(*args)
-        return loss * (1 + 1e-6), metrics
+    def off(*args):  # a compiled meta-gradient 1e-6 too large
+        grads, loss, metrics = compiled(*args)
+        return {n: g * (1 + 1e-6) for n, g in grads.items()}, loss, metrics
 
-    engine._compiled_chunk, engine.gate = off, None
+    engine._compiled_fused, engine.gate = off, None
     with caplog.at_level(logging.INFO, logger="metaopt.engines"), pytest.raises(ConfigError) as info:
         learner.backward(regression_tasks(3))
     message = str(info.value)
     assert "exactness gate" in message and "engine='vmap'" in message and "'model." in message
     assert "refused" in caplog.text
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_the_one_graph_meta_gradient_takes_any_weighting_of_the_tasks():
+    """The fused path computes the gradient of the tasks' sum with their losses; a mean or sum scales it,
+    and any other weighting of the per-task losses recomputes it with those weights (float64, vs eager)."""
+    learner = MetaLearner(seeded_mlp(), inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss, engine="compile")
+    tasks = regression_tasks(3)
+    learner.backward(tasks)
+    engine, ctx = learner.engines["compile"], learner.engine_context
+    assert engine.fused
+    batch = learner._begin(tasks, training=True)
+    parts = [torch.stack([t[i] for t in batch.data]) for i in range(4)]
+    start = ctx.start_params(True)
+    engine.backend.prepare(True)
+    try:
+        with torch.enable_grad():
+            fused, metrics = engine._chunk(ctx, batch, start, parts, ctx.finite_check)
+            with engine.eager():
+                eager, eager_metrics = engine._chunk(ctx, batch, start, parts, ctx.finite_check)
+    finally:
+        engine.backend.release()
+    assert torch.allclose(fused, eager, rtol=1e-12) and torch.allclose(
+        metrics["query_loss"], eager_metrics["query_loss"]
+    )
+    assert not metrics["query_loss"].requires_grad
+    params = list(start.values())
+    for weights in (torch.full((3,), 1 / 3, dtype=torch.float64), torch.tensor([0.2, -1.0, 3.0], dtype=torch.float64)):
+        got = torch.cat([g.flatten() for g in torch.autograd.grad(fused, params, weights, retain_graph=True)])
+        want = torch.cat([g.flatten() for g in torch.autograd.grad(eager, params, weights, retain_graph=True)])
+        assert float((got - want).norm() / want.norm()) <= 1e-10
 
 
 def test_compile_refusals_are_named_when_the_learner_is_built():
@@ -172,6 +209,7 @@ def test_compiled_meta_gradient_equals_the_loop_and_central_differences(name, st
     tasks = image_tasks()
     learners = {e: MetaLearner(make_model(), inner_steps=steps, inner_lr=0.3, engine=e) for e in ("compile", "loop")}
     grads = {e: gradient(learner, tasks) for e, learner in learners.items()}
+    assert learners["compile"].engines["compile"].fused  # the one-graph meta-gradient is what is checked
     assert float((grads["compile"] - grads["loop"]).norm() / grads["loop"].norm()) <= 1e-10
     reference, size = learners["loop"], sum(p.numel() for p in learners["loop"].model.parameters())
     compiled = grads["compile"][:size]  # the model's parameters come first

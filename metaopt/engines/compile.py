@@ -33,12 +33,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from metaopt.engines.base import EngineContext
 from metaopt.engines.vmap import VmapEngine
 from metaopt.errors import ConfigError
 from metaopt.norms import SafeNormsMode
-from metaopt.task import Batch
+from metaopt.task import Batch, upcast
 
 log = logging.getLogger("metaopt.engines")
 #: the torch.compile backend; METAOPT_COMPILE_BACKEND=aot_eager (dynamo and AOT autograd without code
@@ -77,6 +78,12 @@ class CompileEngine(VmapEngine):
         code = fn.__code__.replace(co_name=f"compiled_chunk_{next(_ENGINE_IDS)}")
         own = types.MethodType(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__), self)
         self._compiled_chunk = torch.compile(own, backend=self._count, dynamic=False, fullgraph=True)
+        code = fused_meta_gradient.__code__.replace(co_name=f"compiled_meta_gradient_{next(_ENGINE_IDS)}")
+        own_fused = types.FunctionType(code, fused_meta_gradient.__globals__, code.co_name)
+        self._compiled_fused = torch.compile(own_fused, backend=self._count, dynamic=False, fullgraph=True)
+        #: whether training chunks compile forward and outer backward as one graph (None: not probed yet)
+        self.fused: bool | None = None
+        self.fused_reason = ""
         self._use_compiled = True
 
     def _count(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
@@ -100,6 +107,12 @@ class CompileEngine(VmapEngine):
             return self._eager_chunk(ctx, batch, start, parts, finite)
         try:
             with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                if batch.training and torch.is_grad_enabled():
+                    if self.fused is None:
+                        self.fused, self.fused_reason = probe_fusable(self, ctx, batch, start, parts, finite)
+                        log.info("engine='compile': %s", self.fused_reason)
+                    if self.fused:
+                        return self._fused_chunk(ctx, batch, start, parts, finite)
                 return self._compiled_chunk(ctx, batch, start, parts, finite)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
             raise ConfigError(
@@ -107,6 +120,30 @@ class CompileEngine(VmapEngine):
                 "(a hook or the model does something torch.compile cannot trace inside torch.func.vmap, or its "
                 "compiled code keeps changing). Use engine='vmap' (the same computation uncompiled) or engine='loop'."
             ) from exc
+
+    def _fused_chunk(self, ctx, batch, start, parts, finite):  # type: ignore[no-untyped-def]
+        """The chunk's per-task losses, their meta-gradient computed with them in one compiled graph
+        (:class:`_FusedMetaStep` hands it to autograd), and the metrics."""
+        names = list(start)
+
+        def run(weights: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+            detached = {n: t.detach() for n, t in start.items()}
+            if weights is None:
+                weights = torch.ones(len(parts[0]), dtype=_loss_dtype(start), device=parts[0].device)
+            if finite is not None:
+                finite.suspended = True
+            try:
+                grads, loss, metrics = self._compiled_fused(self, ctx, batch, detached, parts, weights)
+            finally:
+                if finite is not None:
+                    finite.suspended = False
+            # new tensor objects: a compiled graph may return one tensor as both the loss and a metric,
+            # and autograd gives the loss it returns a grad_fn in place
+            return loss, {k: v.detach() for k, v in metrics.items()}, [grads[n] for n in names]
+
+        holder: dict[str, Any] = {}
+        loss = _FusedMetaStep.apply(run, holder, *(start[n] for n in names))
+        return loss, holder["metrics"]
 
     def run(self, batch: Batch, ctx: EngineContext, stacks: bool = False) -> torch.Tensor:
         key = (batch.training, *((tuple(t.shape), t.dtype) for t in batch.data[0]), len(batch.data))
@@ -129,6 +166,103 @@ class CompileEngine(VmapEngine):
             yield
         finally:
             self._use_compiled = True
+
+
+def fused_meta_gradient(
+    engine: CompileEngine,
+    ctx: EngineContext,
+    batch: Batch,
+    start: dict[str, torch.Tensor],
+    parts: list[torch.Tensor],
+    weights: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """The gradient of the chunk's weighted task losses with respect to ``start``, the losses and
+    the metrics: the inner loops and the outer backward as one function (compiled as one graph)."""
+
+    def weighted(start: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        loss, metrics = engine._vmapped(ctx, batch, start, parts)
+        wide = upcast(loss)
+        return (weights.to(wide.dtype) * wide).sum(), (loss.detach(), metrics)
+
+    grads, (loss, metrics) = torch.func.grad(weighted, has_aux=True)(start)
+    return grads, loss, metrics
+
+
+def _loss_dtype(start: dict[str, torch.Tensor]) -> torch.dtype:
+    return torch.promote_types(next(iter(start.values())).dtype, torch.float32)
+
+
+class _FusedMetaStep(torch.autograd.Function):
+    """Per-task losses whose backward hands out a meta-gradient computed with them in the forward.
+
+    The forward runs ``run(None)`` (the gradient of the losses' sum); a backward with equal weights
+    on every task (every mean or sum of them) scales it, other weights run ``run(weights)`` again
+    with the random state of the forward.
+    """
+
+    @staticmethod
+    def forward(fctx: Any, run: Any, holder: dict[str, Any], *start: torch.Tensor) -> torch.Tensor:
+        fctx.run, fctx.rng = run, _rng_state()
+        loss, holder["metrics"], grads = run(None)
+        fctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(fctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grads = fctx.saved_tensors
+        first = grad_loss.reshape(-1)[:1]
+        if torch.equal(grad_loss, first.expand_as(grad_loss)):
+            return (None, None, *(g * first.to(g.dtype) for g in grads))
+        with torch.random.fork_rng(devices=list(fctx.rng[1])):
+            _set_rng_state(fctx.rng)
+            _, _, weighted = fctx.run(grad_loss)
+        return (None, None, *weighted)
+
+
+def _rng_state() -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    cuda = {}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = {i: torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())}
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, dict[int, torch.Tensor]]) -> None:
+    torch.set_rng_state(state[0])
+    for device, value in state[1].items():
+        torch.cuda.set_rng_state(value, device)
+
+
+def probe_fusable(
+    engine: CompileEngine,
+    ctx: EngineContext,
+    batch: Batch,
+    start: dict[str, torch.Tensor],
+    parts: list[torch.Tensor],
+    finite: Any,
+) -> tuple[bool, str]:
+    """Whether the chunk's meta-gradient can be computed in one graph: every meta-parameter it
+    reads must come in through ``start``.  Run once, uncompiled, on the first training chunk: a
+    hook or model that reads any other tensor requiring grad (a plugin's own parameters, parameters
+    that are not adapted, data that requires grad) leaves outputs that still require grad."""
+    detached = {n: t.detach() for n, t in start.items()}
+    weights = torch.ones(len(parts[0]), dtype=_loss_dtype(start), device=parts[0].device)
+    if finite is not None:
+        finite.suspended = True
+    try:
+        with torch.random.fork_rng(devices=list(_rng_state()[1])), torch.enable_grad():
+            grads, loss, metrics = fused_meta_gradient(engine, ctx, batch, detached, parts, weights)
+    except Exception as exc:  # noqa: BLE001 - any failure means: keep the general path
+        return False, f"meta-gradient compiled through autograd ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    finally:
+        if finite is not None:
+            finite.suspended = False
+    if loss.requires_grad or any(g.requires_grad for g in grads.values()):
+        return False, (
+            "meta-gradient compiled through autograd (the task body reads meta-parameters other than the adapted "
+            "starting point, e.g. a plugin's own parameters)"
+        )
+    return True, "inner loops and outer backward compiled as one graph"
 
 
 def exactness_gate(engine: CompileEngine, batch: Batch, ctx: EngineContext) -> dict[str, Any]:

@@ -98,20 +98,27 @@ class VmapEngine:
     def _chunk(
         self, ctx: EngineContext, batch: Batch, start: dict[str, torch.Tensor], parts: list[torch.Tensor], finite: Any
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if finite is not None:
+            finite.suspended = True
+        try:
+            return self._vmapped(ctx, batch, start, parts)
+        finally:
+            if finite is not None:
+                finite.suspended = False
+
+    def _vmapped(
+        self, ctx: EngineContext, batch: Batch, start: dict[str, torch.Tensor], parts: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The chunk's per-task losses and metrics: every task's hooks in one vmap call."""
+
         def one_task(start: dict[str, torch.Tensor], sx, sy, qx, qy) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             task = make_task(ctx, None, (sx, sy, qx, qy), batch.training, start, backend=self.backend, vectorised=True)
             with ctx.autocast():
                 loss = run_task(task)
             return loss, {k: torch.as_tensor(v) for k, v in task.metrics.items()}
 
-        if finite is not None:
-            finite.suspended = True
-        try:
-            with self._norm_routing(batch.training):
-                return torch.func.vmap(one_task, in_dims=(None, 0, 0, 0, 0), randomness="different")(start, *parts)
-        finally:
-            if finite is not None:
-                finite.suspended = False
+        with self._norm_routing(batch.training):
+            return torch.func.vmap(one_task, in_dims=(None, 0, 0, 0, 0), randomness="different")(start, *parts)
 
     @contextlib.contextmanager
     def _norm_routing(self, training: bool) -> Iterator[None]:
