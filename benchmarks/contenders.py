@@ -203,6 +203,36 @@ def hand_vmap_step(model, steps: int, lr: float, loss_fn, compiled: bool):
     return step
 
 
+@hand_contender("hand vmap (compiled meta-gradient)")
+def hand_vmap_compiled_meta_gradient_step_fn(model, steps: int, lr: float, loss_fn):
+    """The hand vmap step with the outer gradient inside the compiled function too: torch.compile of
+    torch.func.grad of the batch's mean query loss (one graph, no autograd backward at run time)."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    torch.func.replace_all_batch_norm_modules_(model)
+
+    def task(params, sx, sy, qx, qy):
+        for _ in range(steps):
+            g = grad(lambda p: loss_fn(functional_call(model, p, (sx,)), sy))(params)
+            params = {n: params[n] - lr * g[n] for n in params}
+        return loss_fn(functional_call(model, params, (qx,)), qy)
+
+    def meta_loss(params, *stacked):
+        return vmap(task, in_dims=(None, 0, 0, 0, 0), randomness="different")(params, *stacked).mean()
+
+    meta_gradient = torch.compile(grad(meta_loss), backend=os.environ.get("METAOPT_COMPILE_BACKEND", "inductor"))
+
+    def step(tasks):
+        stacked = [torch.stack([t[i] for t in tasks]) for i in range(4)]
+        params = dict(model.named_parameters())
+        grads = meta_gradient({n: p.detach() for n, p in params.items()}, *stacked)
+        for n, p in params.items():
+            p.grad = grads[n] if p.grad is None else p.grad.add_(grads[n])
+
+    return step
+
+
 @hand_contender("hand vmap")
 def hand_vmap_step_fn(model, steps: int, lr: float, loss_fn):
     return hand_vmap_step(model, steps, lr, loss_fn, compiled=False)

@@ -406,7 +406,8 @@ def test_the_device_check_runs_in_its_tiny_mode(tmp_path):
     fd = json.loads((tmp_path / "fd_check.json").read_text())["results"]
     assert all(r["passed"] for row in fd.values() for r in row.values()) and len(fd) == 2
     rows = json.loads((tmp_path / "speed.json").read_text())["speed"]["sinusoid mlp, 10-shot, mb 25, K=1"]
-    for contender in ("metaopt maml (compile)", "metaopt maml (compile, CUDA graphs)", "hand vmap (compiled)"):
+    compiled = ("metaopt maml (compile)", "metaopt maml (compile, CUDA graphs)", "hand vmap (compiled)")
+    for contender in (*compiled, "hand vmap (compiled meta-gradient)"):
         assert rows[contender]["median_s"] > 0 and rows[contender]["rel_err_vs_float64"] < 1e-4, contender
 
 
