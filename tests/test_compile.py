@@ -20,6 +20,7 @@ from test_engine import conv_bn, image_tasks, seeded_mlp
 
 import metaopt.engines.compile as compile_engine
 from metaopt import ConfigError, MetaLearner
+from metaopt.hookspecs import hookimpl
 
 PLUGINS = {
     "maml": [],
@@ -163,6 +164,39 @@ def test_the_one_graph_meta_gradient_takes_any_weighting_of_the_tasks():
         got = torch.cat([g.flatten() for g in torch.autograd.grad(fused, params, weights, retain_graph=True)])
         want = torch.cat([g.flatten() for g in torch.autograd.grad(eager, params, weights, retain_graph=True)])
         assert float((got - want).norm() / want.norm()) <= 1e-10
+
+
+class LateRegulariser:
+    """A plugin whose loss term reads its own parameter, but only from the second batch on."""
+
+    name = "late_regulariser"
+
+    def __init__(self) -> None:
+        self.weight = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+        self.on = False
+
+    @hookimpl
+    def plugin_modules(self, learner):
+        return {"late": torch.nn.ParameterList([self.weight])}
+
+    @hookimpl
+    def loss_modification(self, task, params, loss):
+        if not self.on:
+            return None
+        return {"late": self.weight * sum(p.pow(2).sum() for p in params.values())}
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_a_hook_that_reads_other_meta_parameters_only_later_is_refused_not_given_a_wrong_gradient():
+    plugin = LateRegulariser()
+    learner = MetaLearner(seeded_mlp(), [plugin], inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss, engine="compile")
+    learner.backward(regression_tasks(3))
+    assert learner.engines["compile"].fused  # the first batch read only the adapted start
+    plugin.on = True
+    before = [p.grad.clone() for p in learner.model.parameters()]
+    with pytest.raises(ConfigError, match=r"read no other meta-parameter.*engine='vmap'"):
+        learner.backward(regression_tasks(3))
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, learner.model.parameters(), strict=True))
 
 
 def test_compile_refusals_are_named_when_the_learner_is_built():

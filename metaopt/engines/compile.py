@@ -141,9 +141,16 @@ class CompileEngine(VmapEngine):
             # and autograd gives the loss it returns a grad_fn in place
             return loss, {k: v.detach() for k, v in metrics.items()}, [grads[n] for n in names]
 
-        holder: dict[str, Any] = {}
-        loss = _FusedMetaStep.apply(run, holder, *(start[n] for n in names))
-        return loss, holder["metrics"]
+        rng = _rng_state()
+        loss, metrics, grads = run(None)
+        if loss.requires_grad or any(g.requires_grad for g in grads):  # cannot be on the first batch (probed)
+            raise ConfigError(
+                "engine='compile' computes the meta-gradient with respect to the adapted starting point only, "
+                "and the first batch read no other meta-parameter, but this batch's task body did (a hook that reads "
+                "a plugin's own parameters, or parameters that are not adapted, only from some step on). Use "
+                "engine='vmap' (the same computation uncompiled, through autograd) or engine='loop'."
+            )
+        return _FusedMetaStep.apply(run, rng, loss, grads, *(start[n] for n in names)), metrics
 
     def run(self, batch: Batch, ctx: EngineContext, stacks: bool = False) -> torch.Tensor:
         key = (batch.training, *((tuple(t.shape), t.dtype) for t in batch.data[0]), len(batch.data))
@@ -195,29 +202,26 @@ def _loss_dtype(start: dict[str, torch.Tensor]) -> torch.dtype:
 class _FusedMetaStep(torch.autograd.Function):
     """Per-task losses whose backward hands out a meta-gradient computed with them in the forward.
 
-    The forward runs ``run(None)`` (the gradient of the losses' sum); a backward with equal weights
-    on every task (every mean or sum of them) scales it, other weights run ``run(weights)`` again
-    with the random state of the forward.
+    ``run(None)`` gave the losses and the gradient of their sum (``grads``); a backward with equal
+    weights on every task (every mean or sum of them) scales it, other weights run ``run(weights)``
+    again from the random state ``rng`` the first run started from.
     """
 
     @staticmethod
-    def forward(fctx: Any, run: Any, holder: dict[str, Any], *start: torch.Tensor) -> torch.Tensor:
-        fctx.run, fctx.rng = run, _rng_state()
-        loss, holder["metrics"], grads = run(None)
-        fctx.save_for_backward(*grads)
-        return loss
+    def forward(fctx: Any, run: Any, rng: Any, loss: torch.Tensor, grads: list[torch.Tensor], *start: torch.Tensor):  # type: ignore[no-untyped-def, override]
+        fctx.run, fctx.rng, fctx.grads = run, rng, grads
+        return loss.clone()
 
     @staticmethod
     @once_differentiable
     def backward(fctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grads = fctx.saved_tensors
         first = grad_loss.reshape(-1)[:1]
         if torch.equal(grad_loss, first.expand_as(grad_loss)):
-            return (None, None, *(g * first.to(g.dtype) for g in grads))
-        with torch.random.fork_rng(devices=list(fctx.rng[1])):
+            return (None, None, None, None, *(g * first.to(g.dtype) for g in fctx.grads))
+        with torch.random.fork_rng(devices=list(fctx.rng[1])), torch.enable_grad():  # as the forward ran
             _set_rng_state(fctx.rng)
             _, _, weighted = fctx.run(grad_loss)
-        return (None, None, *weighted)
+        return (None, None, None, None, *weighted)
 
 
 def _rng_state() -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
