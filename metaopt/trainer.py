@@ -576,6 +576,7 @@ class Trainer:
             return {}
         report = {"compile_s": round(engine.compile_seconds, 3), "graphs": engine.compiles}
         report["recompiles"] = engine.recompiles
+        report["meta_gradient_in_graph"] = bool(engine.fused)  # docs/engines.md: one graph, or through autograd
         if engine.gate is not None:
             report["gate"] = {k: engine.gate[k] for k in ("d_compiled", "d_eager", "tolerance")}
         return report
@@ -596,7 +597,8 @@ class Trainer:
                 else ""
             )
             parts.append(
-                f"compiled {compiled['graphs']} graph(s) in {compiled['compile_s']:.1f} s of first calls, "
+                f"compiled {compiled['graphs']} graph(s) in {compiled['compile_s']:.1f} s of first calls "
+                f"(meta-gradient {'inside the graph' if compiled['meta_gradient_in_graph'] else 'through autograd'}), "
                 f"{compiled['recompiles']} recompilation(s){trusted}"
             )
         if self.recent:
