@@ -199,6 +199,37 @@ def test_a_hook_that_reads_other_meta_parameters_only_later_is_refused_not_given
     assert all(torch.equal(a, p.grad) for a, p in zip(before, learner.model.parameters(), strict=True))
 
 
+@pytest.mark.usefixtures("aot_eager")
+@pytest.mark.parametrize("engine", ["loop", "vmap", "compile"])
+def test_a_finished_batch_is_freed_without_the_garbage_collector(engine, monkeypatch):
+    """No reference cycle through a batch: its data, graph and meta-gradient go when the step ends, not
+    when Python's cycle collector next runs (which on a GPU would hold memory for several batches)."""
+    import gc
+    import weakref
+
+    from metaopt.task import Batch
+
+    made, init = [], Batch.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    learner = MetaLearner(seeded_mlp(), inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss, engine=engine)
+    learner.backward(regression_tasks(3))  # compiles and runs the gate first
+    monkeypatch.setattr(Batch, "__init__", recording_init)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            result = learner.backward(regression_tasks(3))
+            assert len(result.per_task["query_loss"]) == 3
+        del result
+        assert made and all(ref() is None for ref in made)
+    finally:
+        gc.enable()
+
+
 def test_compile_refusals_are_named_when_the_learner_is_built():
     with pytest.raises(ConfigError, match=r"engine='compile' cannot run.*convergent_fo.*Use engine='vmap' or 'loop'"):
         MetaLearner(seeded_mlp(), ["convergent_fo"], loss_fn=F.mse_loss, engine="compile")

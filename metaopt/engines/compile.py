@@ -29,6 +29,7 @@ import logging
 import os
 import time
 import types
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,7 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from metaopt.engines.base import EngineContext
 from metaopt.engines.vmap import VmapEngine
-from metaopt.errors import ConfigError
+from metaopt.errors import ConfigError, MetaOptError
 from metaopt.norms import SafeNormsMode
 from metaopt.task import Batch, upcast
 
@@ -125,8 +126,18 @@ class CompileEngine(VmapEngine):
         """The chunk's per-task losses, their meta-gradient computed with them in one compiled graph
         (:class:`_FusedMetaStep` hands it to autograd), and the metrics."""
         names = list(start)
+        # the batch holds the loss, whose graph holds run: a weak reference keeps that from being a cycle
+        # (which would keep every batch's data and meta-gradient alive until the garbage collector runs)
+        batch_ref = weakref.ref(batch)
 
         def run(weights: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+            batch = batch_ref()
+            if batch is None:
+                raise MetaOptError(
+                    "engine='compile': a backward with unequal weights on the tasks recomputes the meta-gradient "
+                    "from the batch, which no longer exists; keep the batch, or weight the mean loss, or use "
+                    "engine='vmap'."
+                )
             detached = {n: t.detach() for n, t in start.items()}
             if weights is None:
                 weights = torch.ones(len(parts[0]), dtype=_loss_dtype(start), device=parts[0].device)

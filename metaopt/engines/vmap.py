@@ -92,7 +92,8 @@ class VmapEngine:
         metrics = chunks[0][3] if len(chunks) == 1 else {k: torch.cat([c[3][k] for c in chunks]) for k in chunks[0][3]}
         batch._tasks = None  # built from the chunks when read
         batch.stacked = (total.detach(), metrics)
-        batch.make_tasks = lambda: [t for c in chunks for t in self._views(ctx, batch, *c)]
+        training = batch.training  # not the batch itself: it holds this function (no reference cycle)
+        batch.make_tasks = lambda: [t for c in chunks for t in self._views(ctx, training, *c)]
         return upcast(total).mean()
 
     def _chunk(
@@ -138,7 +139,7 @@ class VmapEngine:
     @staticmethod
     def _views(
         ctx: EngineContext,
-        batch: Batch,
+        training: bool,
         first: int,
         parts: list[torch.Tensor],
         loss: torch.Tensor,
@@ -150,7 +151,7 @@ class VmapEngine:
         records = []
         for j, task_loss in enumerate(loss.unbind(0)):
             data = tuple(column[j] for column in columns)
-            task = make_task(ctx, first + j, data, batch.training, {}, backend=None)
+            task = make_task(ctx, first + j, data, training, {}, backend=None)
             task.loss, task.metrics = task_loss, {k: v[j] for k, v in values.items()}
             records.append(task)
         return records
