@@ -1,8 +1,12 @@
 """``engine="compile"``: the vmap engine's chunk under ``torch.compile``, trusted only after a gate.
 
 The whole task body of a chunk (every hook, the inner loop with ``torch.func.grad``, the outer
-loss) is one ``torch.compile``d function of the chunk's tensors; the outer backward runs through
-the compiled graph's backward.  Compilation reorders floating-point operations, and a
+loss) is one ``torch.compile``d function of the chunk's tensors.  In training, when every
+meta-parameter the body reads comes in through the adapted start (:func:`probe_fusable`), the
+compiled function is ``torch.func.grad`` of the tasks' summed losses, so the meta-gradient is
+computed inside the same graph (:func:`fused_meta_gradient`, handed to autograd by
+:class:`_FusedMetaStep`); otherwise the outer backward runs through the compiled graph's
+backward.  Compilation reorders floating-point operations, and a
 second-order meta-gradient can be badly conditioned, so before the first training step the
 engine proves itself on the user's own model and first batch (:func:`exactness_gate`):
 
