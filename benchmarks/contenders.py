@@ -173,16 +173,11 @@ def torchopt_step_fn(model, steps: int, lr: float, loss_fn):
     return step
 
 
-def hand_vmap_step(model, steps: int, lr: float, loss_fn, compiled: bool):
-    """All tasks at once: torch.func.vmap over tasks of an inner loop written with torch.func.grad
-    (``compiled``: the whole batched task function under torch.compile, backend as metaopt's engine).
-
-    BatchNorm modules lose their running statistics (functorch's replace_all_batch_norm_modules_,
-    the documented way to run them under vmap); their second-order gradient under vmap is then
-    torch's (see the float64 check column: pytorch/functorch #534).
-    """
+def hand_task(model, steps: int, lr: float, loss_fn):
+    """One task's MAML query loss written with torch.func (for vmap over tasks); BatchNorm modules
+    lose their running statistics (see :func:`hand_vmap_step`)."""
     import torch
-    from torch.func import functional_call, grad, vmap
+    from torch.func import functional_call, grad
 
     torch.func.replace_all_batch_norm_modules_(model)
 
@@ -192,7 +187,21 @@ def hand_vmap_step(model, steps: int, lr: float, loss_fn, compiled: bool):
             params = {n: params[n] - lr * g[n] for n in params}
         return loss_fn(functional_call(model, params, (qx,)), qy)
 
-    batched = vmap(task, in_dims=(None, 0, 0, 0, 0), randomness="different")
+    return task
+
+
+def hand_vmap_step(model, steps: int, lr: float, loss_fn, compiled: bool):
+    """All tasks at once: torch.func.vmap over tasks of an inner loop written with torch.func.grad
+    (``compiled``: the whole batched task function under torch.compile, backend as metaopt's engine).
+
+    BatchNorm modules lose their running statistics (functorch's replace_all_batch_norm_modules_,
+    the documented way to run them under vmap); their second-order gradient under vmap is then
+    torch's (see the float64 check column: pytorch/functorch #534).
+    """
+    import torch
+    from torch.func import vmap
+
+    batched = vmap(hand_task(model, steps, lr, loss_fn), in_dims=(None, 0, 0, 0, 0), randomness="different")
     if compiled:
         batched = torch.compile(batched, backend=os.environ.get("METAOPT_COMPILE_BACKEND", "inductor"))
 
@@ -208,15 +217,9 @@ def hand_vmap_compiled_meta_gradient_step_fn(model, steps: int, lr: float, loss_
     """The hand vmap step with the outer gradient inside the compiled function too: torch.compile of
     torch.func.grad of the batch's mean query loss (one graph, no autograd backward at run time)."""
     import torch
-    from torch.func import functional_call, grad, vmap
+    from torch.func import grad, vmap
 
-    torch.func.replace_all_batch_norm_modules_(model)
-
-    def task(params, sx, sy, qx, qy):
-        for _ in range(steps):
-            g = grad(lambda p: loss_fn(functional_call(model, p, (sx,)), sy))(params)
-            params = {n: params[n] - lr * g[n] for n in params}
-        return loss_fn(functional_call(model, params, (qx,)), qy)
+    task = hand_task(model, steps, lr, loss_fn)
 
     def meta_loss(params, *stacked):
         return vmap(task, in_dims=(None, 0, 0, 0, 0), randomness="different")(params, *stacked).mean()

@@ -142,16 +142,10 @@ class CompileEngine(VmapEngine):
                     "from the batch, which no longer exists; keep the batch, or weight the mean loss, or use "
                     "engine='vmap'."
                 )
-            detached = {n: t.detach() for n, t in start.items()}
             if weights is None:
-                weights = torch.ones(len(parts[0]), dtype=_loss_dtype(start), device=parts[0].device)
-            if finite is not None:
-                finite.suspended = True
-            try:
-                grads, loss, metrics = self._compiled_fused(self, ctx, batch, detached, parts, weights)
-            finally:
-                if finite is not None:
-                    finite.suspended = False
+                weights = _equal_weights(start, parts)
+            with _finite_suspended(finite):
+                grads, loss, metrics = self._compiled_fused(self, ctx, batch, _detached(start), parts, weights)
             # new tensor objects: a compiled graph may return one tensor as both the loss and a metric,
             # and autograd gives the loss it returns a grad_fn in place
             return loss, {k: v.detach() for k, v in metrics.items()}, [grads[n] for n in names]
@@ -210,8 +204,27 @@ def fused_meta_gradient(
     return grads, loss, metrics
 
 
-def _loss_dtype(start: dict[str, torch.Tensor]) -> torch.dtype:
-    return torch.promote_types(next(iter(start.values())).dtype, torch.float32)
+def _equal_weights(start: dict[str, torch.Tensor], parts: list[torch.Tensor]) -> torch.Tensor:
+    """Weight 1 for every task of the chunk, in the losses' (upcast) dtype."""
+    dtype = torch.promote_types(next(iter(start.values())).dtype, torch.float32)
+    return torch.ones(len(parts[0]), dtype=dtype, device=parts[0].device)
+
+
+def _detached(start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: t.detach() for n, t in start.items()}
+
+
+@contextlib.contextmanager
+def _finite_suspended(finite: Any) -> Iterator[None]:
+    """The finite check's per-hook checks off (they read values, which vmap forbids); its per-task
+    loss and meta-gradient checks run after the chunk."""
+    if finite is not None:
+        finite.suspended = True
+    try:
+        yield
+    finally:
+        if finite is not None:
+            finite.suspended = False
 
 
 class _FusedMetaStep(torch.autograd.Function):
@@ -264,18 +277,13 @@ def probe_fusable(
     reads must come in through ``start``.  Run once, uncompiled, on the first training chunk: a
     hook or model that reads any other tensor requiring grad (a plugin's own parameters, parameters
     that are not adapted, data that requires grad) leaves outputs that still require grad."""
-    detached = {n: t.detach() for n, t in start.items()}
-    weights = torch.ones(len(parts[0]), dtype=_loss_dtype(start), device=parts[0].device)
-    if finite is not None:
-        finite.suspended = True
     try:
-        with torch.random.fork_rng(devices=list(_rng_state()[1])), torch.enable_grad():
-            grads, loss, metrics = fused_meta_gradient(engine, ctx, batch, detached, parts, weights)
+        with _finite_suspended(finite), torch.random.fork_rng(devices=list(_rng_state()[1])), torch.enable_grad():
+            grads, loss, _ = fused_meta_gradient(
+                engine, ctx, batch, _detached(start), parts, _equal_weights(start, parts)
+            )
     except Exception as exc:  # noqa: BLE001 - any failure means: keep the general path
         return False, f"meta-gradient compiled through autograd ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-    finally:
-        if finite is not None:
-            finite.suspended = False
     if loss.requires_grad or any(g.requires_grad for g in grads.values()):
         return False, (
             "meta-gradient compiled through autograd (the task body reads meta-parameters other than the adapted "
