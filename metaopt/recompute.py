@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +42,23 @@ REPLAYED_HOOKS = ("inner_loss", "inner_grad", "inner_step")
 _STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
+def random_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """torch's CPU generator state and, once CUDA is in use, every device's (to replay a forward)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+
+@contextlib.contextmanager
+def replaying_random(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> Iterator[None]:
+    """A block that draws from the generators as they were at :func:`random_state` and leaves them as
+    it found them."""
+    cpu, cuda = state
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        yield
+
+
 class ReplayedStep(torch.autograd.Function):
     """``outputs = run(inputs)``, keeping only ``inputs``; the backward recomputes ``run``'s graph."""
 
@@ -49,8 +66,7 @@ class ReplayedStep(torch.autograd.Function):
     def forward(ctx: Any, run: Callable[..., tuple[torch.Tensor, ...]], count: int, *tensors: torch.Tensor) -> Any:
         # tensors = the step's own inputs (count of them), then every meta-parameter it may use
         ctx.run, ctx.count = run, count
-        ctx.rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        ctx.rng = random_state()
         ctx.surroundings = _surroundings()
         ctx.save_for_backward(*tensors[:count])
         ctx.meta = tensors[count:]
@@ -63,12 +79,7 @@ class ReplayedStep(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Any:
         saved = ctx.saved_tensors
         with contextlib.ExitStack() as stack:
-            stack.enter_context(
-                torch.random.fork_rng(devices=range(torch.cuda.device_count()) if ctx.cuda_rng is not None else [])
-            )
-            torch.set_rng_state(ctx.rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state_all(ctx.cuda_rng)
+            stack.enter_context(replaying_random(ctx.rng))
             with torch.enable_grad():
                 inputs = [t.detach().requires_grad_() for t in saved]
                 with contextlib.ExitStack() as surroundings:  # the step's forward as it ran; its VJP as the caller's

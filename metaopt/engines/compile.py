@@ -41,9 +41,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from metaopt.engines.base import EngineContext
-from metaopt.engines.vmap import VmapEngine
+from metaopt.engines.vmap import VmapEngine, finite_suspended
 from metaopt.errors import ConfigError, MetaOptError
 from metaopt.norms import SafeNormsMode
+from metaopt.recompute import random_state, replaying_random
 from metaopt.task import Batch, upcast
 
 log = logging.getLogger("metaopt.engines")
@@ -144,13 +145,13 @@ class CompileEngine(VmapEngine):
                 )
             if weights is None:
                 weights = _equal_weights(start, parts)
-            with _finite_suspended(finite):
+            with finite_suspended(finite):
                 grads, loss, metrics = self._compiled_fused(self, ctx, batch, _detached(start), parts, weights)
             # new tensor objects: a compiled graph may return one tensor as both the loss and a metric,
             # and autograd gives the loss it returns a grad_fn in place
             return loss, {k: v.detach() for k, v in metrics.items()}, [grads[n] for n in names]
 
-        rng = _rng_state()
+        rng = random_state()
         loss, metrics, grads = run(None)
         if loss.requires_grad or any(g.requires_grad for g in grads):  # cannot be on the first batch (probed)
             raise ConfigError(
@@ -214,19 +215,6 @@ def _detached(start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t.detach() for n, t in start.items()}
 
 
-@contextlib.contextmanager
-def _finite_suspended(finite: Any) -> Iterator[None]:
-    """The finite check's per-hook checks off (they read values, which vmap forbids); its per-task
-    loss and meta-gradient checks run after the chunk."""
-    if finite is not None:
-        finite.suspended = True
-    try:
-        yield
-    finally:
-        if finite is not None:
-            finite.suspended = False
-
-
 class _FusedMetaStep(torch.autograd.Function):
     """Per-task losses whose backward hands out a meta-gradient computed with them in the forward.
 
@@ -246,23 +234,9 @@ class _FusedMetaStep(torch.autograd.Function):
         first = grad_loss.reshape(-1)[:1]
         if torch.equal(grad_loss, first.expand_as(grad_loss)):
             return (None, None, None, None, *(g * first.to(g.dtype) for g in fctx.grads))
-        with torch.random.fork_rng(devices=list(fctx.rng[1])), torch.enable_grad():  # as the forward ran
-            _set_rng_state(fctx.rng)
+        with replaying_random(fctx.rng), torch.enable_grad():  # as the forward ran
             _, _, weighted = fctx.run(grad_loss)
         return (None, None, None, None, *weighted)
-
-
-def _rng_state() -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    cuda = {}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = {i: torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())}
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[torch.Tensor, dict[int, torch.Tensor]]) -> None:
-    torch.set_rng_state(state[0])
-    for device, value in state[1].items():
-        torch.cuda.set_rng_state(value, device)
 
 
 def probe_fusable(
@@ -278,7 +252,7 @@ def probe_fusable(
     hook or model that reads any other tensor requiring grad (a plugin's own parameters, parameters
     that are not adapted, data that requires grad) leaves outputs that still require grad."""
     try:
-        with _finite_suspended(finite), torch.random.fork_rng(devices=list(_rng_state()[1])), torch.enable_grad():
+        with finite_suspended(finite), replaying_random(random_state()), torch.enable_grad():
             grads, loss, _ = fused_meta_gradient(
                 engine, ctx, batch, _detached(start), parts, _equal_weights(start, parts)
             )

@@ -45,6 +45,19 @@ class VmapBackend(TorchFuncBackend):
         self._buffers = {n: (None if n in self._counters else b) for n, b in self._buffers.items()}  # type: ignore[misc]
 
 
+@contextlib.contextmanager
+def finite_suspended(finite: Any) -> Iterator[None]:
+    """The finite check's per-hook checks off inside a chunk (they read values, which vmap forbids);
+    its per-task loss and meta-gradient checks run after the chunk."""
+    if finite is not None:
+        finite.suspended = True
+    try:
+        yield
+    finally:
+        if finite is not None:
+            finite.suspended = False
+
+
 class VmapEngine:
     """Runs a batch's tasks in chunks of ``ctx.task_chunk``, each chunk in one vmap call."""
 
@@ -99,13 +112,8 @@ class VmapEngine:
     def _chunk(
         self, ctx: EngineContext, batch: Batch, start: dict[str, torch.Tensor], parts: list[torch.Tensor], finite: Any
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if finite is not None:
-            finite.suspended = True
-        try:
+        with finite_suspended(finite):
             return self._vmapped(ctx, batch, start, parts)
-        finally:
-            if finite is not None:
-                finite.suspended = False
 
     def _vmapped(
         self, ctx: EngineContext, batch: Batch, start: dict[str, torch.Tensor], parts: list[torch.Tensor]
