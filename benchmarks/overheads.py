@@ -10,6 +10,12 @@ against the hand-written vmap loop of the speed harness (benchmarks/contenders.p
 meta-batch 25, K=1 and K=5: process CPU time per meta-iteration (less exposed than the wall clock
 to another process on the other core), interleaved rounds, min and median of the rounds' means.
 
+``python benchmarks/overheads.py compile``: where metaopt's compiled step (engine="compile", the
+meta-gradient inside the graph) spends its time, sinusoid MLP, meta-batch 25, K=1: process CPU time
+per meta-iteration and per section (each timed by a wrapper; sections nest), the compiled call with
+dynamo's guard evaluation skipped (a measurement only), and the hand-written one-graph step and
+eager vmap steps of the speed harness beside it.
+
 ``python benchmarks/overheads.py checksum``: the checkpoint checksum (metaopt.rundir.checksum)
 of a timm resnet10t and resnet18 state with Adam-like moments, beside ``torch.save`` of it.
 """
@@ -20,6 +26,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +102,80 @@ def vmap_overhead(steps: tuple[int, ...] = (1, 5), iters: int = 40, rounds: int 
     return rows
 
 
+def compile_sections(k: int = 1, iters: int = 400) -> list[str]:
+    import collections
+    import functools
+    import sys
+
+    import metaopt.engines.compile as compile_engine
+    from metaopt.learner import MetaLearner
+    from metaopt.task import Batch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from contenders import CONTENDERS
+
+    tasks = [tuple(t.float() for t in task) for task in SinusoidTasks(shots=10, seed=0).sample(25)]
+
+    def per_step(step: Any, model: torch.nn.Module) -> float:
+        for _ in range(20):
+            step(tasks)
+            model.zero_grad()
+        start = time.process_time()
+        for _ in range(iters):
+            step(tasks)
+            model.zero_grad()
+        return (time.process_time() - start) / iters
+
+    rows, steps = [], {}
+    for name in ("metaopt maml (compile)", "metaopt maml (vmap)", "hand vmap (compiled meta-gradient)", "hand vmap"):
+        torch.manual_seed(0)
+        model = mlp()
+        built = CONTENDERS.get(name).build(model, k, 0.01, F.mse_loss)
+        steps[name] = (built, model)
+        rows.append(f"K={k} {name}: {per_step(built.step, model) * 1e3:.3f} ms per step")
+    built, model = steps["metaopt maml (compile)"]
+    engine = built.learner.engines["compile"]
+    spent: collections.Counter[str] = collections.Counter()
+    patched = []
+
+    def timed(owner: Any, attribute: str, label: str) -> None:
+        original = getattr(owner, attribute)
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[label] += time.process_time() - start
+
+        setattr(owner, attribute, wrapper)
+        patched.append((owner, attribute, original))
+
+    timed(MetaLearner, "backward", "learner.backward (the whole step)")
+    timed(MetaLearner, "run_tasks", "run_tasks (the engine's run)")
+    timed(compile_engine.CompileEngine, "_chunk", "the chunk (compiled call and its autograd wrapper)")
+    timed(engine, "_compiled_fused", "the compiled call")
+    timed(Batch, "backward", "batch.backward (hands out the stored meta-gradient)")
+    try:
+        total = per_step(built.step, model)
+    finally:
+        for owner, attribute, original in reversed(patched):
+            setattr(owner, attribute, original)
+    rows.append(f"K={k} metaopt maml (compile), sections timed: {total * 1e3:.3f} ms per step")
+    rows += [f"  {label}: {seconds / (iters + 20) * 1e3:.3f} ms" for label, seconds in spent.items()]
+    with_guards, skipped = [], []
+    for _ in range(3):  # interleaved, min of each
+        with_guards.append(per_step(built.step, model))
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            skipped.append(per_step(built.step, model))
+    rows.append(
+        f"K={k} metaopt maml (compile): {min(with_guards) * 1e3:.3f} ms per step, with dynamo's guard evaluation "
+        f"skipped {min(skipped) * 1e3:.3f} ms (min of 3 interleaved rounds)"
+    )
+    return rows
+
+
 def checksum_cost(models: tuple[str, ...] = ("resnet10t", "resnet18")) -> list[str]:
     import timm
 
@@ -124,10 +205,12 @@ def checksum_cost(models: tuple[str, ...] = ("resnet10t", "resnet18")) -> list[s
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["safe-norms", "vmap", "checksum"])
+    parser.add_argument("what", choices=["safe-norms", "vmap", "compile", "checksum"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "safe-norms":
         print(safe_norms())
+    elif args.what == "compile":
+        print("\n".join(compile_sections()))
     else:
         print("\n".join(vmap_overhead() if args.what == "vmap" else checksum_cost()))

@@ -137,7 +137,11 @@ def test_lake_seeds_harness_scores_each_seed_and_their_ensemble(tmp_path, omnigl
     assert "| ensemble of the seeds |" in (tmp_path / "lake_seeds.md").read_text()
 
 
-def test_overheads_harness_runs_both_measurements():
+def test_overheads_harness_runs_both_measurements(monkeypatch):
+    import metaopt.engines.compile as compile_engine
+
+    monkeypatch.setattr(compile_engine, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setenv("METAOPT_COMPILE_BACKEND", "aot_eager")  # the hand contenders read it
     sys.path.insert(0, str(BENCH))
     try:
         import overheads
@@ -146,6 +150,8 @@ def test_overheads_harness_runs_both_measurements():
     assert "ratio" in overheads.safe_norms(iters=1, rounds=1)
     rows = overheads.vmap_overhead(steps=(1,), iters=2, rounds=2)
     assert len(rows) == 3 and all("x hand" in row for row in rows)
+    rows = overheads.compile_sections(iters=2)
+    assert "the compiled call" in "\n".join(rows) and "guard evaluation skipped" in rows[-1]
     (row,) = overheads.checksum_cost(("test_resnet",))
     assert row.startswith("test_resnet:") and "checksum" in row
 
