@@ -201,13 +201,15 @@ class TorchFuncBackend:
         self._buffers: dict[str, torch.Tensor] = {}
         self._named: dict[str, torch.Tensor] = {}
         self._modes: list[tuple[nn.Module, bool]] = []
+        #: the last _set_modes call: (training, modules, their flags before, their flags after)
+        self._modes_memo: tuple[bool, list[nn.Module], list[bool], list[bool]] | None = None
         self._tied = True
         self._tied_for: tuple[int, int] | None = None
 
     def prepare(self, training: bool) -> None:
         if not self._modes:
             self._modes = [(m, m.training) for m in self.model.modules()]
-        _set_modes(self.model, training, self.bn_policy)
+        self._set_modes(training)
         self._named = dict(self.model.named_parameters())
         self._buffers = {n: b.clone() for n, b in self.model.named_buffers()}
         # functional_call's weight-tying pass walks every module on every call; run it only
@@ -217,6 +219,34 @@ class TorchFuncBackend:
             every += len(list(self.model.named_buffers(remove_duplicate=False)))
             self._tied = every != len(self._named) + len(self._buffers)
             self._tied_for = (len(self._named), len(self._buffers))
+
+    @property
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        """The model's named parameters, as read by the last ``prepare``."""
+        return self._named
+
+    def _set_modes(self, training: bool) -> None:
+        """``_set_modes`` on the model; when the same modules hold the same flags as at the last call
+        (every batch of a run) and none has its own ``train``, its result is set directly
+        (``model.train`` walks and sets every module)."""
+        modules = [m for m, _ in self._modes]
+        before = [m.training for m in modules]
+        memo = self._modes_memo
+        if (
+            memo is not None
+            and memo[0] == training
+            and memo[2] == before
+            and len(memo[1]) == len(modules)
+            and all(a is b for a, b in zip(memo[1], modules, strict=True))
+        ):
+            for module, flag in zip(modules, memo[3], strict=True):
+                if module.training != flag:
+                    module.training = flag
+            return
+        _set_modes(self.model, training, self.bn_policy)
+        # a module with its own train() may decide by more than the flags: then it is called every time
+        plain = all(type(m).train is nn.Module.train and "train" not in vars(m) for m in modules)
+        self._modes_memo = (training, modules, before, [m.training for m in modules]) if plain else None
 
     def release(self) -> None:
         for module, mode in self._modes:

@@ -60,12 +60,21 @@ def max_abs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @dataclass
 class _Record:
-    """Checked values (0-dim tensors, finite iff the source was) and how to describe a failure."""
+    """Checked values (0-dim tensors, finite iff the source was) and how to describe a failure.
+
+    With ``sources`` (tensors alive anyway, e.g. ``.grad``), ``values`` is one sum, finite when
+    every source is, and perhaps not when a sum of finite entries overflows: a failure then looks
+    at the sources themselves, entry by entry, and gives one flag per source."""
 
     values: list[torch.Tensor]
     hook: str
     describe: Callable[[list[bool], list[torch.Tensor]], str]  # (finite flags, values) -> what failed
     task: Task | None
+    sources: list[torch.Tensor] | None = None
+
+    def finite(self) -> list[bool]:
+        """Per value (per source when there are sources): whether it is finite (a device sync)."""
+        return [bool(torch.isfinite(v).all()) for v in (self.values if self.sources is None else self.sources)]
 
 
 def _grads_record(
@@ -78,6 +87,20 @@ def _grads_record(
         return f"{what} (in {[n for n, ok in zip(names(), finite, strict=True) if not ok][:3]})"
 
     return _Record(max_abs(grads), hook, describe, task)
+
+
+def _summed_grads_record(grads: list[torch.Tensor], names: Callable[[], list[str]], what: str) -> _Record:
+    """:func:`_grads_record` for gradients that stay alive until the check (the meta-gradient in
+    ``.grad``): one sum of every entry (one ``cat`` and one ``sum``), the gradients read again only
+    when the sum is not finite."""
+
+    def describe(finite: list[bool], _: list[torch.Tensor]) -> str:
+        return f"{what} (in {[n for n, ok in zip(names(), finite, strict=True) if not ok][:3]})"
+
+    with torch.no_grad():
+        flat = torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0]
+        total = flat.sum(dtype=torch.promote_types(flat.dtype, torch.float32))  # no float16 overflow
+    return _Record([total], "outer_step", describe, None, sources=grads)
 
 
 def _as_scalar(t: torch.Tensor) -> torch.Tensor:
@@ -132,11 +155,13 @@ class FiniteCheck:
         if not records:
             return
         with torch.no_grad():
-            flat = torch.stack([_as_scalar(v) for r in records for v in r.values])
-        if bool(torch.isfinite(flat).all()):
+            # a sum is finite only when every term is (a NaN or inf anywhere makes it NaN or inf); when it
+            # is not, possibly by overflow alone, every record is read on its own
+            total = torch.stack([_as_scalar(v) for r in records for v in r.values]).sum()
+        if math.isfinite(float(total)):
             return
         for record in records:
-            finite = [bool(torch.isfinite(v).all()) for v in record.values]
+            finite = record.finite()
             if not all(finite):
                 self._fail(learner, record.hook, record.describe(finite, record.values), record.task)
 
@@ -198,7 +223,7 @@ class FiniteCheck:
             by_id = {id(p): n for n, p in learner.named_parameters()}
             return [by_id.get(id(p), "?") for p in params]
 
-        extra = _grads_record([p.grad for p in params], names, "outer_step", "meta-gradient", None) if params else None
+        extra = _summed_grads_record([p.grad for p in params], names, "meta-gradient") if params else None
         self.flush(learner, extra)
         return done
 

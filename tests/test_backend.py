@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import image_tasks, regression_tasks
 from reference import maml_meta_grad
 
-from metaopt import MetaLearner
+from metaopt import MetaLearner, hookimpl
 from metaopt.errors import ConfigError
 from metaopt.models import conv4, mlp
 from metaopt.registry import create_plugin
@@ -221,3 +221,66 @@ def test_the_stale_read_check_reads_dict_outputs():
     ]
     with pytest.raises(ConfigError, match="norm.weight"):
         learner.backward(regression_tasks(2))
+
+
+class DropNorm(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(1, 8)
+        self.drop = torch.nn.Dropout(0.0)
+        self.norm = torch.nn.BatchNorm1d(8)
+        self.head = torch.nn.Linear(8, 1)
+        self.freeze = False
+
+    def forward(self, x):
+        return self.head(self.norm(self.drop(self.body(x))))
+
+
+class FreezableDropout(DropNorm):
+    """Its own ``train()`` keeps dropout off while ``freeze`` is set (decided by more than the flags)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze:
+            self.drop.eval()
+        return self
+
+
+class ModesSeen:
+    """Records the model's train/eval flags (drop, norm) while a task runs."""
+
+    name = "modes_seen"
+    vmap_safe = True
+
+    def __init__(self, model):
+        self.model, self.seen = model, []
+
+    @hookimpl
+    def task_start(self, task):
+        self.seen.append((self.model.drop.training, self.model.norm.training))
+
+
+@pytest.mark.parametrize("engine", ["loop", "vmap"])
+@pytest.mark.parametrize("model_class", [DropNorm, FreezableDropout])
+def test_modes_during_a_batch_follow_the_model_every_batch(engine, model_class):
+    """Training batches run in train mode, evaluation batches with dropout off (BatchNorm transductive);
+    the user's modes come back after each, a mode the user changes between batches is seen, and a
+    model's own train() is called again when it decides by more than the flags."""
+    torch.manual_seed(0)
+    model = model_class().double()
+    recorder = ModesSeen(model)
+    learner = MetaLearner(model, [recorder], loss_fn=F.mse_loss, engine=engine, backend="torch.func")
+    tasks = regression_tasks(2)
+    model.eval()
+    for run in (learner.backward, learner.evaluate, learner.backward):
+        run(tasks)
+        assert not any(m.training for m in model.modules())  # the user's eval mode, restored every time
+    model.train()
+    learner.backward(tasks)
+    assert all(m.training for m in model.modules())
+    per_task = len(recorder.seen) // 4
+    assert recorder.seen[::per_task] == [(True, True), (False, True), (True, True), (True, True)]
+    model.freeze = True
+    recorder.seen.clear()
+    learner.backward(tasks)
+    assert recorder.seen[0] == ((False, True) if model_class is FreezableDropout else (True, True))

@@ -265,6 +265,17 @@ def test_ragged_tasks_are_refused_by_vmap_with_the_shapes_and_run_by_auto():
     assert MetaLearner(conv_bn(), engine="auto").engine_for(image_tasks()) == "loop"
 
 
+def test_tasks_of_mixed_label_dtypes_are_refused_by_vmap_not_promoted():
+    """torch.stack would turn integer labels into floats when one task's are floats (cross-entropy would
+    then read them as probabilities): the vmap engine names the difference instead."""
+    tasks = [tuple(t.float() for t in task) for task in regression_tasks(3)]
+    tasks[1] = (tasks[1][0], tasks[1][1].double(), tasks[1][2], tasks[1][3])
+    learner = MetaLearner(mlp(), engine="vmap", loss_fn=F.mse_loss)
+    with pytest.raises(DataError, match=r"support_y of task 0 is \(10, 1\) torch.float32 but of task 1 .*float64"):
+        learner.backward(tasks)
+    assert all(p.grad is None for p in learner.parameters())
+
+
 def test_task_chunks_give_the_same_gradient():
     whole, _, _ = meta_gradient("conv_bn", list, "vmap", 2)
     chunked, result, _ = meta_gradient("conv_bn", list, "vmap", 2, task_chunk=2)

@@ -104,3 +104,36 @@ def test_max_abs_is_finite_exactly_where_the_tensor_is():
     values = torch.stack(max_abs(tensors))
     assert values[:2].tolist() == [3.0, 0.0]
     assert torch.isfinite(values).tolist() == [True, True, False, False]
+
+
+class Huge:
+    """A finite loss term whose meta-gradient has entries near float32's largest value (their sum
+    overflows): the check must not call it non-finite."""
+
+    name = "huge"
+
+    @hookimpl
+    def loss_modification(self, task, params, loss):
+        return {"huge": 1e38 * task.learner.model.head.weight.sum()}
+
+
+@pytest.mark.parametrize("engine", ["loop", "vmap"])
+def test_finite_values_whose_sum_overflows_pass_the_check(engine):
+    learner = MetaLearner(mlp(), [Huge()], loss_fn=F.mse_loss, engine=engine)
+    tasks = [tuple(t.float() for t in task) for task in regression_tasks(3)]
+    learner.backward(tasks)  # no NumericalError
+    grad = learner.model.head.weight.grad
+    assert torch.isfinite(grad).all() and grad.abs().max() > 1e37
+    assert not torch.isfinite(grad.sum())  # the fast check's sum did overflow
+
+
+@pytest.mark.parametrize("engine", ["loop", "vmap"])
+def test_the_meta_gradient_check_names_the_non_finite_parameter_on_every_engine(engine):
+    learner = MetaLearner(mlp().double(), [SqrtPenalty()], loss_fn=F.mse_loss, engine=engine)
+    with torch.no_grad():
+        learner.model.head.bias.zero_()
+    weight = learner.model.head.weight
+    weight.grad = torch.ones_like(weight)
+    with pytest.raises(NumericalError, match=r"meta-gradient \(in \['model.head.bias'\]\)"):
+        learner.backward(regression_tasks(2))
+    assert torch.equal(weight.grad, torch.ones_like(weight))  # .grad as it was

@@ -53,6 +53,9 @@ log = logging.getLogger("metaopt.engines")
 COMPILE_BACKEND = os.environ.get("METAOPT_COMPILE_BACKEND", "inductor")
 #: the torch.compile mode (None; "reduce-overhead" adds CUDA graphs on a GPU)
 COMPILE_MODE: str | None = None
+#: CPU graphs get inductor's C++ wrapper (the compiled call's buffer handling and kernel launches in C++,
+#: not generated Python): measured in benchmarks/overheads.py compile
+CPP_WRAPPER = True
 _ENGINE_IDS = itertools.count()
 #: the gate's bound on the compiled result's distance from float64, in units of the eager one's
 GATE_FACTOR = 4.0
@@ -97,11 +100,15 @@ class CompileEngine(VmapEngine):
         self.compiles += 1
         if self._warm_key is not None and self._warm_key in self._keys:
             self.recompiles += 1
-        if self.backend_name == "inductor" and self.mode:  # a mode is inductor's config (CUDA graphs)
+        if self.backend_name == "inductor":
             from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx(graph, example_inputs, config_patches=list_mode_options(self.mode))
+            patches = dict(list_mode_options(self.mode)) if self.mode else {}  # a mode is inductor's config
+            on_cpu = not any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in example_inputs)
+            if on_cpu and CPP_WRAPPER:
+                patches["cpp_wrapper"] = True
+            return compile_fx(graph, example_inputs, config_patches=patches)
         return torch._dynamo.lookup_backend(self.backend_name)(graph, example_inputs)
 
     def _norm_routing(self, training: bool) -> contextlib.AbstractContextManager[Any]:
@@ -111,21 +118,24 @@ class CompileEngine(VmapEngine):
     def _chunk(self, ctx, batch, start, parts, finite):  # type: ignore[no-untyped-def, override]
         if not self._use_compiled:
             return self._eager_chunk(ctx, batch, start, parts, finite)
+        config = torch._dynamo.config  # set and restored directly: config.patch costs ~15 us per call
+        saved, config.fail_on_recompile_limit_hit = config.fail_on_recompile_limit_hit, True
         try:
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                if batch.training and torch.is_grad_enabled():
-                    if self.fused is None:
-                        self.fused, self.fused_reason = probe_fusable(self, ctx, batch, start, parts, finite)
-                        log.info("engine='compile': %s", self.fused_reason)
-                    if self.fused:
-                        return self._fused_chunk(ctx, batch, start, parts, finite)
-                return self._compiled_chunk(ctx, batch, start, parts, finite)
+            if batch.training and torch.is_grad_enabled():
+                if self.fused is None:
+                    self.fused, self.fused_reason = probe_fusable(self, ctx, batch, start, parts, finite)
+                    log.info("engine='compile': %s", self.fused_reason)
+                if self.fused:
+                    return self._fused_chunk(ctx, batch, start, parts, finite)
+            return self._compiled_chunk(ctx, batch, start, parts, finite)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
             raise ConfigError(
                 f"engine='compile' cannot compile this learner's task body as one graph: {str(exc).splitlines()[0]} "
                 "(a hook or the model does something torch.compile cannot trace inside torch.func.vmap, or its "
                 "compiled code keeps changing). Use engine='vmap' (the same computation uncompiled) or engine='loop'."
             ) from exc
+        finally:
+            config.fail_on_recompile_limit_hit = saved
 
     def _fused_chunk(self, ctx, batch, start, parts, finite):  # type: ignore[no-untyped-def]
         """The chunk's per-task losses, their meta-gradient computed with them in one compiled graph
@@ -215,6 +225,13 @@ def _detached(start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t.detach() for n, t in start.items()}
 
 
+def _scaled(grads: list[torch.Tensor], weight: torch.Tensor) -> list[torch.Tensor]:
+    """Every gradient times the 0-dim ``weight`` (one foreach call when they share a dtype)."""
+    if grads and all(g.dtype == grads[0].dtype for g in grads):
+        return list(torch._foreach_mul(grads, weight.to(grads[0].dtype)))
+    return [g * weight.to(g.dtype) for g in grads]
+
+
 class _FusedMetaStep(torch.autograd.Function):
     """Per-task losses whose backward hands out a meta-gradient computed with them in the forward.
 
@@ -232,8 +249,9 @@ class _FusedMetaStep(torch.autograd.Function):
     @once_differentiable
     def backward(fctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         first = grad_loss.reshape(-1)[:1]
-        if torch.equal(grad_loss, first.expand_as(grad_loss)):
-            return (None, None, None, None, *(g * first.to(g.dtype) for g in fctx.grads))
+        # a sum or mean hands back one value expanded (stride 0): equal weights without comparing
+        if grad_loss.stride() == (0,) or torch.equal(grad_loss, first.expand_as(grad_loss)):
+            return (None, None, None, None, *_scaled(fctx.grads, first.reshape(())))
         with replaying_random(fctx.rng), torch.enable_grad():  # as the forward ran
             _, _, weighted = fctx.run(grad_loss)
         return (None, None, None, None, *weighted)

@@ -45,6 +45,25 @@ class VmapBackend(TorchFuncBackend):
         self._buffers = {n: (None if n in self._counters else b) for n, b in self._buffers.items()}  # type: ignore[misc]
 
 
+def stack_tasks(data: list[Any], device: torch.device, checked: bool = False) -> list[torch.Tensor]:
+    """The tasks' four fields, each stacked over tasks on ``device``; a :class:`DataError` naming the
+    first difference when the tasks differ in shape or dtype (``checked``: the caller has looked)."""
+    problem = None
+    if not checked and not all(len({task[i].dtype for task in data}) == 1 for i in range(4)):
+        problem = ragged(data)  # torch.stack would promote the dtypes silently
+    if problem is None:
+        try:
+            return [torch.stack([task[i] for task in data]).to(device, non_blocking=True) for i in range(4)]
+        except RuntimeError:
+            problem = ragged(data)
+            if problem is None:
+                raise
+    raise DataError(
+        f"engine='vmap' stacks the tasks of a meta-batch, but they differ in shape: {problem}. Give every "
+        "task the same ways/shots/query (or pad them), or use engine='loop' (engine='auto' falls back to it)."
+    )
+
+
 @contextlib.contextmanager
 def finite_suspended(finite: Any) -> Iterator[None]:
     """The finite check's per-hook checks off inside a chunk (they read values, which vmap forbids);
@@ -73,22 +92,16 @@ class VmapEngine:
 
     def run(self, batch: Batch, ctx: EngineContext, stacks: bool = False) -> torch.Tensor:
         """The batch's mean loss; ``stacks``: the caller (``engine="auto"``) already checked the shapes."""
-        problem = None if stacks else ragged(batch.data)
-        if problem is not None:
-            raise DataError(
-                f"engine='vmap' stacks the tasks of a meta-batch, but they differ in shape: {problem}. Give every "
-                "task the same ways/shots/query (or pad them), or use engine='loop' (engine='auto' falls back to it)."
-            )
-        device = ctx.device()
-        stacked = [torch.stack([t[i] for t in batch.data]).to(device, non_blocking=True) for i in range(4)]
-        count = len(batch.data)
-        chunk = ctx.task_chunk or count
-        finite = ctx.finite_check
         self.backend.prepare(batch.training)
         losses, chunks = [], []
         try:
+            named = self.backend.named_parameters
+            stacked = stack_tasks(batch.data, next(iter(named.values())).device if named else ctx.device(), stacks)
+            count = len(batch.data)
+            chunk = ctx.task_chunk or count
+            finite = ctx.finite_check
             with torch.enable_grad():
-                start = ctx.start_params(batch.training)
+                start = ctx.start_params(batch.training, named)
                 for first in range(0, count, chunk):
                     parts = stacked if chunk >= count else [t[first : first + chunk] for t in stacked]
                     loss, metrics = self._chunk(ctx, batch, start, parts, finite)
@@ -96,7 +109,8 @@ class VmapEngine:
                         finite.record_task_losses(list(range(first, first + len(loss))), loss)
                     chunks.append((first, parts, loss.detach(), metrics))
                     if batch.backward_per_task:
-                        batch.backward(upcast(loss).sum() / count)
+                        wide = upcast(loss)
+                        batch.backward(wide.mean() if chunk >= count else wide.sum() / count)
                         loss = loss.detach()
                     losses.append(loss)
         finally:
