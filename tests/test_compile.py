@@ -106,6 +106,25 @@ def test_inductor_float32_passes_the_gate_calibrated_against_float64():
 
 
 @pytest.mark.usefixtures("aot_eager")
+def test_convolutional_models_compile_one_task_per_call_unless_task_chunk_says_otherwise():
+    """Per task, the compiled graph holds plain convolutions (vmap's are grouped ones); task_chunk
+    still decides when given. Both equal the loop engine in float64."""
+    tasks = image_tasks(3)
+    grads, engines = {}, {}
+    for name, engine, chunk in (("loop", "loop", None), ("per task", "compile", None), ("whole", "compile", 3)):
+        torch.manual_seed(0)
+        learner = MetaLearner(conv_bn(), inner_steps=2, inner_lr=0.3, engine=engine, task_chunk=chunk)
+        grads[name] = gradient(learner, tasks)
+        engines[name] = (learner.engines.get("compile"), learner.engine_context)
+    for name in ("per task", "whole"):
+        assert float((grads[name] - grads["loop"]).norm() / grads["loop"].norm()) <= 1e-10
+    assert [e.chunk_size(ctx, 3) for e, ctx in (engines["per task"], engines["whole"])] == [1, 3]
+    learner = MetaLearner(seeded_mlp(), inner_steps=1, loss_fn=F.mse_loss, engine="compile")
+    learner.backward(regression_tasks(3))
+    assert learner.engines["compile"].chunk_size(learner.engine_context, 3) == 3  # no convolution: one vmap call
+
+
+@pytest.mark.usefixtures("aot_eager")
 def test_training_and_evaluation_shapes_compile_once_each():
     learner = MetaLearner(seeded_mlp(), inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss, engine="compile")
     for _ in range(3):

@@ -41,6 +41,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from metaopt.engines.base import EngineContext
+from metaopt.engines.choose import CONV_MODULES
 from metaopt.engines.vmap import VmapEngine, finite_suspended
 from metaopt.errors import ConfigError, MetaOptError
 from metaopt.norms import SafeNormsMode
@@ -94,6 +95,7 @@ class CompileEngine(VmapEngine):
         self.fused: bool | None = None
         self.fused_reason = ""
         self._use_compiled = True
+        self._convolutional: bool | None = None
 
     def _count(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         """The compile backend, counting every graph dynamo hands it."""
@@ -110,6 +112,16 @@ class CompileEngine(VmapEngine):
                 patches["cpp_wrapper"] = True
             return compile_fx(graph, example_inputs, config_patches=patches)
         return torch._dynamo.lookup_backend(self.backend_name)(graph, example_inputs)
+
+    def chunk_size(self, ctx: EngineContext, count: int) -> int:
+        """``task_chunk``, else one task per compiled call for a convolutional model (its compiled
+        graph then holds plain convolutions, not vmap's grouped ones: faster on CPU, measured in
+        docs/engines.md), else the whole batch."""
+        if ctx.task_chunk:
+            return ctx.task_chunk
+        if self._convolutional is None:
+            self._convolutional = any(isinstance(m, CONV_MODULES) for m in ctx.model.modules())
+        return 1 if self._convolutional else count
 
     def _norm_routing(self, training: bool) -> contextlib.AbstractContextManager[Any]:
         """The function mode, which dynamo traces (SafeNorms' attribute swap would break the graph)."""

@@ -98,7 +98,7 @@ class VmapEngine:
             named = self.backend.named_parameters
             stacked = stack_tasks(batch.data, next(iter(named.values())).device if named else ctx.device(), stacks)
             count = len(batch.data)
-            chunk = ctx.task_chunk or count
+            chunk = self.chunk_size(ctx, count)
             finite = ctx.finite_check
             with torch.enable_grad():
                 start = ctx.start_params(batch.training, named)
@@ -122,6 +122,10 @@ class VmapEngine:
         training = batch.training  # not the batch itself: it holds this function (no reference cycle)
         batch.make_tasks = lambda: [t for c in chunks for t in self._views(ctx, training, *c)]
         return upcast(total).mean()
+
+    def chunk_size(self, ctx: EngineContext, count: int) -> int:
+        """Tasks per vmap call: ``task_chunk``, else the whole batch."""
+        return ctx.task_chunk or count
 
     def _chunk(
         self, ctx: EngineContext, batch: Batch, start: dict[str, torch.Tensor], parts: list[torch.Tensor], finite: Any
