@@ -1,7 +1,9 @@
 """``engine="compile"``: the vmap engine's chunk under ``torch.compile``, trusted only after a gate.
 
 The whole task body of a chunk (every hook, the inner loop with ``torch.func.grad``, the outer
-loss) is one ``torch.compile``d function of the chunk's tensors.  In training, when every
+loss) is one ``torch.compile``d function of the chunk's tensors; a chunk is one task for a model
+with convolutions (plain convolutions in the graph, faster on CPU than vmap's grouped ones), else
+the batch, unless ``task_chunk`` is set.  In training, when every
 meta-parameter the body reads comes in through the adapted start (:func:`probe_fusable`), the
 compiled function is ``torch.func.grad`` of the tasks' summed losses, so the meta-gradient is
 computed inside the same graph (:func:`fused_meta_gradient`, handed to autograd by
@@ -55,7 +57,7 @@ COMPILE_BACKEND = os.environ.get("METAOPT_COMPILE_BACKEND", "inductor")
 #: the torch.compile mode (None; "reduce-overhead" adds CUDA graphs on a GPU)
 COMPILE_MODE: str | None = None
 #: CPU graphs get inductor's C++ wrapper (the compiled call's buffer handling and kernel launches in C++,
-#: not generated Python): measured in benchmarks/overheads.py compile
+#: not generated Python; the measurement is in docs/engines.md)
 CPP_WRAPPER = True
 _ENGINE_IDS = itertools.count()
 #: the gate's bound on the compiled result's distance from float64, in units of the eager one's
