@@ -577,6 +577,8 @@ class Trainer:
         report = {"compile_s": round(engine.compile_seconds, 3), "graphs": engine.compiles}
         report["recompiles"] = engine.recompiles
         report["meta_gradient_in_graph"] = bool(engine.fused)  # docs/engines.md: one graph, or through autograd
+        # tasks per compiled call: one for a model with convolutions, else the meta-batch (or task_chunk)
+        report["tasks_per_call"] = engine.chunk_size(self.learner.engine_context, self.config.meta_batch)
         if engine.gate is not None:
             report["gate"] = {k: engine.gate[k] for k in ("d_compiled", "d_eager", "tolerance")}
         return report
@@ -598,7 +600,8 @@ class Trainer:
             )
             parts.append(
                 f"compiled {compiled['graphs']} graph(s) in {compiled['compile_s']:.1f} s of first calls "
-                f"(meta-gradient {'inside the graph' if compiled['meta_gradient_in_graph'] else 'through autograd'}), "
+                f"(meta-gradient {'inside the graph' if compiled['meta_gradient_in_graph'] else 'through autograd'}, "
+                f"{compiled['tasks_per_call']} task(s) per call), "
                 f"{compiled['recompiles']} recompilation(s){trusted}"
             )
         if self.recent:

@@ -265,11 +265,11 @@ def test_the_cli_reports_compilation_and_the_gate(tmp_path, capsys, monkeypatch)
     assert main([*argv, "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "on the compile engine" in printed and "compiled 1 graph(s)" in printed and "exactness gate" in printed
-    assert "(meta-gradient inside the graph)" in printed
+    assert "(meta-gradient inside the graph, 4 task(s) per call)" in printed  # no convolution: the whole batch
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "meta_loss" in line]
     assert steps and all(s["engine"] == "compile" and s["recompiles"] == 0 for s in steps)
-    assert all(s["meta_gradient_in_graph"] for s in steps)
+    assert all(s["meta_gradient_in_graph"] and s["tasks_per_call"] == 4 for s in steps)
     assert steps[-1]["gate"]["d_compiled"] <= steps[-1]["gate"]["tolerance"]
 
 
