@@ -578,7 +578,8 @@ class Trainer:
         report["recompiles"] = engine.recompiles
         report["meta_gradient_in_graph"] = bool(engine.fused)  # docs/engines.md: one graph, or through autograd
         # tasks per compiled call: one for a model with convolutions, else the meta-batch (or task_chunk)
-        report["tasks_per_call"] = engine.chunk_size(self.learner.engine_context, self.config.meta_batch)
+        batch = self.config.meta_batch
+        report["tasks_per_call"] = min(engine.chunk_size(self.learner.engine_context, batch), batch)
         if engine.gate is not None:
             report["gate"] = {k: engine.gate[k] for k in ("d_compiled", "d_eager", "tolerance")}
         return report
