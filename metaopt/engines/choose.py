@@ -13,6 +13,12 @@ HIGHER_OPTIMIZERS = ("higher_adam", "rmsprop", "adagrad")
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def has_convolutions(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is a convolution: on CPU their batched (grouped) kernels under
+    vmap are slower than one convolution per task, which ``auto`` and the compile engine go by."""
+    return any(isinstance(m, CONV_MODULES) for m in model.modules())
+
+
 def vmap_refusals(ctx: EngineContext) -> list[str]:
     """Why this learner cannot run under ``engine="vmap"`` (empty: it can), one reason each."""
     reasons = []
@@ -79,7 +85,7 @@ def auto_engine(ctx: EngineContext) -> str:
     """
     if vmap_refusals(ctx) or unvetted_plugins(ctx):
         return "loop"
-    return "loop" if any(isinstance(m, CONV_MODULES) for m in ctx.model.modules()) else "vmap"
+    return "loop" if has_convolutions(ctx.model) else "vmap"
 
 
 def choose_engine(ctx: EngineContext, data: list[TaskData]) -> str:

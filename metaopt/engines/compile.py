@@ -43,7 +43,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from metaopt.engines.base import EngineContext
-from metaopt.engines.choose import CONV_MODULES
+from metaopt.engines.choose import has_convolutions
 from metaopt.engines.vmap import VmapEngine, finite_suspended
 from metaopt.errors import ConfigError, MetaOptError
 from metaopt.norms import SafeNormsMode
@@ -122,7 +122,7 @@ class CompileEngine(VmapEngine):
         if ctx.task_chunk:
             return ctx.task_chunk
         if self._convolutional is None:
-            self._convolutional = any(isinstance(m, CONV_MODULES) for m in ctx.model.modules())
+            self._convolutional = has_convolutions(ctx.model)
         return 1 if self._convolutional else count
 
     def _norm_routing(self, training: bool) -> contextlib.AbstractContextManager[Any]:
