@@ -82,25 +82,26 @@ def _grads_record(
 ) -> _Record:
     """A record of gradients; a failure names (up to three of) the non-finite ones (``names()``, the
     gradients' names in order, is called only then)."""
+    return _Record(max_abs(grads), hook, _naming(names, what), task)
+
+
+def _naming(names: Callable[[], list[str]], what: str) -> Callable[[list[bool], list[torch.Tensor]], str]:
+    """A record's ``describe`` for gradients: ``what`` and the names of (up to three) non-finite ones."""
 
     def describe(finite: list[bool], _: list[torch.Tensor]) -> str:
         return f"{what} (in {[n for n, ok in zip(names(), finite, strict=True) if not ok][:3]})"
 
-    return _Record(max_abs(grads), hook, describe, task)
+    return describe
 
 
 def _summed_grads_record(grads: list[torch.Tensor], names: Callable[[], list[str]], what: str) -> _Record:
     """:func:`_grads_record` for gradients that stay alive until the check (the meta-gradient in
     ``.grad``): one sum of every entry (one ``cat`` and one ``sum``), the gradients read again only
     when the sum is not finite."""
-
-    def describe(finite: list[bool], _: list[torch.Tensor]) -> str:
-        return f"{what} (in {[n for n, ok in zip(names(), finite, strict=True) if not ok][:3]})"
-
     with torch.no_grad():
         flat = torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0]
         total = flat.sum(dtype=torch.promote_types(flat.dtype, torch.float32))  # no float16 overflow
-    return _Record([total], "outer_step", describe, None, sources=grads)
+    return _Record([total], "outer_step", _naming(names, what), None, sources=grads)
 
 
 def _as_scalar(t: torch.Tensor) -> torch.Tensor:
