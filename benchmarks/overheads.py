@@ -16,6 +16,10 @@ per meta-iteration and per section (each timed by a wrapper; sections nest), the
 dynamo's guard evaluation skipped (a measurement only), and the hand-written one-graph step and
 eager vmap steps of the speed harness beside it.
 
+``python benchmarks/overheads.py cpp-wrapper``: engine="compile" with inductor's C++ wrapper on and
+off (metaopt.engines.compile.CPP_WRAPPER), sinusoid MLP, meta-batch 25, K=1, in one process:
+first calls, then process CPU time per step over interleaved rounds.
+
 ``python benchmarks/overheads.py checksum``: the checkpoint checksum (metaopt.rundir.checksum)
 of a timm resnet10t and resnet18 state with Adam-like moments, beside ``torch.save`` of it.
 """
@@ -176,6 +180,46 @@ def compile_sections(k: int = 1, iters: int = 400) -> list[str]:
     return rows
 
 
+def cpp_wrapper_ab(k: int = 1, iters: int = 200, rounds: int = 8) -> list[str]:
+    """engine="compile" with inductor's C++ wrapper (metaopt.engines.compile.CPP_WRAPPER) on and off,
+    sinusoid MLP, meta-batch 25, in one process: each learner's first call (compilation included;
+    the second to compile may reuse caches the first filled), then process CPU time per step over
+    interleaved rounds, min and median of the rounds."""
+    import statistics
+
+    import metaopt.engines.compile as compile_engine
+
+    tasks = [tuple(t.float() for t in task) for task in SinusoidTasks(shots=10, seed=0).sample(25)]
+    built, rows = {}, []
+    saved = compile_engine.CPP_WRAPPER
+    try:
+        for flag in (False, True):
+            compile_engine.CPP_WRAPPER = flag
+            torch.manual_seed(0)
+            learner = metaopt.MetaLearner(mlp(), inner_steps=k, inner_lr=0.01, loss_fn=F.mse_loss, engine="compile")
+            start = time.perf_counter()
+            learner.backward(tasks)
+            rows.append(f"K={k} cpp_wrapper={flag}: first call {time.perf_counter() - start:.1f} s")
+            built[flag] = learner
+    finally:
+        compile_engine.CPP_WRAPPER = saved
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(rounds):
+        for flag in (False, True) if r % 2 else (True, False):
+            learner = built[flag]
+            start = time.process_time()
+            for _ in range(iters):
+                learner.backward(tasks)
+                learner.zero_grad()
+            times[flag].append((time.process_time() - start) / iters)
+    for flag, values in times.items():
+        rows.append(
+            f"K={k} cpp_wrapper={flag}: min {min(values) * 1e3:.3f} ms, median {statistics.median(values) * 1e3:.3f} ms "
+            f"per step ({rounds} interleaved rounds of {iters})"
+        )
+    return rows
+
+
 def checksum_cost(models: tuple[str, ...] = ("resnet10t", "resnet18")) -> list[str]:
     import timm
 
@@ -205,12 +249,14 @@ def checksum_cost(models: tuple[str, ...] = ("resnet10t", "resnet18")) -> list[s
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["safe-norms", "vmap", "compile", "checksum"])
+    parser.add_argument("what", choices=["safe-norms", "vmap", "compile", "cpp-wrapper", "checksum"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "safe-norms":
         print(safe_norms())
     elif args.what == "compile":
         print("\n".join(compile_sections()))
+    elif args.what == "cpp-wrapper":
+        print("\n".join(cpp_wrapper_ab()))
     else:
         print("\n".join(vmap_overhead() if args.what == "vmap" else checksum_cost()))

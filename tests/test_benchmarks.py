@@ -152,6 +152,8 @@ def test_overheads_harness_runs_both_measurements(monkeypatch):
     assert len(rows) == 3 and all("x hand" in row for row in rows)
     rows = overheads.compile_sections(iters=2)
     assert "the compiled call" in "\n".join(rows) and "guard evaluation skipped" in rows[-1]
+    rows = overheads.cpp_wrapper_ab(iters=2, rounds=2)
+    assert len(rows) == 4 and "cpp_wrapper=True: min" in rows[-1]
     (row,) = overheads.checksum_cost(("test_resnet",))
     assert row.startswith("test_resnet:") and "checksum" in row
 
