@@ -184,6 +184,28 @@ class HigherBackend:
             self._fmodel._fast_params = None
 
 
+def walk_module(model: nn.Module) -> tuple[list[nn.Module], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``list(model.modules())``, ``dict(model.named_parameters())`` and ``dict(model.named_buffers())``
+    from one walk of the module tree (each of torch's walks costs about as much as the three together)."""
+    modules: list[nn.Module] = []
+    params: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    seen_params: set[torch.Tensor] = set()
+    seen_buffers: set[torch.Tensor] = set()
+    for prefix, module in model.named_modules():
+        modules.append(module)
+        dot = prefix + "." if prefix else ""
+        for name, p in module._parameters.items():
+            if p is not None and p not in seen_params:  # a tied tensor under its first name, as torch does
+                seen_params.add(p)
+                params[dot + name] = p
+        for name, b in module._buffers.items():
+            if b is not None and b not in seen_buffers:
+                seen_buffers.add(b)
+                buffers[dot + name] = b
+    return modules, params, buffers
+
+
 class TorchFuncBackend:
     """``torch.func.functional_call`` on the user's module itself: no patched copy at all.
 
@@ -207,11 +229,13 @@ class TorchFuncBackend:
         self._tied_for: tuple[int, int] | None = None
 
     def prepare(self, training: bool) -> None:
+        modules, self._named, buffers = walk_module(self.model)
         if not self._modes:
-            self._modes = [(m, m.training) for m in self.model.modules()]
+            self._modes = [(m, m.training) for m in modules]
         self._set_modes(training)
-        self._named = dict(self.model.named_parameters())
-        self._buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        if self._modes_memo is None:  # a module's own train() ran: it may have changed what it holds
+            _, self._named, buffers = walk_module(self.model)
+        self._buffers = {n: b.clone() for n, b in buffers.items()}
         # functional_call's weight-tying pass walks every module on every call; run it only
         # when some parameter or buffer really is registered under two names
         if self._tied_for != (len(self._named), len(self._buffers)):  # counted once per model layout

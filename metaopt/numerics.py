@@ -62,7 +62,7 @@ def max_abs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 class _Record:
     """Checked values (0-dim tensors, finite iff the source was) and how to describe a failure.
 
-    With ``sources`` (tensors alive anyway, e.g. ``.grad``), ``values`` is one sum, finite when
+    With ``sources`` (tensors alive anyway, e.g. ``.grad``), ``values`` are sums, finite when
     every source is, and perhaps not when a sum of finite entries overflows: a failure then looks
     at the sources themselves, entry by entry, and gives one flag per source."""
 
@@ -96,19 +96,21 @@ def _naming(names: Callable[[], list[str]], what: str) -> Callable[[list[bool], 
 
 def _summed_grads_record(grads: list[torch.Tensor], names: Callable[[], list[str]], what: str) -> _Record:
     """:func:`_grads_record` for gradients that stay alive until the check (the meta-gradient in
-    ``.grad``): one sum of every entry (one ``cat`` and one ``sum``), the gradients read again only
-    when the sum is not finite."""
+    ``.grad``): each gradient's sum of absolute values (one foreach call, accumulated in at least
+    float32), the gradients read again only when a sum is not finite."""
     with torch.no_grad():
-        flat = torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0]
-        total = flat.sum(dtype=torch.promote_types(flat.dtype, torch.float32))  # no float16 overflow
-    return _Record([total], "outer_step", _naming(names, what), None, sources=grads)
+        wide = torch.promote_types(grads[0].dtype, torch.float32)  # no float16 overflow
+        if all(g.dtype == grads[0].dtype for g in grads):
+            sums = list(torch._foreach_norm(grads, 1, dtype=wide))
+        else:
+            sums = [g.abs().sum(dtype=torch.promote_types(g.dtype, torch.float32)) for g in grads]
+    return _Record(sums, "outer_step", _naming(names, what), None, sources=grads)
 
 
 def _as_scalar(t: torch.Tensor) -> torch.Tensor:
-    """A 0-dim tensor that is finite iff every entry of ``t`` is."""
-    if t.dim() == 0:
-        return t
-    return t.abs().amax() if t.numel() else t.new_zeros(())
+    """A 0-dim tensor that is finite when every entry of ``t`` is (its sum: one op; a sum of finite
+    entries may overflow, and :meth:`FiniteCheck.flush` then reads every entry)."""
+    return t if t.dim() == 0 else t.sum()
 
 
 def _value(t: torch.Tensor) -> str:

@@ -284,3 +284,45 @@ def test_modes_during_a_batch_follow_the_model_every_batch(engine, model_class):
     recorder.seen.clear()
     learner.backward(tasks)
     assert recorder.seen[0] == ((False, True) if model_class is FreezableDropout else (True, True))
+
+
+class Tangled(torch.nn.Module):
+    """A module under two names, a weight tied into a second module, a missing bias, a buffer shared
+    by two norms and a non-persistent buffer: every case in which torch's walks drop a duplicate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(3, 3, bias=False)
+        self.b = self.a
+        self.c = torch.nn.Linear(3, 3)
+        self.c.weight = self.a.weight
+        self.norm = torch.nn.BatchNorm1d(3)
+        self.other = torch.nn.BatchNorm1d(3)
+        self.other.running_mean = self.norm.running_mean
+        self.register_buffer("scratch", torch.zeros(1), persistent=False)
+
+
+def test_one_walk_reads_what_torchs_three_walks_read():
+    from metaopt.backend import walk_module
+
+    model = Tangled()
+    modules, params, buffers = walk_module(model)
+    assert modules == list(model.modules())
+    assert [(n, id(p)) for n, p in params.items()] == [(n, id(p)) for n, p in model.named_parameters()]
+    assert [(n, id(b)) for n, b in buffers.items()] == [(n, id(b)) for n, b in model.named_buffers()]
+    assert "c.weight" not in params and "other.running_mean" not in buffers and "scratch" in buffers
+
+
+@pytest.mark.parametrize("engine", ["loop", "vmap"])
+def test_a_module_replaced_between_batches_is_adapted_and_trained(engine):
+    """The backend reads the model's parameters every batch: a new head is what the next batch adapts."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    learner = MetaLearner(model, loss_fn=F.mse_loss, engine=engine, backend="torch.func")
+    tasks = regression_tasks(2)
+    learner.backward(tasks)
+    learner.zero_grad()
+    old = model.head
+    model.head = torch.nn.Linear(old.in_features, old.out_features).double()
+    learner.backward(tasks)
+    assert model.head.weight.grad is not None and old.weight.grad is None

@@ -49,11 +49,13 @@ def stack_tasks(data: list[Any], device: torch.device, checked: bool = False) ->
     """The tasks' four fields, each stacked over tasks on ``device``; a :class:`DataError` naming the
     first difference when the tasks differ in shape or dtype (``checked``: the caller has looked)."""
     problem = None
-    if not checked and not all(len({task[i].dtype for task in data}) == 1 for i in range(4)):
+    columns = list(zip(*data))
+    if not checked and any(len({t.dtype for t in column}) > 1 for column in columns):
         problem = ragged(data)  # torch.stack would promote the dtypes silently
     if problem is None:
         try:
-            return [torch.stack([task[i] for task in data]).to(device, non_blocking=True) for i in range(4)]
+            stacked = [torch.stack(column) for column in columns]
+            return [t if t.device == device else t.to(device, non_blocking=True) for t in stacked]
         except RuntimeError:
             problem = ragged(data)
             if problem is None:
