@@ -158,9 +158,10 @@ def compile_sections(k: int = 1, iters: int = 400) -> list[str]:
 
     timed(MetaLearner, "backward", "learner.backward (the whole step)")
     timed(MetaLearner, "run_tasks", "run_tasks (the engine's run)")
-    timed(compile_engine.CompileEngine, "_chunk", "the chunk (compiled call and its autograd wrapper)")
+    timed(compile_engine.CompileEngine, "_chunk", "the chunk (the compiled call and the engine's work around it)")
     timed(engine, "_compiled_fused", "the compiled call")
-    timed(Batch, "backward", "batch.backward (hands out the stored meta-gradient)")
+    timed(compile_engine.CompileEngine, "_backward_chunk", "the meta-gradient into .grad")
+    timed(Batch, "backward", "batch.backward (autograd hands out the stored meta-gradient)")
     try:
         total = per_step(built.step, model)
     finally:

@@ -305,6 +305,7 @@ class MetaLearner(nn.Module):
             memory=memory,
             meta_parameters=lambda: list(self.meta_parameters()),
             holder=self,
+            plain_backward=lambda: self.accelerator is None,
         )
         if memory not in MEMORY_MODES:
             raise ConfigError(

@@ -21,6 +21,7 @@ from test_engine import conv_bn, image_tasks, seeded_mlp
 import metaopt.engines.compile as compile_engine
 from metaopt import ConfigError, MetaLearner
 from metaopt.hookspecs import hookimpl
+from metaopt.models import mlp
 
 PLUGINS = {
     "maml": [],
@@ -247,6 +248,80 @@ def test_a_finished_batch_is_freed_without_the_garbage_collector(engine, monkeyp
         assert made and all(ref() is None for ref in made)
     finally:
         gc.enable()
+
+
+def stored_gradients(monkeypatch, plain: bool, task_chunk: int | None, setup=None) -> tuple[dict, list[bool]]:
+    """Two float32 batches' meta-gradients (accumulated in .grad, as a user's loop with one zero_grad
+    per two batches does) from the compile engine, with the direct store allowed or not; and what
+    stores_plainly answered."""
+    answers = []
+    real = compile_engine.stores_plainly
+
+    def spy(leaves, grads):
+        answers.append(plain and real(leaves, grads))
+        return answers[-1]
+
+    monkeypatch.setattr(compile_engine, "stores_plainly", spy)
+    torch.manual_seed(0)
+    learner = MetaLearner(
+        mlp(), inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss, engine="compile", task_chunk=task_chunk
+    )
+    if setup is not None:
+        setup(learner)
+    for seed in (1, 2):
+        learner.backward(regression_tasks(3, dtype=torch.float32, seed=seed))  # chunks of 2 and 1
+    return {n: p.grad.clone() for n, p in learner.named_parameters()}, answers
+
+
+@pytest.mark.usefixtures("aot_eager")
+@pytest.mark.parametrize("task_chunk", [None, 2])
+def test_the_meta_gradient_stored_without_autograd_is_autograds_bit_for_bit(monkeypatch, task_chunk):
+    """With the default outer step and no accelerator, the fused chunk's gradient goes into .grad
+    directly (no autograd backward to hand it out); it is the autograd path's, bit for bit, in one
+    chunk and in several (float32, so any difference in weighting or summation order would show)."""
+    direct, answers = stored_gradients(monkeypatch, True, task_chunk)
+    through_autograd, refused = stored_gradients(monkeypatch, False, task_chunk)
+    assert answers and all(answers) and not any(refused)
+    assert direct.keys() == through_autograd.keys()
+    assert all(torch.equal(direct[n], through_autograd[n]) for n in direct)
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_gradient_hooks_and_an_accelerator_keep_the_meta_gradient_on_autograd(monkeypatch):
+    """A hook on a parameter's gradient fires, and an accelerator's backward is called: the direct
+    store is taken only when autograd would do nothing but store the gradient."""
+    seen = []
+
+    def hooked(learner):
+        learner.model.head.weight.register_hook(lambda g: seen.append(g.clone()))
+
+    grads, answers = stored_gradients(monkeypatch, True, None, hooked)
+    assert answers and not any(answers)
+    assert torch.equal(seen[-2] + seen[-1], grads["model.head.weight"])  # both batches went through the hook
+
+    class Accelerator:
+        num_processes = 1
+
+        def __init__(self) -> None:
+            self.losses = []
+
+        def backward(self, loss):
+            self.losses.append(loss)
+            loss.backward()
+
+        def autocast(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    accelerator = Accelerator()
+
+    def accelerated(learner):
+        learner.accelerator = accelerator
+
+    with_accelerator, _ = stored_gradients(monkeypatch, True, None, accelerated)
+    assert len(accelerator.losses) >= 2
+    assert all(torch.equal(grads[n], with_accelerator[n]) for n in grads)
 
 
 def test_compile_refusals_are_named_when_the_learner_is_built():

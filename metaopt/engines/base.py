@@ -50,6 +50,9 @@ class EngineContext:
     meta_parameters: Callable[[], list[torch.Tensor]] = list
     #: the module holding every meta-parameter (names, and the compile gate's float64 round trip)
     holder: nn.Module | None = None
+    #: whether ``batch.backward(loss)`` is plain ``loss.backward()`` (no accelerator scaling the loss): then
+    #: an engine that already holds a chunk's meta-gradient may put it into ``.grad`` itself
+    plain_backward: Callable[[], bool] = bool
 
     def start_params(self, training: bool, named: Params | None = None) -> Params:
         """The adapted parameters' starting point: the meta-parameters (evaluation: detached copies)."""

@@ -98,6 +98,8 @@ class CompileEngine(VmapEngine):
         self.fused_reason = ""
         self._use_compiled = True
         self._convolutional: bool | None = None
+        #: a fused chunk's (loss, meta-gradient, start tensors), for _backward_chunk to store without autograd
+        self._direct: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def _count(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         """The compile backend, counting every graph dynamo hands it."""
@@ -175,6 +177,7 @@ class CompileEngine(VmapEngine):
             # and autograd gives the loss it returns a grad_fn in place
             return loss, {k: v.detach() for k, v in metrics.items()}, [grads[n] for n in names]
 
+        self._direct = None
         rng = random_state()
         loss, metrics, grads = run(None)
         if loss.requires_grad or any(g.requires_grad for g in grads):  # cannot be on the first batch (probed)
@@ -184,7 +187,30 @@ class CompileEngine(VmapEngine):
                 "a plugin's own parameters, or parameters that are not adapted, only from some step on). Use "
                 "engine='vmap' (the same computation uncompiled, through autograd) or engine='loop'."
             )
-        return _FusedMetaStep.apply(run, rng, loss, grads, *(start[n] for n in names)), metrics
+        leaves = [start[n] for n in names]
+        if batch.backward_per_task and ctx.plain_backward() and stores_plainly(leaves, grads):
+            self._direct = (loss, grads, leaves)  # _backward_chunk puts the gradient into .grad itself
+            return loss, metrics
+        return _FusedMetaStep.apply(run, rng, loss, grads, *leaves), metrics
+
+    def _backward_chunk(self, batch: Batch, loss: torch.Tensor, count: int, whole: bool) -> None:
+        """A fused chunk's meta-gradient into ``.grad`` without autograd, when :func:`stores_plainly`
+        said autograd would only store or add it: the same weight (d mean / d task loss, in the loss's
+        dtype), the same scaling and the same accumulation as :class:`_FusedMetaStep`'s backward."""
+        direct, self._direct = self._direct, None
+        if direct is None or direct[0] is not loss:
+            super()._backward_chunk(batch, loss, count, whole)
+            return
+        _, grads, leaves = direct
+        wide = torch.ones((), dtype=torch.promote_types(loss.dtype, torch.float32), device=loss.device)
+        with torch.no_grad():
+            for p, g in zip(leaves, _scaled(grads, (wide / count).to(loss.dtype)), strict=True):
+                if p.grad is not None:
+                    p.grad.add_(g)
+                elif g.stride() == p.stride():
+                    p.grad = g
+                else:  # autograd keeps a gradient in its parameter's layout
+                    p.grad = torch.empty_strided(p.size(), p.stride(), dtype=p.dtype, device=p.device).copy_(g)
 
     def run(self, batch: Batch, ctx: EngineContext, stacks: bool = False) -> torch.Tensor:
         key = (batch.training, *((tuple(t.shape), t.dtype) for t in batch.data[0]), len(batch.data))
@@ -227,6 +253,22 @@ def fused_meta_gradient(
 
     grads, (loss, metrics) = torch.func.grad(weighted, has_aux=True)(start)
     return grads, loss, metrics
+
+
+def stores_plainly(leaves: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
+    """Whether autograd's backward would do nothing with ``grads`` but store them in (or add them to)
+    ``.grad`` of ``leaves``: plain leaf tensors that require grad, with no gradient hooks, gradients
+    of their shape, dtype and device, and any existing ``.grad`` a dense tensor of their dtype."""
+    for p, g in zip(leaves, grads, strict=True):
+        if type(p) not in (torch.nn.Parameter, torch.Tensor) or not (p.is_leaf and p.requires_grad):
+            return False
+        if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+            return False
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            return False
+        if p.grad is not None and (p.grad.layout != torch.strided or p.grad.dtype != p.dtype):
+            return False
+    return True
 
 
 def _equal_weights(start: dict[str, torch.Tensor], parts: list[torch.Tensor]) -> torch.Tensor:

@@ -111,8 +111,7 @@ class VmapEngine:
                         finite.record_task_losses(list(range(first, first + len(loss))), loss)
                     chunks.append((first, parts, loss.detach(), metrics))
                     if batch.backward_per_task:
-                        wide = upcast(loss)
-                        batch.backward(wide.mean() if chunk >= count else wide.sum() / count)
+                        self._backward_chunk(batch, loss, count, whole=chunk >= count)
                         loss = loss.detach()
                     losses.append(loss)
         finally:
@@ -128,6 +127,11 @@ class VmapEngine:
     def chunk_size(self, ctx: EngineContext, count: int) -> int:
         """Tasks per vmap call: ``task_chunk``, else the whole batch."""
         return ctx.task_chunk or count
+
+    def _backward_chunk(self, batch: Batch, loss: torch.Tensor, count: int, whole: bool) -> None:
+        """The chunk's share of the batch's mean loss, backpropagated (``whole``: the chunk is the batch)."""
+        wide = upcast(loss)
+        batch.backward(wide.mean() if whole else wide.sum() / count)
 
     def _chunk(
         self, ctx: EngineContext, batch: Batch, start: dict[str, torch.Tensor], parts: list[torch.Tensor], finite: Any
