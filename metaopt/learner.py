@@ -471,15 +471,19 @@ class MetaLearner(nn.Module):
 
     def _finish(self, batch: Batch) -> BatchResult:
         if batch._tasks is None and batch.stacked is not None:  # vmap engine, no per-task records read
-            stacked = {k: v.float() for k, v in sorted(batch.stacked[1].items())}
+            stacked = dict(sorted(batch.stacked[1].items()))
         else:
             keys = sorted({k for t in batch.tasks for k in t.metrics})
-            stacked = {k: torch.stack([t.metrics[k].float() for t in batch.tasks if k in t.metrics]) for k in keys}
-        batch.metrics = {k: float(v.mean()) for k, v in stacked.items()}
+            stacked = {k: torch.stack([t.metrics[k] for t in batch.tasks if k in t.metrics]) for k in keys}
+        # one read per metric: the per-task values (floats in the metric's own precision), averaged in Python
+        per_task = {k: (v if v.is_floating_point() else v.float()).tolist() for k, v in stacked.items()}
+        batch.metrics = {
+            k: sum(values) / len(values) if v.dim() == 1 else float(v.float().mean())
+            for (k, values), v in zip(per_task.items(), stacked.values(), strict=True)
+        }
         assert batch.meta_loss is not None
         batch.metrics["meta_loss"] = float(batch.meta_loss.detach())
         self.hook.batch_end(batch=batch)
-        per_task = {k: v.tolist() for k, v in stacked.items()}
         return BatchResult(loss=batch.meta_loss, metrics=dict(batch.metrics), per_task=per_task)
 
     def _check_against_model(self, task: TaskData) -> None:

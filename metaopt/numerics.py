@@ -13,6 +13,7 @@ meta-gradient in ``outer_step`` (training, before the optimizer can step) or in 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -60,21 +61,17 @@ def max_abs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @dataclass
 class _Record:
-    """Checked values (0-dim tensors, finite iff the source was) and how to describe a failure.
-
-    With ``sources`` (tensors alive anyway, e.g. ``.grad``), ``values`` are sums, finite when
-    every source is, and perhaps not when a sum of finite entries overflows: a failure then looks
-    at the sources themselves, entry by entry, and gives one flag per source."""
+    """Checked values (tensors: losses, gradients, or 0-dim summaries finite iff their source was)
+    and how to describe a failure."""
 
     values: list[torch.Tensor]
     hook: str
     describe: Callable[[list[bool], list[torch.Tensor]], str]  # (finite flags, values) -> what failed
     task: Task | None
-    sources: list[torch.Tensor] | None = None
 
     def finite(self) -> list[bool]:
-        """Per value (per source when there are sources): whether it is finite (a device sync)."""
-        return [bool(torch.isfinite(v).all()) for v in (self.values if self.sources is None else self.sources)]
+        """Per value: whether every entry is finite (a device sync)."""
+        return [bool(torch.isfinite(v).all()) for v in self.values]
 
 
 def _grads_record(
@@ -96,21 +93,20 @@ def _naming(names: Callable[[], list[str]], what: str) -> Callable[[list[bool], 
 
 def _summed_grads_record(grads: list[torch.Tensor], names: Callable[[], list[str]], what: str) -> _Record:
     """:func:`_grads_record` for gradients that stay alive until the check (the meta-gradient in
-    ``.grad``): each gradient's sum of absolute values (one foreach call, accumulated in at least
-    float32), the gradients read again only when a sum is not finite."""
-    with torch.no_grad():
-        wide = torch.promote_types(grads[0].dtype, torch.float32)  # no float16 overflow
-        if all(g.dtype == grads[0].dtype for g in grads):
-            sums = list(torch._foreach_norm(grads, 1, dtype=wide))
-        else:
-            sums = [g.abs().sum(dtype=torch.promote_types(g.dtype, torch.float32)) for g in grads]
-    return _Record(sums, "outer_step", _naming(names, what), None, sources=grads)
+    ``.grad``): the gradients themselves, read by :meth:`FiniteCheck.flush` with everything else."""
+    return _Record(list(grads), "outer_step", _naming(names, what), None)
 
 
-def _as_scalar(t: torch.Tensor) -> torch.Tensor:
-    """A 0-dim tensor that is finite when every entry of ``t`` is (its sum: one op; a sum of finite
-    entries may overflow, and :meth:`FiniteCheck.flush` then reads every entry)."""
-    return t if t.dim() == 0 else t.sum()
+def _finite_witness(values: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim tensor that is finite when every entry of every value is: the sum of their absolute
+    values (one foreach call when they share a dtype, accumulated in at least float32).  A sum of
+    finite entries may still overflow; :meth:`FiniteCheck.flush` then reads every value on its own."""
+    dtype = values[0].dtype
+    if all(v.dtype == dtype for v in values):
+        sums = torch._foreach_norm(values, 1, dtype=torch.promote_types(dtype, torch.float32))
+    else:
+        sums = [v.abs().sum(dtype=torch.promote_types(v.dtype, torch.float32)) for v in values]
+    return torch.stack(sums).sum() if len(sums) > 1 else sums[0]
 
 
 def _value(t: torch.Tensor) -> str:
@@ -157,10 +153,13 @@ class FiniteCheck:
         self._records = []
         if not records:
             return
-        with torch.no_grad():
-            # a sum is finite only when every term is (a NaN or inf anywhere makes it NaN or inf); when it
-            # is not, possibly by overflow alone, every record is read on its own
-            total = torch.stack([_as_scalar(v) for r in records for v in r.values]).sum()
+        values = [v for r in records for v in r.values]
+        if not values:
+            return
+        # a sum is finite only when every term is (a NaN or inf anywhere makes it NaN or inf); when it
+        # is not, possibly by overflow alone, every record is read on its own
+        with torch.no_grad() if any(v.requires_grad for v in values) else contextlib.nullcontext():
+            total = _finite_witness(values)
         if math.isfinite(float(total)):
             return
         for record in records:

@@ -149,7 +149,7 @@ def test_overheads_harness_runs_both_measurements(monkeypatch):
         sys.path.remove(str(BENCH))
     assert "ratio" in overheads.safe_norms(iters=1, rounds=1)
     rows = overheads.vmap_overhead(steps=(1,), iters=2, rounds=2)
-    assert len(rows) == 3 and all("x hand" in row for row in rows)
+    assert len(rows) == 3 and all("x hand (paired ratio" in row for row in rows[:2]) and "hand vmap: median" in rows[2]
     rows = overheads.compile_sections(iters=2)
     assert "the compiled call" in "\n".join(rows) and "guard evaluation skipped" in rows[-1]
     rows = overheads.cpp_wrapper_ab(iters=2, rounds=2)
