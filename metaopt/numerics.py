@@ -97,15 +97,18 @@ def _summed_grads_record(grads: list[torch.Tensor], names: Callable[[], list[str
     return _Record(list(grads), "outer_step", _naming(names, what), None)
 
 
+#: dtypes whose sums are taken as they are (narrower floats are summed in float32: no float16 overflow)
+_WIDE = (torch.float32, torch.float64)
+
+
 def _finite_witness(values: list[torch.Tensor]) -> torch.Tensor:
-    """A 0-dim tensor that is finite when every entry of every value is: the sum of their absolute
-    values (one foreach call when they share a dtype, accumulated in at least float32).  A sum of
-    finite entries may still overflow; :meth:`FiniteCheck.flush` then reads every value on its own."""
-    dtype = values[0].dtype
-    if all(v.dtype == dtype for v in values):
-        sums = torch._foreach_norm(values, 1, dtype=torch.promote_types(dtype, torch.float32))
-    else:
-        sums = [v.abs().sum(dtype=torch.promote_types(v.dtype, torch.float32)) for v in values]
+    """A 0-dim tensor that is finite when every entry of every value is: the sum of their sums (a NaN,
+    or infinities of either sign, make a sum non-finite).  A sum of finite entries may still overflow;
+    :meth:`FiniteCheck.flush` then reads every value on its own."""
+    sums = [
+        v if v.dim() == 0 and v.dtype in _WIDE else v.sum() if v.dtype in _WIDE else v.sum(dtype=torch.float32)
+        for v in values
+    ]
     return torch.stack(sums).sum() if len(sums) > 1 else sums[0]
 
 
