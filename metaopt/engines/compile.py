@@ -100,6 +100,7 @@ class CompileEngine(VmapEngine):
         self._convolutional: bool | None = None
         #: a fused chunk's (loss, meta-gradient, start tensors), for _backward_chunk to store without autograd
         self._direct: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._weights: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def _count(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         """The compile backend, counting every graph dynamo hands it."""
@@ -202,15 +203,18 @@ class CompileEngine(VmapEngine):
             super()._backward_chunk(batch, loss, count, whole)
             return
         _, grads, leaves = direct
-        wide = torch.ones((), dtype=torch.promote_types(loss.dtype, torch.float32), device=loss.device)
-        with torch.no_grad():
-            for p, g in zip(leaves, _scaled(grads, (wide / count).to(loss.dtype)), strict=True):
-                if p.grad is not None:
-                    p.grad.add_(g)
-                elif g.stride() == p.stride():
-                    p.grad = g
-                else:  # autograd keeps a gradient in its parameter's layout
-                    p.grad = torch.empty_strided(p.size(), p.stride(), dtype=p.dtype, device=p.device).copy_(g)
+        key = (count, loss.dtype, loss.device)
+        weight = self._weights.get(key)
+        if weight is None:  # 1/count in the mean's dtype, then the loss's: what autograd hands each task's loss
+            wide = torch.ones((), dtype=torch.promote_types(loss.dtype, torch.float32), device=loss.device)
+            weight = self._weights[key] = (wide / count).to(loss.dtype)
+        for p, g in zip(leaves, _scaled(grads, weight), strict=True):  # no graph: grads do not require grad
+            if p.grad is not None:
+                p.grad.add_(g)
+            elif g.stride() == p.stride():
+                p.grad = g
+            else:  # autograd keeps a gradient in its parameter's layout
+                p.grad = torch.empty_strided(p.size(), p.stride(), dtype=p.dtype, device=p.device).copy_(g)
 
     def run(self, batch: Batch, ctx: EngineContext, stacks: bool = False) -> torch.Tensor:
         key = (batch.training, *((tuple(t.shape), t.dtype) for t in batch.data[0]), len(batch.data))
