@@ -206,8 +206,7 @@ class CompileEngine(VmapEngine):
         key = (count, loss.dtype, loss.device)
         weight = self._weights.get(key)
         if weight is None:  # 1/count in the mean's dtype, then the loss's: what autograd hands each task's loss
-            wide = torch.ones((), dtype=torch.promote_types(loss.dtype, torch.float32), device=loss.device)
-            weight = self._weights[key] = (wide / count).to(loss.dtype)
+            weight = self._weights[key] = (upcast(loss.new_ones(())) / count).to(loss.dtype)
         for p, g in zip(leaves, _scaled(grads, weight), strict=True):  # no graph: grads do not require grad
             if p.grad is not None:
                 p.grad.add_(g)
