@@ -91,7 +91,7 @@ def _naming(names: Callable[[], list[str]], what: str) -> Callable[[list[bool], 
     return describe
 
 
-def _summed_grads_record(grads: list[torch.Tensor], names: Callable[[], list[str]], what: str) -> _Record:
+def _live_grads_record(grads: list[torch.Tensor], names: Callable[[], list[str]], what: str) -> _Record:
     """:func:`_grads_record` for gradients that stay alive until the check (the meta-gradient in
     ``.grad``): the gradients themselves, read by :meth:`FiniteCheck.flush` with everything else."""
     return _Record(list(grads), "outer_step", _naming(names, what), None)
@@ -105,11 +105,15 @@ def _finite_witness(values: list[torch.Tensor]) -> torch.Tensor:
     """A 0-dim tensor that is finite when every entry of every value is: the sum of their sums (a NaN,
     or infinities of either sign, make a sum non-finite).  A sum of finite entries may still overflow;
     :meth:`FiniteCheck.flush` then reads every value on its own."""
-    sums = [
-        v if v.dim() == 0 and v.dtype in _WIDE else v.sum() if v.dtype in _WIDE else v.sum(dtype=torch.float32)
-        for v in values
-    ]
+    sums = [_wide_sum(v) for v in values]
     return torch.stack(sums).sum() if len(sums) > 1 else sums[0]
+
+
+def _wide_sum(v: torch.Tensor) -> torch.Tensor:
+    """``v``'s sum in at least float32 (a 0-dim value of a wide dtype is its own sum)."""
+    if v.dtype not in _WIDE:
+        return v.sum(dtype=torch.float32)
+    return v if v.dim() == 0 else v.sum()
 
 
 def _value(t: torch.Tensor) -> str:
@@ -154,8 +158,6 @@ class FiniteCheck:
         """Read every pending flag (one sync) and raise for the first non-finite one."""
         records = self._records + ([extra] if extra is not None else [])
         self._records = []
-        if not records:
-            return
         values = [v for r in records for v in r.values]
         if not values:
             return
@@ -228,7 +230,7 @@ class FiniteCheck:
             by_id = {id(p): n for n, p in learner.named_parameters()}
             return [by_id.get(id(p), "?") for p in params]
 
-        extra = _summed_grads_record([p.grad for p in params], names, "meta-gradient") if params else None
+        extra = _live_grads_record([p.grad for p in params], names, "meta-gradient") if params else None
         self.flush(learner, extra)
         return done
 
