@@ -65,7 +65,7 @@ def as_tasks(batch: BatchInput) -> list[TaskData]:
                 f"sizes {[t.shape[0] for t in items]}."
             )
         return [TaskData(sx[i], sy[i], qx[i], qy[i]) for i in range(sx.shape[0])]
-    # tuple.__new__: TaskData(*item) runs the named tuple's Python-level __new__, twice as slow for a batch
+    # tuple.__new__: TaskData(*item) would run the named tuple's Python-level __new__ for every task
     tasks = [item if type(item) is TaskData else tuple.__new__(TaskData, item) for item in items]
     if any(len(task) != 4 for task in tasks):
         i, task = next((i, task) for i, task in enumerate(tasks) if len(task) != 4)
