@@ -67,7 +67,7 @@ def as_tasks(batch: BatchInput) -> list[TaskData]:
         return [TaskData(sx[i], sy[i], qx[i], qy[i]) for i in range(sx.shape[0])]
     # tuple.__new__: TaskData(*item) would run the named tuple's Python-level __new__ for every task
     tasks = [item if type(item) is TaskData else tuple.__new__(TaskData, item) for item in items]
-    if any(len(task) != 4 for task in tasks):
+    if set(map(len, tasks)) - {4}:
         i, task = next((i, task) for i, task in enumerate(tasks) if len(task) != 4)
         raise DataError(f"task {i} has {len(task)} parts; expected (support_x, support_y, query_x, query_y).")
     if not tasks:
@@ -77,8 +77,7 @@ def as_tasks(batch: BatchInput) -> list[TaskData]:
 
 def _check_inputs(tasks: list[TaskData]) -> None:
     """Raw ``uint8`` pixels never reach the model: no model is meant to see 0..255 (some cast silently)."""
-    uint8 = torch.uint8
-    if not any(task[0].dtype is uint8 or task[2].dtype is uint8 for task in tasks):
+    if torch.uint8 not in {task[0].dtype for task in tasks} | {task[2].dtype for task in tasks}:
         return
     for i, task in enumerate(tasks):
         for name in ("support_x", "query_x"):
@@ -306,6 +305,7 @@ class MetaLearner(nn.Module):
             meta_parameters=lambda: list(self.meta_parameters()),
             holder=self,
             plain_backward=lambda: self.accelerator is None,
+            vectorised_hook=self.host.hook_without(self.host.finite_check),
         )
         if memory not in MEMORY_MODES:
             raise ConfigError(

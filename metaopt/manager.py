@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Generator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pluggy
@@ -126,6 +127,13 @@ class PluginHost:
     @property
     def hook(self) -> Any:
         return self.pm.hook
+
+    def hook_without(self, plugin: object | None) -> Any:
+        """A relay like :attr:`hook` whose calls skip ``plugin``'s implementations (the plugins are fixed
+        once the host is built); :attr:`hook` itself when ``plugin`` is None."""
+        if plugin is None:
+            return self.pm.hook
+        return SimpleNamespace(**{name: self.pm.subset_hook_caller(name, [plugin]) for name in vars(self.pm.hook)})
 
     def replaced(self, hook_name: str) -> bool:
         """True when a registered (non-built-in) plugin implements ``hook_name`` itself."""

@@ -101,6 +101,44 @@ def _live_grads_record(grads: list[torch.Tensor], names: Callable[[], list[str]]
 _WIDE = (torch.float32, torch.float64)
 
 
+#: torch's fused non-finite check (GradScaler.unscale_'s): one call for a list of tensors of any float dtypes
+_FUSED_CHECK = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
+
+#: per device, the fused check's flag (kept at 0 between checks) and its scale of exactly 1
+Scratch = dict[torch.device, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _all_finite_at_once(values: list[torch.Tensor], scratch: Scratch | None = None) -> bool:
+    """Whether every entry of every value is finite, in one host read; False may also mean that a sum
+    overflowed (then the caller reads each value on its own, and only that read decides).
+
+    First torch's fused check, which GradScaler runs on every mixed-precision step: it flags any NaN/inf
+    entry of a list of strided float tensors on one device, and with a scale of exactly 1 leaves them as
+    they are.  It refuses anything else (an integer or sparse value, a second device), and then the sum
+    of the values' sums (:func:`_finite_witness`) decides.  ``scratch`` keeps the flag between calls.
+    """
+    if _FUSED_CHECK is not None:
+        device = values[0].device
+        pair = None if scratch is None else scratch.get(device)
+        if pair is None:
+            pair = (torch.zeros(1, device=device), torch.ones(1, device=device))
+            if scratch is not None:
+                scratch[device] = pair
+        found, unit = pair
+        try:
+            _FUSED_CHECK(values, found, unit)  # no autograd record: it has no derivative and writes no value
+        except (RuntimeError, NotImplementedError):
+            found.zero_()  # it may have flagged a value before it stopped at one it does not take
+        else:
+            if not found.item():
+                return True
+            found.zero_()  # back to 0 for the next check
+            return False
+    # a sum is finite only when every term is (a NaN or inf anywhere makes it NaN or inf)
+    with torch.no_grad() if any(v.requires_grad for v in values) else contextlib.nullcontext():
+        return math.isfinite(float(_finite_witness(values)))
+
+
 def _finite_witness(values: list[torch.Tensor]) -> torch.Tensor:
     """A 0-dim tensor that is finite when every entry of every value is: the sum of their sums (a NaN,
     or infinities of either sign, make a sum non-finite).  A sum of finite entries may still overflow;
@@ -131,6 +169,7 @@ class FiniteCheck:
         #: set by the vmap engine while it runs: per-hook values are per-task views that cannot
         #: leave vmap; the engine records each task's loss afterwards (:meth:`record_task_losses`)
         self.suspended = False
+        self._scratch: Scratch = {}
 
     def _record(self, values: list[torch.Tensor], hook: str, describe: Callable[..., str], task: Task) -> None:
         if self.suspended or task.replaying:  # a replayed step was checked when it first ran
@@ -161,13 +200,9 @@ class FiniteCheck:
         values = [v for r in records for v in r.values]
         if not values:
             return
-        # a sum is finite only when every term is (a NaN or inf anywhere makes it NaN or inf); when it
-        # is not, possibly by overflow alone, every record is read on its own
-        with torch.no_grad() if any(v.requires_grad for v in values) else contextlib.nullcontext():
-            total = _finite_witness(values)
-        if math.isfinite(float(total)):
+        if _all_finite_at_once(values, self._scratch):
             return
-        for record in records:
+        for record in records:  # something is non-finite (or a sum overflowed): each record read on its own
             finite = record.finite()
             if not all(finite):
                 self._fail(learner, record.hook, record.describe(finite, record.values), record.task)

@@ -42,7 +42,12 @@ def grad_dict(loss: torch.Tensor, params: Params, *, create_graph: bool, retain_
 
 def upcast(loss: torch.Tensor) -> torch.Tensor:
     """A loss in at least float32 for averaging (bf16/fp16 upcast; float64 stays float64)."""
+    if loss.dtype in _WIDE:  # what ``.to`` would return, without its dispatch
+        return loss
     return loss.to(torch.promote_types(loss.dtype, torch.float32))
+
+
+_WIDE = (torch.float32, torch.float64)
 
 
 def global_norm(tensors: Params | Sequence[torch.Tensor]) -> torch.Tensor:

@@ -338,3 +338,40 @@ def test_batch_hooks_see_per_task_records_under_vmap():
         )
     assert [i for i, _, _ in seen[1]] == [0, 1, 2]
     assert [v for row in seen[1] for v in row] == pytest.approx([v for row in seen[0] for v in row])
+
+
+class CountingWrapper:
+    """A user's wrapper on the inner and outer losses: it must fire inside vmap as in the loop."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl(wrapper=True)
+    def inner_loss(self, task, params):
+        self.calls.append("inner_loss")
+        return (yield)
+
+    @hookimpl(wrapper=True)
+    def outer_loss(self, task, params):
+        self.calls.append("outer_loss")
+        return (yield)
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_vectorised_tasks_call_every_hook_implementation_but_the_suspended_finite_check(check_finite):
+    counting = CountingWrapper()
+    learner = MetaLearner(mlp().double(), [counting], loss_fn=F.mse_loss, engine="vmap", check_finite=check_finite)
+    relay, full = learner.engine_context.vectorised_hook, learner.hook
+    finite = learner.host.finite_check
+    for name in vars(full):
+        expected = [i for i in getattr(full, name).get_hookimpls() if i.plugin is not finite]
+        assert getattr(relay, name).get_hookimpls() == expected, name
+    learner.backward(regression_tasks(3))
+    assert counting.calls == ["inner_loss", "outer_loss"]  # once each: one vmap call for the three tasks
+    if check_finite:  # the check still runs: on each task's loss after the vmap call
+        bad = regression_tasks(3)
+        bad[1][3][0] = float("nan")
+        with pytest.raises(NumericalError, match=r"task loss \(engine='vmap', tasks \[1\]\)"):
+            learner.backward(bad)

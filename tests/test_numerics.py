@@ -117,8 +117,13 @@ class Huge:
         return {"huge": 1e38 * task.learner.model.head.weight.sum()}
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused check", "sums"])
 @pytest.mark.parametrize("engine", ["loop", "vmap"])
-def test_finite_values_whose_sum_overflows_pass_the_check(engine):
+def test_finite_values_whose_sum_overflows_pass_the_check(engine, fused, monkeypatch):
+    import metaopt.numerics
+
+    if not fused:
+        monkeypatch.setattr(metaopt.numerics, "_FUSED_CHECK", None)
     learner = MetaLearner(mlp(), [Huge()], loss_fn=F.mse_loss, engine=engine)
     tasks = [tuple(t.float() for t in task) for task in regression_tasks(3)]
     learner.backward(tasks)  # no NumericalError
@@ -137,3 +142,41 @@ def test_the_meta_gradient_check_names_the_non_finite_parameter_on_every_engine(
     with pytest.raises(NumericalError, match=r"meta-gradient \(in \['model.head.bias'\]\)"):
         learner.backward(regression_tasks(2))
     assert torch.equal(weight.grad, torch.ones_like(weight))  # .grad as it was
+
+
+def test_the_fused_check_finds_every_kind_of_non_finite_value_and_leaves_the_values_untouched():
+    from metaopt.numerics import _FUSED_CHECK, _all_finite_at_once
+
+    assert _FUSED_CHECK is not None, "this torch has no fused non-finite check: every batch takes the slower sums"
+    tiny = torch.finfo(torch.float32).tiny
+    finite = [
+        torch.tensor([0.0, -0.0, tiny / 4, -3e38, 3e38]),  # a subnormal; a sum that overflows
+        torch.tensor([[1.5, -2.0]], dtype=torch.float64).t(),  # not contiguous
+        torch.tensor(65504.0, dtype=torch.float16),
+        torch.tensor([1e38], dtype=torch.bfloat16),
+        torch.zeros(0),
+    ]
+    bits = [v.clone() for v in finite]
+    scratch = {}
+    for flush_denormal in (False, True):  # with denormals flushed, a multiplication would zero the subnormal
+        torch.set_flush_denormal(flush_denormal)
+        try:
+            assert _all_finite_at_once(finite, scratch)
+        finally:
+            torch.set_flush_denormal(False)
+        for before, after in zip(bits, finite, strict=True):  # bit for bit: -0.0 and the subnormal included
+            assert torch.equal(before.reshape(-1).view(torch.uint8), after.reshape(-1).view(torch.uint8))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            assert not _all_finite_at_once([*finite, torch.tensor([1.0, bad], dtype=dtype)], scratch), (bad, dtype)
+            assert _all_finite_at_once(finite, scratch)  # the kept flag was put back to 0
+    leaf = torch.tensor([1.0, 2.0], requires_grad=True)
+    assert _all_finite_at_once([leaf * 3, leaf], scratch)  # values in a graph: nothing recorded, nothing written
+    (leaf * 3).sum().backward()
+    assert leaf.grad.tolist() == [3.0, 3.0]
+    # values the fused check does not take (an integer tensor here) go through the sums, and a flag the
+    # fused check raised before it stopped at such a value does not stay raised
+    assert not _all_finite_at_once([torch.tensor([float("nan")]), torch.tensor([3])], scratch)
+    assert _all_finite_at_once([torch.tensor([1.0]), torch.tensor([3])], scratch)
+    assert _all_finite_at_once(finite, scratch)
+    assert _all_finite_at_once(finite) and not _all_finite_at_once([torch.tensor(float("nan"))])  # no scratch

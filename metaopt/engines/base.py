@@ -53,6 +53,10 @@ class EngineContext:
     #: whether ``batch.backward(loss)`` is plain ``loss.backward()`` (no accelerator scaling the loss): then
     #: an engine that already holds a chunk's meta-gradient may put it into ``.grad`` itself
     plain_backward: Callable[[], bool] = bool
+    #: the relay a vectorised task (``engine="vmap"``/``"compile"``) calls: ``hook`` without the finite
+    #: check's per-hook wrappers, which are suspended inside vmap (the engine checks each task's loss);
+    #: None: ``hook``
+    vectorised_hook: Any = None
 
     def start_params(self, training: bool, named: Params | None = None) -> Params:
         """The adapted parameters' starting point: the meta-parameters (evaluation: detached copies)."""
@@ -93,7 +97,7 @@ def make_task(
         training=training,
         second_order=not ctx.first_order,
         vectorised=vectorised,
-        hook=ctx.hook,
+        hook=ctx.vectorised_hook if vectorised and ctx.vectorised_hook is not None else ctx.hook,
         backend=ctx.backend if backend is None else backend,
         trajectories=ctx.trajectories,
         recompute=ctx.memory == "recompute",

@@ -194,14 +194,13 @@ class CompileEngine(VmapEngine):
             return loss, metrics
         return _FusedMetaStep.apply(run, rng, loss, grads, *leaves), metrics
 
-    def _backward_chunk(self, batch: Batch, loss: torch.Tensor, count: int, whole: bool) -> None:
+    def _backward_chunk(self, batch: Batch, loss: torch.Tensor, count: int, whole: bool) -> torch.Tensor | None:
         """A fused chunk's meta-gradient into ``.grad`` without autograd, when :func:`stores_plainly`
         said autograd would only store or add it: the same weight (d mean / d task loss, in the loss's
         dtype), the same scaling and the same accumulation as :class:`_FusedMetaStep`'s backward."""
         direct, self._direct = self._direct, None
         if direct is None or direct[0] is not loss:
-            super()._backward_chunk(batch, loss, count, whole)
-            return
+            return super()._backward_chunk(batch, loss, count, whole)
         _, grads, leaves = direct
         key = (count, loss.dtype, loss.device)
         weight = self._weights.get(key)
@@ -214,6 +213,7 @@ class CompileEngine(VmapEngine):
                 p.grad = g
             else:  # autograd keeps a gradient in its parameter's layout
                 p.grad = torch.empty_strided(p.size(), p.stride(), dtype=p.dtype, device=p.device).copy_(g)
+        return None  # no mean was computed: the caller averages the losses itself
 
     def run(self, batch: Batch, ctx: EngineContext, stacks: bool = False) -> torch.Tensor:
         key = (batch.training, *((tuple(t.shape), t.dtype) for t in batch.data[0]), len(batch.data))

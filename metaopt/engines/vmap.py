@@ -95,7 +95,7 @@ class VmapEngine:
     def run(self, batch: Batch, ctx: EngineContext, stacks: bool = False) -> torch.Tensor:
         """The batch's mean loss; ``stacks``: the caller (``engine="auto"``) already checked the shapes."""
         self.backend.prepare(batch.training)
-        losses, chunks = [], []
+        losses, chunks, mean = [], [], None
         try:
             named = self.backend.named_parameters
             stacked = stack_tasks(batch.data, next(iter(named.values())).device if named else ctx.device(), stacks)
@@ -108,10 +108,10 @@ class VmapEngine:
                     parts = stacked if chunk >= count else [t[first : first + chunk] for t in stacked]
                     loss, metrics = self._chunk(ctx, batch, start, parts, finite)
                     if finite is not None:
-                        finite.record_task_losses(list(range(first, first + len(loss))), loss)
+                        finite.record_task_losses(list(range(first, first + loss.shape[0])), loss)
                     chunks.append((first, parts, loss.detach(), metrics))
                     if batch.backward_per_task:
-                        self._backward_chunk(batch, loss, count, whole=chunk >= count)
+                        mean = self._backward_chunk(batch, loss, count, whole=chunk >= count)
                         loss = loss.detach()
                     losses.append(loss)
         finally:
@@ -122,16 +122,22 @@ class VmapEngine:
         batch.stacked = (total.detach(), metrics)
         training = batch.training  # not the batch itself: it holds this function (no reference cycle)
         batch.make_tasks = lambda: [t for c in chunks for t in self._views(ctx, training, *c)]
-        return upcast(total).mean()
+        return upcast(total).mean() if mean is None else mean.detach()
 
     def chunk_size(self, ctx: EngineContext, count: int) -> int:
         """Tasks per vmap call: ``task_chunk``, else the whole batch."""
         return ctx.task_chunk or count
 
-    def _backward_chunk(self, batch: Batch, loss: torch.Tensor, count: int, whole: bool) -> None:
-        """The chunk's share of the batch's mean loss, backpropagated (``whole``: the chunk is the batch)."""
+    def _backward_chunk(self, batch: Batch, loss: torch.Tensor, count: int, whole: bool) -> torch.Tensor | None:
+        """The chunk's share of the batch's mean loss, backpropagated (``whole``: the chunk is the batch);
+        returns the batch's mean loss when it was the one backpropagated (else None)."""
         wide = upcast(loss)
-        batch.backward(wide.mean() if whole else wide.sum() / count)
+        if not whole:
+            batch.backward(wide.sum() / count)
+            return None
+        mean = wide.mean()
+        batch.backward(mean)
+        return mean
 
     def _chunk(
         self, ctx: EngineContext, batch: Batch, start: dict[str, torch.Tensor], parts: list[torch.Tensor], finite: Any
