@@ -86,6 +86,36 @@ def _guard(function: Callable[..., Any], plugin: str, hook: str) -> Callable[...
     return guarded
 
 
+def direct_caller(caller: Any) -> Callable[..., Any]:
+    """``caller`` (a pluggy hook caller), or, for a hook with no implementation or with one plain one
+    (no wrapper, no keyword-only arguments, no spec defaults), a function that returns what pluggy's
+    call returns, without its per-call bookkeeping: None or [] for no implementation; for one, the
+    implementation's result (firstresult), or [result] / [] when it is None.  A missing argument
+    still raises pluggy's error (the call is handed to ``caller``).  pluggy's call monitoring
+    (``add_hookcall_monitoring``, ``enable_tracing``) does not see these calls."""
+    spec = caller.spec
+    impls = caller.get_hookimpls()
+    if spec is None or spec.kwargdefaults or spec.opts.get("historic") or len(impls) > 1:
+        return caller
+    first = bool(spec.opts.get("firstresult"))
+    if not impls:
+        return (lambda **_: None) if first else (lambda **_: [])
+    impl = impls[0]
+    if impl.wrapper or impl.hookwrapper or impl.kwargnames:
+        return caller
+    function, names = impl.function, impl.argnames
+
+    def call(**kwargs: Any) -> Any:
+        try:
+            args = [kwargs[name] for name in names]
+        except KeyError:
+            return caller(**kwargs)  # pluggy's HookCallError, naming the argument
+        result = function(*args)
+        return result if first else ([] if result is None else [result])
+
+    return call
+
+
 class PluginHost:
     """A pluggy manager holding the built-in defaults and the user's plugins, checked."""
 
@@ -129,11 +159,12 @@ class PluginHost:
         return self.pm.hook
 
     def hook_without(self, plugin: object | None) -> Any:
-        """A relay like :attr:`hook` whose calls skip ``plugin``'s implementations (the plugins are fixed
-        once the host is built); :attr:`hook` itself when ``plugin`` is None."""
-        if plugin is None:
-            return self.pm.hook
-        return SimpleNamespace(**{name: self.pm.subset_hook_caller(name, [plugin]) for name in vars(self.pm.hook)})
+        """A relay like :attr:`hook` whose calls skip ``plugin``'s implementations, for the engines' hot
+        path (the vmap body): see :func:`direct_caller`.  The plugins are fixed once the host is built."""
+        skip = [] if plugin is None else [plugin]
+        return SimpleNamespace(
+            **{name: direct_caller(self.pm.subset_hook_caller(name, skip)) for name in vars(self.pm.hook)}
+        )
 
     def replaced(self, hook_name: str) -> bool:
         """True when a registered (non-built-in) plugin implements ``hook_name`` itself."""

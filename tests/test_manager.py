@@ -201,3 +201,53 @@ def test_wrapper_exceptions_are_named_once_and_own_errors_pass_through():
     interrupt = MetaLearner(mlp().double(), [Raising(KeyboardInterrupt())], loss_fn=F.mse_loss)
     with pytest.raises(KeyboardInterrupt):
         interrupt.backward(regression_tasks(2))
+
+
+class PlainTerms:
+    """Plain (non-wrapper) implementations: one returning a value, one returning None."""
+
+    name = "plain_terms"
+
+    @hookimpl
+    def loss_modification(self, task, params, loss):
+        return {"term": loss * 2}
+
+    @hookimpl
+    def task_end(self, task):
+        return None
+
+
+class WrapsTaskStart:
+    name = "wraps_task_start"
+
+    @hookimpl(wrapper=True)
+    def task_start(self, task):
+        return (yield)
+
+
+def test_the_engines_relay_returns_what_pluggy_returns_and_skips_only_the_given_plugin():
+    import pluggy
+
+    learner = MetaLearner(mlp(), [PlainTerms(), WrapsTaskStart()], loss_fn=F.mse_loss)
+    host, finite = learner.host, learner.host.finite_check
+    relay = host.hook_without(finite)
+    assert set(vars(relay)) == set(vars(host.hook))
+    builtin = host.plugin("builtin:maml")
+    for name in vars(host.hook):
+        impls = [i for i in getattr(host.hook, name).get_hookimpls() if i.plugin is not finite]
+        fast, caller = getattr(relay, name), host.pm.subset_hook_caller(name, [finite])
+        plain_one = len(impls) == 1 and not (impls[0].wrapper or impls[0].hookwrapper)
+        # pluggy's own caller exactly where a call needs its machinery (a wrapper, several implementations)
+        assert isinstance(fast, pluggy.HookCaller) == (len(impls) > 0 and not plain_one), name
+        if isinstance(fast, pluggy.HookCaller):
+            assert fast.get_hookimpls() == impls, name
+        elif not impls or impls[0].plugin is not builtin:  # callable here without a real task
+            kwargs = {arg: torch.tensor(3.0) for arg in caller.spec.argnames}
+            assert repr(fast(**kwargs)) == repr(caller(**kwargs)), name
+    assert relay.loss_modification(task=None, params={}, loss=torch.tensor(3.0))[0]["term"] == 6.0
+    assert relay.task_end(task=None) == host.hook.task_end(task=None) == []  # an implementation returning None
+    assert relay.after_inner_step(task=None, trajectory=None, params={}) == []  # no implementation
+    assert relay.batch_start(batch=None) == []  # only the skipped plugin implements it
+    with pytest.raises(pluggy.HookCallError, match="loss"):
+        relay.loss_modification(task=None, params={})
+    assert vars(host.hook_without(None)).keys() == vars(relay).keys()  # check_finite=False: nothing skipped
