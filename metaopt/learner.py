@@ -307,6 +307,8 @@ class MetaLearner(nn.Module):
             plain_backward=lambda: self.accelerator is None,
             vectorised_hook=self.host.hook_without(self.host.finite_check),
         )
+        #: the per-batch hooks (no or one plain implementation: called directly, see metaopt.manager.direct_caller)
+        self._direct_hook = self.host.hook_without(None)
         if memory not in MEMORY_MODES:
             raise ConfigError(
                 f"memory={memory!r} is not known; use one of {MEMORY_MODES}.{suggest(memory, MEMORY_MODES)}"
@@ -466,7 +468,7 @@ class MetaLearner(nn.Module):
             self._check_against_model(data[0])
             self._validated = True
         batch = Batch(learner=self, data=data, training=training, runner=self.run_tasks, backward_fn=self.backward_loss)
-        self.hook.batch_start(batch=batch)
+        self._direct_hook.batch_start(batch=batch)
         return batch
 
     def _finish(self, batch: Batch) -> BatchResult:
@@ -483,7 +485,7 @@ class MetaLearner(nn.Module):
         }
         assert batch.meta_loss is not None
         batch.metrics["meta_loss"] = float(batch.meta_loss.detach())
-        self.hook.batch_end(batch=batch)
+        self._direct_hook.batch_end(batch=batch)
         return BatchResult(loss=batch.meta_loss, metrics=dict(batch.metrics), per_task=per_task)
 
     def _check_against_model(self, task: TaskData) -> None:
