@@ -8,7 +8,10 @@ naming the iteration, the task and the hook with the plugins that implement it.
 The check never waits for the device inside a task: each hook records a detached flag tensor
 (no host sync), and all flags of a batch are read at once when the batch ends: after the
 meta-gradient in ``outer_step`` (training, before the optimizer can step) or in ``batch_end``
-(evaluation).  One host-device sync per batch instead of one per task and step.
+(evaluation).  One host-device sync per batch instead of one per task and step.  Under the vmap
+engine the per-hook records are skipped (the engines call hooks through a relay without them) and
+each task's final loss is recorded instead; the pending values are read with torch's fused
+non-finite check (:func:`_all_finite_at_once`).
 """
 
 from __future__ import annotations
