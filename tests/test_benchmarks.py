@@ -496,3 +496,16 @@ def test_curvature_runner_tiny_and_its_eigenvalue_against_the_full_hessian(tmp_p
     expected = float(eigenvalues[eigenvalues.abs().argmax()])
     got = curvature.top_eigenvalue(loss, {"w": x0}, iters=200, generator=torch.Generator().manual_seed(1))
     assert abs(got - expected) < 1e-6 * abs(expected), (got, expected)
+
+
+def test_sensitivity_runner_finds_a_smooth_workload_smooth():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import sensitivity
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = sensitivity.sensitivity("sinusoid mlp, 10-shot, mb 25, K=1")
+    distances = [float(row.rsplit(": ", 1)[1]) for row in rows]
+    assert len(rows) == 3 and "float32" in rows[0] and "1e-07" in rows[1]
+    # the MLP's meta-gradient is smooth: it moves by about the perturbation, not by O(1)
+    assert 0 < distances[0] < 1e-5 and 0 < distances[1] < 1e-5 and distances[1] < distances[2] < 1e-4

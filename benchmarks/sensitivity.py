@@ -1,0 +1,78 @@
+"""How far a workload's float64 meta-gradient moves when its inputs move by float32's rounding.
+
+``python benchmarks/sensitivity.py --workload 'conv4 28px 5w1s, mb 8, K=1'``: the hand torch.func
+loop's MAML meta-gradient on the speed harness's first batch (``workloads.make_batches``), in float64,
+at the batch as drawn and with every input entry multiplied by ``1 + eps * N(0, 1)`` (eps 1e-7 and
+1e-6: float32's relative rounding), and in float32 at the batch as drawn. Each distance is the
+largest entry difference over the largest entry of the float64 meta-gradient (the speed harness's
+measure, and the compile engine's exactness gate's).
+
+A well-conditioned meta-gradient moves by about eps. One that moves by O(1) is discontinuous at this
+batch (a ReLU kink or a max-pool near-tie that rounding flips): there any reordering of floating-point
+operations, a compiled kernel's included, may land on either side, and which side eager float32 lands
+on is a matter of the machine's kernels (docs/engines.md, "The exactness gate on conv4").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from contenders import CONTENDERS  # noqa: E402
+from workloads import WORKLOADS, loss_of, make_batches, make_model  # noqa: E402
+
+
+def meta_gradient(workload: str, tasks: list, dtype: torch.dtype) -> torch.Tensor:
+    """The hand torch.func loop's meta-gradient of ``tasks`` in ``dtype``, flattened to float64."""
+    wl = WORKLOADS.get(workload)
+    model = make_model(wl["model"]).to(dtype)
+    tasks = [tuple(t.to(dtype) if t.is_floating_point() else t for t in task) for task in tasks]
+    CONTENDERS.get("torch.func").build(model, wl["steps"], wl["lr"], loss_of(wl["model"])).step(tasks)
+    return torch.cat([p.grad.double().reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+def perturbed(tasks: list, eps: float, seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        tuple(
+            t * (1 + eps * torch.randn(t.shape, generator=g, dtype=t.dtype)) if t.is_floating_point() else t
+            for t in task
+        )
+        for task in tasks
+    ]
+
+
+def sensitivity(workload: str, epsilons: tuple[float, ...] = (1e-7, 1e-6), seed: int = 5) -> list[str]:
+    wl = WORKLOADS.get(workload)
+    tasks = [
+        tuple(t.double() if t.is_floating_point() else t for t in task)
+        for task in make_batches(wl["model"], wl["meta_batch"], 1)[0]
+    ]
+    reference = meta_gradient(workload, tasks, torch.float64)
+    scale = float(reference.abs().max())
+
+    def distance(g: torch.Tensor) -> float:
+        return float((g - reference).abs().max()) / scale
+
+    rows = [f"{workload}: float32 at the batch as drawn: {distance(meta_gradient(workload, tasks, torch.float32)):.3g}"]
+    for eps in epsilons:
+        moved = distance(meta_gradient(workload, perturbed(tasks, eps, seed), torch.float64))
+        rows.append(f"{workload}: float64, inputs x (1 + {eps:g} N(0,1)), seed {seed}: {moved:.3g}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", default="conv4 28px 5w1s, mb 8, K=1", choices=WORKLOADS.names())
+    parser.add_argument("--seed", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print("\n".join(sensitivity(args.workload, seed=args.seed)))
+
+
+if __name__ == "__main__":
+    main()
