@@ -27,7 +27,7 @@ import torch
 from metaopt.builtin import BUILTIN_PREFIX
 from metaopt.errors import NumericalError
 from metaopt.hookspecs import hookimpl
-from metaopt.task import Batch, Params, Task
+from metaopt.task import WIDE_FLOATS, Batch, Params, Task
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
@@ -100,10 +100,6 @@ def _live_grads_record(grads: list[torch.Tensor], names: Callable[[], list[str]]
     return _Record(list(grads), "outer_step", _naming(names, what), None)
 
 
-#: dtypes whose sums are taken as they are (narrower floats are summed in float32: no float16 overflow)
-_WIDE = (torch.float32, torch.float64)
-
-
 #: torch's fused non-finite check (GradScaler.unscale_'s): one call for a list of tensors of any float dtypes
 _FUSED_CHECK = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
 
@@ -152,7 +148,7 @@ def _finite_witness(values: list[torch.Tensor]) -> torch.Tensor:
 
 def _wide_sum(v: torch.Tensor) -> torch.Tensor:
     """``v``'s sum in at least float32 (a 0-dim value of a wide dtype is its own sum)."""
-    if v.dtype not in _WIDE:
+    if v.dtype not in WIDE_FLOATS:  # narrower floats summed in float32: no float16 overflow
         return v.sum(dtype=torch.float32)
     return v if v.dim() == 0 else v.sum()
 

@@ -40,14 +40,15 @@ def grad_dict(loss: torch.Tensor, params: Params, *, create_graph: bool, retain_
     return {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads, strict=True)}
 
 
+#: the float dtypes a loss is averaged and summed in as it is (narrower ones are upcast to float32)
+WIDE_FLOATS = (torch.float32, torch.float64)
+
+
 def upcast(loss: torch.Tensor) -> torch.Tensor:
     """A loss in at least float32 for averaging (bf16/fp16 upcast; float64 stays float64)."""
-    if loss.dtype in _WIDE:  # what ``.to`` would return, without its dispatch
+    if loss.dtype in WIDE_FLOATS:  # what ``.to`` would return, without its dispatch
         return loss
     return loss.to(torch.promote_types(loss.dtype, torch.float32))
-
-
-_WIDE = (torch.float32, torch.float64)
 
 
 def global_norm(tensors: Params | Sequence[torch.Tensor]) -> torch.Tensor:
