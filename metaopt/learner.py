@@ -284,6 +284,8 @@ class MetaLearner(nn.Module):
         if task_chunk is not None and (not isinstance(task_chunk, int) or task_chunk < 1):
             raise ConfigError(f"task_chunk={task_chunk!r} must be a positive integer (or None: the whole batch).")
         self.engine, self.task_chunk = engine, task_chunk
+        #: the per-batch hooks (no or one plain implementation: called directly, see metaopt.manager.direct_caller)
+        self._direct_hook = self.host.hook_without(None)
         #: the public pieces every engine runs on (engines never see the learner itself)
         self.engine_context = EngineContext(
             learner=self,
@@ -305,10 +307,10 @@ class MetaLearner(nn.Module):
             meta_parameters=lambda: list(self.meta_parameters()),
             holder=self,
             plain_backward=lambda: self.accelerator is None,
-            vectorised_hook=self.host.hook_without(self.host.finite_check),
+            vectorised_hook=self._direct_hook
+            if self.host.finite_check is None
+            else self.host.hook_without(self.host.finite_check),
         )
-        #: the per-batch hooks (no or one plain implementation: called directly, see metaopt.manager.direct_caller)
-        self._direct_hook = self.host.hook_without(None)
         if memory not in MEMORY_MODES:
             raise ConfigError(
                 f"memory={memory!r} is not known; use one of {MEMORY_MODES}.{suggest(memory, MEMORY_MODES)}"
