@@ -104,6 +104,7 @@ def test_inductor_float32_passes_the_gate_calibrated_against_float64():
     assert gate["passed"] and gate["dtype"] == "float32"
     # float32 rounding, measured: neither exact nor far; the bound comes from the eager result's own distance
     assert 0 < gate["d_eager"] < 1e-5 and 0 < gate["d_compiled"] <= gate["tolerance"]
+    assert gate["float64_moves"] < 1e-5  # a smooth meta-gradient: rounding-level inputs move it by about eps
 
 
 @pytest.mark.usefixtures("aot_eager")
@@ -153,6 +154,53 @@ def test_the_gate_refuses_a_compiled_gradient_that_is_off_and_names_the_paramete
     message = str(info.value)
     assert "exactness gate" in message and "engine='vmap'" in message and "'model." in message
     assert "refused" in caplog.text
+
+
+def kinked_learner() -> MetaLearner:
+    """A float64 sinusoid MLP whose first hidden unit sits exactly at its ReLU kink on the first support
+    point of the first task (pre-activation 1 * 1.0 - 1 = 0), built on the compile engine."""
+    model = seeded_mlp()
+    with torch.no_grad():
+        model.body[0].weight[0, 0], model.body[0].bias[0] = 1.0, -1.0
+    return MetaLearner(model, inner_steps=1, inner_lr=0.3, loss_fn=F.mse_loss, engine="compile")
+
+
+def kinked_tasks():
+    tasks = regression_tasks(3)
+    tasks[0][0][0, 0] = 1.0
+    return tasks
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_at_a_kink_the_gate_accepts_the_exact_gradient_on_the_far_side_and_refuses_one_that_is_off():
+    """Rounding decides the side of a kink: a compiled result that equals the float64 meta-gradient at
+    the batch with its inputs moved by rounding is exact there; one that is also off is refused."""
+    learner = kinked_learner()
+    learner.backward(kinked_tasks())
+    engine = learner.engines["compile"]
+    assert engine.gate["passed"] and engine.gate["nearest_reference"] == "the batch"
+    assert engine.gate["float64_moves"] > 1e-3  # the exact meta-gradient jumps across the kink
+    compiled = engine._compiled_fused
+
+    def far_side(scale: float):
+        def run(engine, ctx, batch, start, parts, weights):  # the kinked input one ulp up: ReLU' = 1 there
+            x = parts[0].clone()
+            x[0, 0, 0] = torch.nextafter(x.new_tensor(1.0), x.new_tensor(2.0))
+            grads, loss, metrics = compiled(engine, ctx, batch, start, [x, *parts[1:]], weights)
+            return {n: g * scale for n, g in grads.items()}, loss, metrics
+
+        return run
+
+    engine._compiled_fused, engine.gate = far_side(1.0), None
+    learner.backward(kinked_tasks())
+    gate = engine.gate
+    assert gate["passed"] and gate["nearest_reference"].startswith("inputs moved by rounding")
+    assert gate["d_compiled"] <= 1e-10 < gate["float64_moves"]  # exact on the far side, far from the batch's
+
+    engine._compiled_fused, engine.gate = far_side(1 + 1e-6), None
+    with pytest.raises(ConfigError) as info:
+        learner.backward(kinked_tasks())
+    assert "nearest float64" in str(info.value) and "move float64 by up to" in str(info.value)
 
 
 @pytest.mark.usefixtures("aot_eager")
