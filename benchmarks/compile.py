@@ -8,7 +8,9 @@ Each (workload, engine) runs in a fresh process (one thread): the learner is bui
 meta-iteration is timed on its own (compilation and, for compile, the exactness gate included),
 then the median of ``--iters`` further iterations.  Distances: the meta-gradient of the first batch
 in float32 against the same engine's in float64 (loop and vmap) or, for compile, the gate's own
-numbers; all as the largest entry difference over the largest entry of the float64 gradient.
+numbers (from the nearest float64 reference: at the batch, or at its inputs moved by rounding); all
+as the largest entry difference over the largest entry of the float64 gradient.  A refusal by the
+gate is reported with its message.
 Writes docs/benchmarks/compile.{md,json}.
 """
 
@@ -49,7 +51,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import metaopt.engines.compile
-    from metaopt import MetaLearner
+    from metaopt import ConfigError, MetaLearner
 
     torch.set_num_threads(1)
     metaopt.engines.compile.COMPILE_BACKEND = spec["backend"]
@@ -70,7 +72,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     learner = build(torch.float32)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     start = time.perf_counter()
-    meta_gradient(learner, batches[0])
+    try:
+        meta_gradient(learner, batches[0])
+    except ConfigError as exc:  # the exactness gate refused: its message carries its numbers
+        result["refused"] = str(exc)
+        return result
     optimizer.step()
     result["first_s"] = time.perf_counter() - start
     times = []
@@ -95,8 +101,9 @@ def render(data: dict[str, Any]) -> str:
         "First: the first meta-iteration (compilation and, for compile, the exactness gate included). Step: median of "
         "the following iterations. ×: step time over the vmap engine's. Distance: the float32 meta-gradient of the "
         "first batch from float64 (largest entry difference over the largest entry); for compile, the gate's own "
-        "measurement, with its bound. Break-even: iterations after which compile's first-call cost is repaid by its "
-        "faster steps (— where it is not faster).",
+        "measurement, with its bound, how far float64 itself moves when the inputs move by rounding, and which "
+        "float64 reference was nearest (docs/engines.md). Break-even: iterations after which compile's first-call "
+        "cost is repaid by its faster steps (— where it is not faster).",
         "",
         "| workload | engine | first s | step s | × vmap | float32 distance from float64 | graphs / recompiles | "
         "break-even iterations |",
@@ -108,11 +115,16 @@ def render(data: dict[str, Any]) -> str:
             if "error" in r:
                 lines.append(f"| {wl} | {engine} | {r['error']} | | | | | |")
                 continue
+            if "refused" in r:
+                lines.append(f"| {wl} | {engine} | refused: {r['refused']} | | | | | |")
+                continue
             ratio = f"{r['median_s'] / vmap:.2f}" if vmap else "—"
             distance = f"{r['d_float32']:.2g}"
             graphs, even = "", ""
             if engine == "compile":
-                distance += f" (eager {r['gate']['d_eager']:.2g}; bound {r['gate']['tolerance']:.2g})"
+                gate = r["gate"]
+                distance += f" (eager {gate['d_eager']:.2g}; bound {gate['tolerance']:.2g}; float64 moves "
+                distance += f"{gate['float64_moves']:.2g}; nearest: {gate['nearest_reference']})"
                 graphs = f"{r['graphs']} / {r['recompiles']}"
                 saved = (vmap or 0) - r["median_s"]
                 even = f"{(r['first_s'] - rows['vmap']['first_s']) / saved:.0f}" if vmap and saved > 0 else "—"

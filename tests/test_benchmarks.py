@@ -509,3 +509,22 @@ def test_sensitivity_runner_finds_a_smooth_workload_smooth():
     assert len(rows) == 3 and "float32" in rows[0] and "1e-07" in rows[1]
     # the MLP's meta-gradient is smooth: it moves by about the perturbation, not by O(1)
     assert 0 < distances[0] < 1e-5 and 0 < distances[1] < 1e-5 and distances[1] < distances[2] < 1e-4
+
+
+def test_sensitivity_runner_compares_the_float32_engines_batch_by_batch():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import sensitivity
+    finally:
+        sys.path.remove(str(BENCH))
+    import metaopt.engines.compile as compile_engine
+
+    gate, backend = compile_engine.exactness_gate, compile_engine.COMPILE_BACKEND
+    try:
+        rows = sensitivity.engines_across_batches("sinusoid mlp, 10-shot, mb 25, K=1", batches=2, backend="aot_eager")
+    finally:
+        compile_engine.exactness_gate, compile_engine.COMPILE_BACKEND = gate, backend
+    assert len(rows) == 4 and "batch 1:" in rows[1] and "seed 2" in rows[3]
+    for row in rows:  # a smooth workload: both float32 engines within float32 rounding of float64, not equal to it
+        vmap, compiled = (float(part.rsplit(" ", 1)[1]) for part in row.split(": ", 2)[2].split(", "))
+        assert 0 < vmap < 1e-5 and 0 < compiled < 1e-5, row
