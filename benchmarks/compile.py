@@ -101,8 +101,8 @@ def render(data: dict[str, Any]) -> str:
         "First: the first meta-iteration (compilation and, for compile, the exactness gate included). Step: median of "
         "the following iterations. ×: step time over the vmap engine's. Distance: the float32 meta-gradient of the "
         "first batch from float64 (largest entry difference over the largest entry); for compile, the gate's own "
-        "measurement, with its bound, how far float64 itself moves when the inputs move by rounding, and which "
-        "float64 reference was nearest (docs/engines.md). Break-even: iterations after which compile's first-call "
+        "measurement, with its bound, how far float64 itself moves when the inputs move by rounding, which "
+        "float64 reference was nearest and where the gate judged (docs/engines.md). Break-even: iterations after which compile's first-call "
         "cost is repaid by its faster steps (— where it is not faster).",
         "",
         "| workload | engine | first s | step s | × vmap | float32 distance from float64 | graphs / recompiles | "
@@ -124,7 +124,8 @@ def render(data: dict[str, Any]) -> str:
             if engine == "compile":
                 gate = r["gate"]
                 distance += f" (eager {gate['d_eager']:.2g}; bound {gate['tolerance']:.2g}; float64 moves "
-                distance += f"{gate['float64_moves']:.2g}; nearest: {gate['nearest_reference']})"
+                distance += f"{gate['float64_moves']:.2g}; nearest: {gate['nearest_reference']}; judged at "
+                distance += f"{gate.get('judged_at', 'the batch')})"
                 graphs = f"{r['graphs']} / {r['recompiles']}"
                 saved = (vmap or 0) - r["median_s"]
                 even = f"{(r['first_s'] - rows['vmap']['first_s']) / saved:.0f}" if vmap and saved > 0 else "—"

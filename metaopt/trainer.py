@@ -581,7 +581,9 @@ class Trainer:
         batch = self.config.meta_batch
         report["tasks_per_call"] = min(engine.chunk_size(self.learner.engine_context, batch), batch)
         if engine.gate is not None:
-            report["gate"] = {k: engine.gate[k] for k in ("d_compiled", "d_eager", "tolerance", "float64_moves")}
+            report["gate"] = {
+                k: engine.gate[k] for k in ("d_compiled", "d_eager", "tolerance", "float64_moves", "judged_at")
+            }
         return report
 
     def summary(self) -> str:
@@ -595,8 +597,8 @@ class Trainer:
             gate = compiled.get("gate")
             trusted = (
                 f", trusted by its exactness gate (meta-gradient {gate['d_compiled']:.2g} from float64, eager "
-                f"{gate['d_eager']:.2g}, bound {gate['tolerance']:.2g}; float64 moves {gate['float64_moves']:.2g} under "
-                "rounding of the inputs)"
+                f"{gate['d_eager']:.2g}, bound {gate['tolerance']:.2g}, at {gate['judged_at']}; float64 moves "
+                f"{gate['float64_moves']:.2g} under rounding of the inputs there)"
                 if gate
                 else ""
             )

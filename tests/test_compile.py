@@ -19,6 +19,7 @@ from conftest import assert_meta_gradient_matches_central_differences, regressio
 from test_engine import conv_bn, image_tasks, seeded_mlp
 
 import metaopt.engines.compile as compile_engine
+import metaopt.engines.gate as gate_module
 from metaopt import ConfigError, MetaLearner
 from metaopt.hookspecs import hookimpl
 from metaopt.models import mlp
@@ -171,36 +172,66 @@ def kinked_tasks():
     return tasks
 
 
+def kinked_compiled(compiled, scale_at_kink: float, scale_elsewhere: float = 1.0):
+    """The engine's ``compiled`` function, with the kinked input one ulp up (ReLU' = 1: the far side) and
+    its meta-gradient scaled by ``scale_at_kink`` where the batch is at the kink, else by ``scale_elsewhere``."""
+
+    def run(engine, ctx, batch, start, parts, weights):
+        x, scale = parts[0], scale_elsewhere
+        if x[0, 0, 0] == 1.0:
+            x, scale = x.clone(), scale_at_kink
+            x[0, 0, 0] = torch.nextafter(x.new_tensor(1.0), x.new_tensor(2.0))
+        grads, loss, metrics = compiled(engine, ctx, batch, start, [x, *parts[1:]], weights)
+        return {n: g * scale for n, g in grads.items()}, loss, metrics
+
+    return run
+
+
 @pytest.mark.usefixtures("aot_eager")
-def test_at_a_kink_the_gate_accepts_the_exact_gradient_on_the_far_side_and_refuses_one_that_is_off():
+def test_at_a_kink_the_gate_accepts_the_exact_gradient_on_the_far_side():
     """Rounding decides the side of a kink: a compiled result that equals the float64 meta-gradient at
-    the batch with its inputs moved by rounding is exact there; one that is also off is refused."""
+    the batch with its inputs moved by rounding is exact there, and trusted at the batch itself."""
     learner = kinked_learner()
     learner.backward(kinked_tasks())
     engine = learner.engines["compile"]
-    assert engine.gate["passed"] and engine.gate["nearest_reference"] == "the batch"
+    assert engine.gate["passed"] and engine.gate["nearest_reference"] == "float64 there"
     assert engine.gate["float64_moves"] > 1e-3  # the exact meta-gradient jumps across the kink
-    compiled = engine._compiled_fused
-
-    def far_side(scale: float):
-        def run(engine, ctx, batch, start, parts, weights):  # the kinked input one ulp up: ReLU' = 1 there
-            x = parts[0].clone()
-            x[0, 0, 0] = torch.nextafter(x.new_tensor(1.0), x.new_tensor(2.0))
-            grads, loss, metrics = compiled(engine, ctx, batch, start, [x, *parts[1:]], weights)
-            return {n: g * scale for n, g in grads.items()}, loss, metrics
-
-        return run
-
-    engine._compiled_fused, engine.gate = far_side(1.0), None
+    engine._compiled_fused, engine.gate = kinked_compiled(engine._compiled_fused, 1.0), None
     learner.backward(kinked_tasks())
     gate = engine.gate
-    assert gate["passed"] and gate["nearest_reference"].startswith("inputs moved by rounding")
+    assert gate["passed"] and gate["judged_at"] == "the batch" and gate["places_tried"] == 1
+    assert gate["nearest_reference"].startswith("float64 with the inputs moved by rounding")
     assert gate["d_compiled"] <= 1e-10 < gate["float64_moves"]  # exact on the far side, far from the batch's
 
-    engine._compiled_fused, engine.gate = far_side(1 + 1e-6), None
+
+@pytest.mark.usefixtures("aot_eager")
+def test_a_batch_on_a_kink_is_judged_at_a_dithered_copy_and_a_wrong_gradient_is_refused_there(monkeypatch, caplog):
+    """A result that matches no reference at a kink cannot be judged there: the gate moves to a copy of
+    the batch with dithered inputs, off the kink, and judges there, to the full float64 resolution."""
+    learner = kinked_learner()
+    learner.backward(kinked_tasks())
+    engine = learner.engines["compile"]
+    compiled = engine._compiled_fused
+    # off at the kink only: no reference there is near it, but it is exact wherever float64 is smooth
+    engine._compiled_fused, engine.gate = kinked_compiled(compiled, 1 + 1e-6), None
+    with caplog.at_level(logging.INFO, logger="metaopt.engines"):
+        learner.backward(kinked_tasks())
+    gate = engine.gate
+    assert gate["passed"] and gate["places_tried"] == 2 and gate["judged_at"].startswith("the batch's inputs x")
+    assert gate["d_compiled"] <= 1e-10 and gate["float64_moves"] < 1e-10  # the copy is off the kink
+    assert "cannot judge here" in caplog.text and "-> trusted" in caplog.text
+
+    # off everywhere: refused at the copy, where float64 is smooth
+    engine._compiled_fused, engine.gate = kinked_compiled(compiled, 1 + 1e-6, 1 + 1e-6), None
     with pytest.raises(ConfigError) as info:
         learner.backward(kinked_tasks())
-    assert "nearest float64" in str(info.value) and "move float64 by up to" in str(info.value)
+    assert "where float64 is smooth" in str(info.value) and "'model." in str(info.value)
+
+    monkeypatch.setattr(gate_module, "GATE_PLACES", 1)  # off at the kink, and only the kinked batch to judge at
+    engine._compiled_fused, engine.gate = kinked_compiled(compiled, 1 + 1e-6), None
+    with pytest.raises(ConfigError) as info:
+        learner.backward(kinked_tasks())
+    assert "at every place tried (1" in str(info.value) and "discontinuity" in str(info.value)
 
 
 @pytest.mark.usefixtures("aot_eager")

@@ -21,7 +21,8 @@ from metaopt.engines.choose import (
     unvetted_plugins,
     vmap_refusals,
 )
-from metaopt.engines.compile import CompileEngine, exactness_gate
+from metaopt.engines.compile import CompileEngine
+from metaopt.engines.gate import exactness_gate
 from metaopt.engines.loop import LoopEngine
 from metaopt.engines.vmap import VmapBackend, VmapEngine
 

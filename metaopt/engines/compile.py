@@ -10,24 +10,9 @@ computed inside the same graph (:func:`fused_meta_gradient`, handed to autograd 
 :class:`_FusedMetaStep`); otherwise the outer backward runs through the compiled graph's
 backward.  Compilation reorders floating-point operations, and a
 second-order meta-gradient can be badly conditioned, so before the first training step the
-engine proves itself on the user's own model and first batch (:func:`exactness_gate`):
+engine proves itself on the user's own model and first batch (:mod:`metaopt.engines.gate`).
 
-* ``g64``: the eager engine's meta-gradient with every meta-parameter, buffer and input in float64,
-  at the batch and at :data:`GATE_DRAWS` copies of it with every floating-point input multiplied by
-  ``1 + eps * N(0, 1)`` (``eps`` of the model's dtype; seeded draws of the gate's own): the exact
-  meta-gradient at the batch and at inputs moved by rounding.  Where the batch sits on a
-  discontinuity of the meta-gradient (a max-pool near-tie or a ReLU kink that rounding flips),
-  these differ by O(1), and any float32 computation, eager or compiled, may land on either side;
-* ``d(g)``: the distance of ``g`` from the nearest of these references, as the largest entry
-  difference over the largest entry of ``g64`` at the batch;
-* accepted when ``d(compiled) <= max(4 * d(eager), floor)``: the compiled result is as close to an
-  exact meta-gradient as eager arithmetic in the same dtype is (within a factor for rounding noise);
-  the floor is ``4 * eps`` of the dtype (float32: 4.8e-7), and 1e-10 for a float64 model, whose
-  eager result is the reference itself (``d(eager)`` = 0).
-
-A failure raises :class:`~metaopt.errors.ConfigError` naming the parameter with the largest
-difference and offering ``engine="vmap"`` / ``"loop"``; the result is logged and kept in
-``engine.gate``.  Each (task shape, training/evaluation) compiles once; ``engine.compiles``
+The gate's verdict is kept in ``engine.gate``.  Each (task shape, training/evaluation) compiles once; ``engine.compiles``
 counts graphs and ``engine.recompiles`` any compilation after a key's first call (0 expected),
 ``engine.compile_seconds`` the wall time of first calls (compilation included).
 """
@@ -49,6 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from metaopt.engines.base import EngineContext
 from metaopt.engines.choose import has_convolutions
+from metaopt.engines.gate import exactness_gate
 from metaopt.engines.vmap import VmapEngine, finite_suspended
 from metaopt.errors import ConfigError, MetaOptError
 from metaopt.norms import SafeNormsMode
@@ -65,14 +51,6 @@ COMPILE_MODE: str | None = None
 #: not generated Python; the measurement is in docs/engines.md)
 CPP_WRAPPER = True
 _ENGINE_IDS = itertools.count()
-#: the gate's bound on the compiled result's distance from float64, in units of the eager one's
-GATE_FACTOR = 4.0
-#: the bound's floor: float64 models are held to the project's float64 agreement (their eager result
-#: is the reference itself), lower precisions to a few machine epsilons
-GATE_FLOOR = {torch.float64: 1e-10}
-GATE_FLOOR_EPS = 4.0
-#: how many rounding-level perturbations of the first batch's inputs the gate also takes float64 at
-GATE_DRAWS = 3
 
 
 class CompileEngine(VmapEngine):
@@ -348,108 +326,3 @@ def probe_fusable(
             "starting point, e.g. a plugin's own parameters)"
         )
     return True, "inner loops and outer backward compiled as one graph"
-
-
-def rounding_perturbed(data: list[Any], eps: float, draw: int) -> list[Any]:
-    """``data`` (tuples of tensors) with every floating-point entry multiplied by ``1 + eps * N(0, 1)``,
-    from a generator seeded with ``draw`` (the global random state is not touched)."""
-    g = torch.Generator().manual_seed(draw)
-
-    def moved(t: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(t.shape, generator=g, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
-        return t * (1 + eps * noise)
-
-    return [tuple(moved(t) if t.is_floating_point() else t for t in task) for task in data]
-
-
-def exactness_gate(engine: CompileEngine, batch: Batch, ctx: EngineContext) -> dict[str, Any]:
-    """Compare the compiled meta-gradient on ``batch`` with the eager one and with float64 at the batch
-    and at its inputs moved by rounding (see the module docstring); raise :class:`ConfigError` when the
-    compiled one is not as close to any of them as eager is."""
-    holder = ctx.holder
-    named = [(n, p) for n, p in holder.named_parameters() if p.requires_grad]
-    dtype = named[0][1].dtype
-
-    def meta_gradient(compiled: bool, data: list[Any]) -> list[torch.Tensor]:
-        probe = Batch(learner=batch.learner, data=data, training=True, runner=batch.runner)
-        with torch.random.fork_rng(), torch.enable_grad():
-            torch.manual_seed(0)
-            if compiled:
-                loss = VmapEngine.run(engine, probe, ctx, stacks=True)
-            else:
-                with engine.eager():
-                    loss = VmapEngine.run(engine, probe, ctx, stacks=True)
-            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g.detach() for (_, p), g in zip(named, grads, strict=True)]
-
-    started = time.perf_counter()
-    eager = meta_gradient(False, batch.data)
-    compiled = meta_gradient(True, batch.data)
-    eps = torch.finfo(dtype).eps
-    batch_reference: list[torch.Tensor] = []
-    scale = 1.0
-
-    def distance(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, str]:
-        per = [float((g.double() - r).abs().max()) / scale for g, r in zip(grads, reference, strict=True)]
-        worst = max(range(len(per)), key=per.__getitem__)
-        return per[worst], named[worst][0]
-
-    # (distance, parameter, reference) of the nearest reference so far; references are dropped once
-    # measured, so the gate holds four gradients at a time, not 2 + 1 + GATE_DRAWS
-    near: dict[str, tuple[float, str, int]] = {}
-    moves = 0.0
-    if dtype != torch.float64:
-        holder.to(torch.float64)
-    try:
-        wide = [tuple(t.double() if t.is_floating_point() else t for t in task) for task in batch.data]
-        for index in range(GATE_DRAWS + 1):
-            if index == 0:
-                reference = eager if dtype == torch.float64 else meta_gradient(False, wide)
-                batch_reference = reference
-                scale = max(float(g.abs().max()) for g in reference) or 1.0
-            else:
-                reference = meta_gradient(False, rounding_perturbed(wide, eps, index - 1))
-                moves = max(moves, distance(reference, batch_reference)[0])
-            for name, grads in (("eager", eager), ("compiled", compiled)):
-                measured = (*distance(grads, reference), index)
-                if name not in near or measured < near[name]:
-                    near[name] = measured
-            del reference
-    finally:
-        holder.to(dtype)
-    d_eager = near["eager"][0]
-    d_compiled, worst, matched = near["compiled"]
-    tolerance = max(GATE_FACTOR * d_eager, GATE_FLOOR.get(dtype, GATE_FLOOR_EPS * eps))
-    gate = {
-        "passed": d_compiled <= tolerance,
-        "d_eager": d_eager,
-        "d_compiled": d_compiled,
-        "tolerance": tolerance,
-        "float64_moves": moves,
-        "nearest_reference": "the batch" if matched == 0 else f"inputs moved by rounding, draw {matched}",
-        "largest_difference_in": worst,
-        "dtype": str(dtype).removeprefix("torch."),
-        "seconds": time.perf_counter() - started,
-    }
-    log.info(
-        "engine='compile' exactness gate: compiled meta-gradient %.3g from float64 (eager %s: %.3g; bound %.3g; "
-        "nearest float64 reference: %s; float64 moves by %.3g when the inputs move by rounding) -> %s",
-        d_compiled,
-        gate["dtype"],
-        d_eager,
-        tolerance,
-        gate["nearest_reference"],
-        moves,
-        "trusted" if gate["passed"] else "refused",
-    )
-    if not gate["passed"]:
-        raise ConfigError(
-            f"engine='compile' failed its exactness gate on the first batch: the compiled meta-gradient is "
-            f"{d_compiled:.3g} (largest entry difference over the largest entry) from the nearest float64 "
-            f"computation (at the batch, or at {GATE_DRAWS} copies of it with the inputs moved by {gate['dtype']} "
-            f"rounding, which move float64 by up to {moves:.3g}); eager {gate['dtype']} is {d_eager:.3g} from it, "
-            f"and the bound is {tolerance:.3g}; the largest difference is in {worst!r}. Compilation reorders "
-            "floating-point operations, and random draws inside a task (dropout) differ when compiled. Use "
-            "engine='vmap' (the same computation uncompiled) or engine='loop'."
-        )
-    return gate
