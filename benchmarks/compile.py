@@ -93,7 +93,16 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+#: what the gate reports since it measures from the nearest of several float64 references; pages written
+#: before (no ``float64_moves`` in their records) are rendered as they were
+GATE_COLUMNS = (
+    ", how far float64 itself moves when the inputs move by rounding, which float64 reference was nearest and "
+    "where the gate judged (docs/engines.md)"
+)
+
+
 def render(data: dict[str, Any]) -> str:
+    placed = any("float64_moves" in r.get("gate", {}) for rows in data["cells"].values() for r in rows.values())
     lines = [
         "# engine='compile' against the eager engines",
         "",
@@ -101,9 +110,8 @@ def render(data: dict[str, Any]) -> str:
         "First: the first meta-iteration (compilation and, for compile, the exactness gate included). Step: median of "
         "the following iterations. ×: step time over the vmap engine's. Distance: the float32 meta-gradient of the "
         "first batch from float64 (largest entry difference over the largest entry); for compile, the gate's own "
-        "measurement, with its bound, how far float64 itself moves when the inputs move by rounding, which "
-        "float64 reference was nearest and where the gate judged (docs/engines.md). Break-even: iterations after which compile's first-call "
-        "cost is repaid by its faster steps (— where it is not faster).",
+        f"measurement, with its bound{GATE_COLUMNS if placed else ''}. Break-even: iterations after which compile's "
+        "first-call cost is repaid by its faster steps (— where it is not faster).",
         "",
         "| workload | engine | first s | step s | × vmap | float32 distance from float64 | graphs / recompiles | "
         "break-even iterations |",
@@ -123,9 +131,11 @@ def render(data: dict[str, Any]) -> str:
             graphs, even = "", ""
             if engine == "compile":
                 gate = r["gate"]
-                distance += f" (eager {gate['d_eager']:.2g}; bound {gate['tolerance']:.2g}; float64 moves "
-                distance += f"{gate['float64_moves']:.2g}; nearest: {gate['nearest_reference']}; judged at "
-                distance += f"{gate.get('judged_at', 'the batch')})"
+                distance += f" (eager {gate['d_eager']:.2g}; bound {gate['tolerance']:.2g}"
+                if "float64_moves" in gate:
+                    distance += f"; float64 moves {gate['float64_moves']:.2g}; nearest: {gate['nearest_reference']}"
+                    distance += f"; judged at {gate.get('judged_at', 'the batch')}"
+                distance += ")"
                 graphs = f"{r['graphs']} / {r['recompiles']}"
                 saved = (vmap or 0) - r["median_s"]
                 even = f"{(r['first_s'] - rows['vmap']['first_s']) / saved:.0f}" if vmap and saved > 0 else "—"
