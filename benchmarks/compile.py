@@ -6,7 +6,8 @@ engine's float32 distance from float64 (what the exactness gate is calibrated on
 
 Each (workload, engine) runs in a fresh process (one thread): the learner is built, the first
 meta-iteration is timed on its own (compilation and, for compile, the exactness gate included),
-then the median of ``--iters`` further iterations.  Distances: the meta-gradient of the first batch
+then the median of ``--iters`` further iterations; every process keeps freed memory as ``metaopt
+train`` does on CPU (``--malloc default``: glibc's defaults, as runs before the option had).  Distances: the meta-gradient of the first batch
 in float32 against the same engine's in float64 (loop and vmap) or, for compile, the gate's own
 numbers (from the nearest float64 reference: at the batch, or at its inputs moved by rounding); all
 as the largest entry difference over the largest entry of the float64 gradient.  A refusal by the
@@ -54,6 +55,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from metaopt import ConfigError, MetaLearner
 
     torch.set_num_threads(1)
+    if spec.get("malloc") == "keep":  # as `metaopt train` does on CPU, and benchmarks/speed.py by default
+        from metaopt.allocator import keep_freed_memory
+
+        keep_freed_memory()
     metaopt.engines.compile.COMPILE_BACKEND = spec["backend"]
     wl = WORKLOADS.get(spec["workload"])
     batches = make_batches(wl.model, wl.meta_batch, spec["iters"] + 1)
@@ -101,12 +106,20 @@ GATE_COLUMNS = (
 )
 
 
+#: the allocator setting of a run (pages written before --malloc existed ran with glibc's defaults and say nothing)
+MALLOC = {
+    "keep": ", freed memory kept in every process (metaopt.allocator.keep_freed_memory, as `metaopt train` does)",
+    "default": ", glibc's allocator defaults",
+}
+
+
 def render(data: dict[str, Any]) -> str:
     placed = any("float64_moves" in r.get("gate", {}) for rows in data["cells"].values() for r in rows.values())
     lines = [
         "# engine='compile' against the eager engines",
         "",
-        f"`{data['command']}` — {data['device']}, one thread, a fresh process per cell, {data['date']}. "
+        f"`{data['command']}` — {data['device']}, one thread, a fresh process per cell, {data['date']}"
+        f"{MALLOC.get(data.get('malloc'), '')}. "
         "First: the first meta-iteration (compilation and, for compile, the exactness gate included). Step: median of "
         "the following iterations. ×: step time over the vmap engine's. Distance: the float32 meta-gradient of the "
         "first batch from float64 (largest entry difference over the largest entry); for compile, the gate's own "
@@ -156,6 +169,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (the tests use aot_eager)")
     parser.add_argument("--docs", default=str(DOCS))
+    parser.add_argument(
+        "--malloc",
+        choices=["keep", "default"],
+        default="keep",
+        help="keep: metaopt.allocator.keep_freed_memory() in every cell's process, as `metaopt train` does on CPU",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -167,11 +186,18 @@ def main() -> None:
         "command": shlex.join(["python", "benchmarks/compile.py", *sys.argv[1:]]),
         "device": device_name(),
         "date": time.strftime("%Y-%m-%d"),
+        "malloc": args.malloc,
         "cells": {},
     }
     for wl in args.workloads:
         for engine in args.engines:
-            spec = {"workload": wl, "engine": engine, "iters": args.iters, "backend": args.backend}
+            spec = {
+                "workload": wl,
+                "engine": engine,
+                "iters": args.iters,
+                "backend": args.backend,
+                "malloc": args.malloc,
+            }
             proc = subprocess.run(
                 [sys.executable, __file__, "--worker", json.dumps(spec)],
                 capture_output=True,

@@ -401,6 +401,8 @@ def test_compile_runner_tiny(tmp_path):
     cells = json.loads((tmp_path / "compile.json").read_text())["cells"]["sinusoid mlp, 10-shot, mb 25, K=1"]
     assert cells["compile"]["gate"]["passed"] and cells["compile"]["recompiles"] == 0
     assert 0 < cells["vmap"]["d_float32"] < 1e-5 and "| compile |" in (tmp_path / "compile.md").read_text()
+    assert json.loads((tmp_path / "compile.json").read_text())["malloc"] == "keep"
+    assert "freed memory kept in every process" in (tmp_path / "compile.md").read_text()
 
 
 def test_the_device_check_runs_in_its_tiny_mode(tmp_path):
