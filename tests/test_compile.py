@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_meta_gradient_matches_central_differences, regression_tasks
 from test_engine import conv_bn, image_tasks, seeded_mlp
+from torch import nn
 
 import metaopt.engines.compile as compile_engine
 import metaopt.engines.gate as gate_module
 from metaopt import ConfigError, MetaLearner
 from metaopt.hookspecs import hookimpl
-from metaopt.models import mlp
+from metaopt.models import HeadedModel, mlp
 
 PLUGINS = {
     "maml": [],
@@ -155,6 +156,28 @@ def test_the_gate_refuses_a_compiled_gradient_that_is_off_and_names_the_paramete
     message = str(info.value)
     assert "exactness gate" in message and "engine='vmap'" in message and "'model." in message
     assert "refused" in caplog.text
+
+
+def test_dropout_inside_a_task_draws_the_eager_engines_numbers_under_inductor_on_cpu():
+    """What the gate would refuse if compiled code drew other random numbers: on CPU, inductor's
+    compiled task body draws vmap's (same seed, same meta-gradient in float64), and the gate trusts it."""
+
+    def dropout_mlp() -> nn.Module:
+        torch.manual_seed(0)
+        body = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Dropout(0.5), nn.Linear(40, 40), nn.ReLU())
+        return HeadedModel(body, nn.Linear(40, 1)).double()
+
+    grads = {}
+    for engine in ("vmap", "compile"):
+        learner = MetaLearner(dropout_mlp(), inner_steps=1, inner_lr=0.3, loss_fn=F.mse_loss, engine=engine)
+        grads[engine] = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            grads[engine].append(gradient(learner, regression_tasks(3)))
+    assert float((grads["vmap"][0] - grads["vmap"][1]).abs().max()) > 0.1  # dropout draws: seeds differ
+    for eager, compiled in zip(grads["vmap"], grads["compile"], strict=True):
+        assert float((compiled - eager).abs().max() / eager.abs().max()) <= 1e-12
+    assert learner.engines["compile"].gate["passed"]
 
 
 def kinked_learner() -> MetaLearner:

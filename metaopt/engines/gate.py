@@ -118,7 +118,8 @@ def exactness_gate(engine: CompileEngine, batch: Batch, ctx: EngineContext) -> d
         f"{judged['d_compiled']:.3g} (largest entry difference over the largest entry) from the nearest float64 "
         f"computation, eager {gate['dtype']} is {judged['d_eager']:.3g} from it, and the bound is "
         f"{judged['tolerance']:.3g}; the largest difference is in {judged['largest_difference_in']!r}. Compilation "
-        "reorders floating-point operations, and random draws inside a task (dropout) differ when compiled. Use "
+        "reorders floating-point operations (and random draws inside a task, such as dropout, differ if the "
+        "compiled code draws other numbers than eager code). Use "
         "engine='vmap' (the same computation uncompiled) or engine='loop'."
     )
 
