@@ -106,7 +106,7 @@ GATE_COLUMNS = (
 )
 
 
-#: the allocator setting of a run (pages written before --malloc existed ran with glibc's defaults and say nothing)
+#: the allocator setting of a run (runs before --malloc existed had glibc's defaults and no "malloc" key)
 MALLOC = {
     "keep": ", freed memory kept in every process (metaopt.allocator.keep_freed_memory, as `metaopt train` does)",
     "default": ", glibc's allocator defaults",
@@ -119,7 +119,7 @@ def render(data: dict[str, Any]) -> str:
         "# engine='compile' against the eager engines",
         "",
         f"`{data['command']}` — {data['device']}, one thread, a fresh process per cell, {data['date']}"
-        f"{MALLOC.get(data.get('malloc'), '')}. "
+        f"{MALLOC[data.get('malloc', 'default')]}. "
         "First: the first meta-iteration (compilation and, for compile, the exactness gate included). Step: median of "
         "the following iterations. ×: step time over the vmap engine's. Distance: the float32 meta-gradient of the "
         "first batch from float64 (largest entry difference over the largest entry); for compile, the gate's own "
