@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -40,9 +40,6 @@ from metaopt.engines.base import EngineContext
 from metaopt.engines.vmap import VmapEngine
 from metaopt.errors import ConfigError
 from metaopt.task import Batch
-
-if TYPE_CHECKING:
-    from metaopt.engines.compile import CompileEngine
 
 log = logging.getLogger("metaopt.engines")
 #: the gate's bound on the compiled result's distance from float64, in units of the eager one's
@@ -70,9 +67,11 @@ def rounding_perturbed(data: list[Any], eps: float, draw: int) -> list[Any]:
     return [tuple(moved(t) if t.is_floating_point() else t for t in task) for task in data]
 
 
-def exactness_gate(engine: CompileEngine, batch: Batch, ctx: EngineContext) -> dict[str, Any]:
-    """Judge the compiled meta-gradient on ``batch`` (see the module docstring); return the verdict of
-    the place that judged, or raise :class:`ConfigError`."""
+def exactness_gate(engine: VmapEngine, batch: Batch, ctx: EngineContext) -> dict[str, Any]:
+    """Judge ``engine``'s compiled meta-gradient on ``batch`` (see the module docstring); return the
+    verdict of the place that judged, or raise :class:`ConfigError`.  ``engine`` is the compile engine
+    (a :class:`VmapEngine` whose ``eager()`` runs its chunks uncompiled; not imported here, which would
+    make an import circle)."""
     started = time.perf_counter()
     dtype = next(p for p in ctx.holder.parameters() if p.requires_grad).dtype
     tried: list[dict[str, Any]] = []
@@ -124,7 +123,7 @@ def exactness_gate(engine: CompileEngine, batch: Batch, ctx: EngineContext) -> d
     )
 
 
-def judge(engine: CompileEngine, batch: Batch, ctx: EngineContext, data: list[Any]) -> dict[str, Any]:
+def judge(engine: VmapEngine, batch: Batch, ctx: EngineContext, data: list[Any]) -> dict[str, Any]:
     """The compiled and eager meta-gradients at ``data`` measured from the nearest float64 reference
     there; ``passed`` when the compiled one is within the bound."""
     holder = ctx.holder
@@ -138,7 +137,7 @@ def judge(engine: CompileEngine, batch: Batch, ctx: EngineContext, data: list[An
             if compiled:
                 loss = VmapEngine.run(engine, probe, ctx, stacks=True)
             else:
-                with engine.eager():
+                with engine.eager():  # type: ignore[attr-defined]
                     loss = VmapEngine.run(engine, probe, ctx, stacks=True)
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         return [torch.zeros_like(p) if g is None else g.detach() for (_, p), g in zip(named, grads, strict=True)]
