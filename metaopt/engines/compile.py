@@ -12,8 +12,8 @@ backward.  Compilation reorders floating-point operations, and a
 second-order meta-gradient can be badly conditioned, so before the first training step the
 engine proves itself on the user's own model and first batch (:mod:`metaopt.engines.gate`).
 
-The gate's verdict is kept in ``engine.gate``.  Each (task shape, training/evaluation) compiles once; ``engine.compiles``
-counts graphs and ``engine.recompiles`` any compilation after a key's first call (0 expected),
+The gate's verdict is kept in ``engine.gate``.  Each (task shape, training/evaluation) compiles
+once; ``engine.compiles`` counts graphs and ``engine.recompiles`` any compilation after a key's first call (0 expected),
 ``engine.compile_seconds`` the wall time of first calls (compilation included).
 """
 

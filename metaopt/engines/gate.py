@@ -82,10 +82,10 @@ def exactness_gate(engine: VmapEngine, batch: Batch, ctx: EngineContext) -> dict
             "the batch" if place == 0 else f"the batch's inputs x (1 + {GATE_DITHER:g} N(0,1)), copy {place}"
         )
         tried.append(verdict)
-        if verdict["passed"] or verdict["float64_moves"] <= verdict["tolerance"]:
+        if decides(verdict):
             break
     judged = tried[-1]
-    can_judge = judged["passed"] or judged["float64_moves"] <= judged["tolerance"]
+    can_judge = decides(judged)
     gate = {**judged, "places_tried": len(tried), "dtype": str(dtype).removeprefix("torch.")}
     gate["seconds"] = time.perf_counter() - started
     for verdict in tried:
@@ -123,6 +123,12 @@ def exactness_gate(engine: VmapEngine, batch: Batch, ctx: EngineContext) -> dict
     )
 
 
+def decides(verdict: dict[str, Any]) -> bool:
+    """Whether a place's verdict stands: a pass, or a refusal where the float64 references agree to
+    within the bound (elsewhere the result may lie on a side of a discontinuity no draw reached)."""
+    return verdict["passed"] or verdict["float64_moves"] <= verdict["tolerance"]
+
+
 def judge(engine: VmapEngine, batch: Batch, ctx: EngineContext, data: list[Any]) -> dict[str, Any]:
     """The compiled and eager meta-gradients at ``data`` measured from the nearest float64 reference
     there; ``passed`` when the compiled one is within the bound."""
@@ -145,15 +151,7 @@ def judge(engine: VmapEngine, batch: Batch, ctx: EngineContext, data: list[Any])
     eager = meta_gradient(False, data)
     compiled = meta_gradient(True, data)
     eps = torch.finfo(dtype).eps
-    at_place: list[torch.Tensor] = []
-    scale = 1.0
-
-    def distance(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, str]:
-        per = [float((g.double() - r).abs().max()) / scale for g, r in zip(grads, reference, strict=True)]
-        worst = max(range(len(per)), key=per.__getitem__)
-        return per[worst], named[worst][0]
-
-    # (distance, parameter, reference) of the nearest reference so far; references are dropped once
+    # (distance, parameter, reference index) of the nearest reference so far; references are dropped once
     # measured, so four gradients are held at a time, not 2 + 1 + GATE_DRAWS
     near: dict[str, tuple[float, str, int]] = {}
     moves = 0.0
@@ -161,18 +159,25 @@ def judge(engine: VmapEngine, batch: Batch, ctx: EngineContext, data: list[Any])
         holder.to(torch.float64)
     try:
         wide = [tuple(t.double() if t.is_floating_point() else t for t in task) for task in data]
-        for index in range(GATE_DRAWS + 1):
-            if index == 0:
-                reference = eager if dtype == torch.float64 else meta_gradient(False, wide)
-                at_place = reference
-                scale = max(float(g.abs().max()) for g in reference) or 1.0
-            else:
-                reference = meta_gradient(False, rounding_perturbed(wide, eps, index - 1))
-                moves = max(moves, distance(reference, at_place)[0])
+        at_place = eager if dtype == torch.float64 else meta_gradient(False, wide)
+        scale = max(float(g.abs().max()) for g in at_place) or 1.0
+
+        def distance(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, str]:
+            per = [float((g.double() - r).abs().max()) / scale for g, r in zip(grads, reference, strict=True)]
+            worst = max(range(len(per)), key=per.__getitem__)
+            return per[worst], named[worst][0]
+
+        def measure(reference: list[torch.Tensor], index: int) -> None:
             for name, grads in (("eager", eager), ("compiled", compiled)):
                 measured = (*distance(grads, reference), index)
                 if name not in near or measured < near[name]:
                     near[name] = measured
+
+        measure(at_place, 0)
+        for draw in range(GATE_DRAWS):
+            reference = meta_gradient(False, rounding_perturbed(wide, eps, draw))
+            moves = max(moves, distance(reference, at_place)[0])
+            measure(reference, draw + 1)
             del reference
     finally:
         holder.to(dtype)
