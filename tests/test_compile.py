@@ -448,6 +448,9 @@ def test_the_cli_reports_compilation_and_the_gate(tmp_path, capsys, monkeypatch)
     assert steps and all(s["engine"] == "compile" and s["recompiles"] == 0 for s in steps)
     assert all(s["meta_gradient_in_graph"] and s["tasks_per_call"] == 4 for s in steps)
     assert steps[-1]["gate"]["d_compiled"] <= steps[-1]["gate"]["tolerance"]
+    # where the gate judged and how far float64 moved there (a smooth sinusoid MLP: about float32's eps)
+    assert steps[-1]["gate"]["judged_at"] == "the batch" and 0 < steps[-1]["gate"]["float64_moves"] < 1e-5
+    assert "at the batch; float64 moves" in printed
 
 
 def conv_bn_pool():
