@@ -223,7 +223,7 @@ def test_at_a_kink_the_gate_accepts_the_exact_gradient_on_the_far_side():
     learner.backward(kinked_tasks())
     gate = engine.gate
     assert gate["passed"] and gate["judged_at"] == "the batch" and gate["places_tried"] == 1
-    assert gate["nearest_reference"].startswith("float64 with the inputs moved by rounding")
+    assert gate["nearest_reference"].startswith("float64 under rounding")
     assert gate["d_compiled"] <= 1e-10 < gate["float64_moves"]  # exact on the far side, far from the batch's
 
 

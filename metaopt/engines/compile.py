@@ -63,6 +63,9 @@ class CompileEngine(VmapEngine):
         self.backend_name, self.mode = backend or COMPILE_BACKEND, mode or COMPILE_MODE
         self.compiles = 0
         self.recompiles = 0
+        #: graphs compiled for the gate's float64 check of a rough meta-gradient (not training's)
+        self.gate_graphs_compiled = 0
+        self._gate_graph = False
         self.compile_seconds = 0.0
         self.gate: dict[str, Any] | None = None
         self._keys: set[tuple[Any, ...]] = set()
@@ -88,10 +91,13 @@ class CompileEngine(VmapEngine):
         self._weights: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def _count(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-        """The compile backend, counting every graph dynamo hands it."""
-        self.compiles += 1
-        if self._warm_key is not None and self._warm_key in self._keys:
-            self.recompiles += 1
+        """The compile backend, counting every graph dynamo hands it (the gate's float64 check's apart)."""
+        if self._gate_graph:
+            self.gate_graphs_compiled += 1
+        else:
+            self.compiles += 1
+            if self._warm_key is not None and self._warm_key in self._keys:
+                self.recompiles += 1
         if self.backend_name == "inductor":
             from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
@@ -212,6 +218,15 @@ class CompileEngine(VmapEngine):
             self.compile_seconds += time.perf_counter() - start
             self._keys.add(key)
         return loss
+
+    @contextlib.contextmanager
+    def gate_graphs(self) -> Iterator[None]:
+        """A context whose compilations are the exactness gate's (counted in ``gate_graphs_compiled``)."""
+        self._gate_graph = True
+        try:
+            yield
+        finally:
+            self._gate_graph = False
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[None]:
