@@ -10,7 +10,7 @@ then the median of ``--iters`` further iterations; every process keeps freed mem
 train`` does on CPU (``--malloc default``: glibc's defaults, as runs before the option had).
 Distances: the meta-gradient of the first batch in float32 against the same engine's in float64
 (loop and vmap) or, for compile, the gate's own numbers (from the nearest float64 reference: at the
-batch, or at its inputs moved by rounding); all as the largest entry difference over the largest
+batch, or under rounding of its inputs and results there); all as the largest entry difference over the largest
 entry of the float64 gradient.  A refusal by the gate is reported with its message.
 Writes docs/benchmarks/compile.{md,json}.
 """
@@ -94,6 +94,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     engine = learner.engines.get("compile")
     if engine is not None:
         result.update(graphs=engine.compiles, recompiles=engine.recompiles, gate=engine.gate)
+        if engine.gate_graphs_compiled:
+            result["gate_graphs"] = engine.gate_graphs_compiled
         result["d_float32"] = engine.gate["d_compiled"]
     return result
 
@@ -148,8 +150,12 @@ def render(data: dict[str, Any]) -> str:
                 if "float64_moves" in gate:
                     distance += f"; float64 moves {gate['float64_moves']:.2g}; nearest: {gate['nearest_reference']}"
                     distance += f"; judged at {gate['judged_at']}"
+                if "float64_compiled" in gate:
+                    distance += f"; compiled code in float64 {gate['float64_compiled']:.2g} from eager float64"
                 distance += ")"
                 graphs = f"{r['graphs']} / {r['recompiles']}"
+                if r.get("gate_graphs"):
+                    graphs += f" (and {r['gate_graphs']} float64 graph for the gate)"
                 saved = (vmap or 0) - r["median_s"]
                 even = f"{(r['first_s'] - rows['vmap']['first_s']) / saved:.0f}" if vmap and saved > 0 else "—"
             lines.append(

@@ -180,28 +180,31 @@ def test_dropout_inside_a_task_draws_the_eager_engines_numbers_under_inductor_on
     assert learner.engines["compile"].gate["passed"]
 
 
-def kinked_learner() -> MetaLearner:
-    """A float64 sinusoid MLP whose first hidden unit sits exactly at its ReLU kink on the first support
-    point of the first task (pre-activation 1 * 1.0 - 1 = 0), built on the compile engine."""
-    model = seeded_mlp()
+def kinked_learner(dtype: torch.dtype = torch.float64) -> MetaLearner:
+    """A sinusoid MLP whose first hidden unit sits exactly at its ReLU kink on the first support point
+    of the first task (pre-activation 1 * 1.0 - 1 = 0, exact in float32 and float64), on the compile engine."""
+    model = seeded_mlp().to(dtype)
     with torch.no_grad():
         model.body[0].weight[0, 0], model.body[0].bias[0] = 1.0, -1.0
     return MetaLearner(model, inner_steps=1, inner_lr=0.3, loss_fn=F.mse_loss, engine="compile")
 
 
-def kinked_tasks():
-    tasks = regression_tasks(3)
+def kinked_tasks(dtype: torch.dtype = torch.float64):
+    tasks = [tuple(t.to(dtype) for t in task) for task in regression_tasks(3)]
     tasks[0][0][0, 0] = 1.0
     return tasks
 
 
-def kinked_compiled(compiled, scale_at_kink: float, scale_elsewhere: float = 1.0):
+def kinked_compiled(compiled, scale_at_kink: float, scale_elsewhere: float = 1.0, in_float64: float | None = None):
     """The engine's ``compiled`` function, with the kinked input one ulp up (ReLU' = 1: the far side) and
-    its meta-gradient scaled by ``scale_at_kink`` where the batch is at the kink, else by ``scale_elsewhere``."""
+    its meta-gradient scaled by ``scale_at_kink`` where the batch is at the kink, else by ``scale_elsewhere``;
+    with ``in_float64``, a float64 call (the gate's check of a rough model) is exact but scaled by it."""
 
     def run(engine, ctx, batch, start, parts, weights):
         x, scale = parts[0], scale_elsewhere
-        if x[0, 0, 0] == 1.0:
+        if in_float64 is not None and x.dtype == torch.float64:
+            scale = in_float64
+        elif x[0, 0, 0] == 1.0:
             x, scale = x.clone(), scale_at_kink
             x[0, 0, 0] = torch.nextafter(x.new_tensor(1.0), x.new_tensor(2.0))
         grads, loss, metrics = compiled(engine, ctx, batch, start, [x, *parts[1:]], weights)
@@ -255,6 +258,60 @@ def test_a_batch_on_a_kink_is_judged_at_a_dithered_copy_and_a_wrong_gradient_is_
     with pytest.raises(ConfigError) as info:
         learner.backward(kinked_tasks())
     assert "at every place tried (1" in str(info.value) and "discontinuity" in str(info.value)
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_where_float32_is_rough_everywhere_the_compiled_code_is_judged_in_float64(monkeypatch, caplog):
+    """A float32 model whose only place to judge sits on a kink: float32 cannot tell a compiled result on
+    the far side from worse arithmetic, so the gate runs the compiled code in float64 (a graph of its own,
+    not counted as training's) and trusts it when it equals eager float64 to 1e-10 and its float32 result
+    is within float64's movement under rounding; a compiled code that is wrong in float64, or a float32
+    result farther off than rounding moves float64, is refused."""
+    monkeypatch.setattr(gate_module, "GATE_PLACES", 1)
+    learner = kinked_learner(torch.float32)
+    learner.backward(kinked_tasks(torch.float32))
+    engine = learner.engines["compile"]
+    compiled, graphs = engine._compiled_fused, engine.compiles
+    # far side of the kink and 1e-4 off there in float32 (16x the bound eager's noise sets), exact in float64
+    engine._compiled_fused, engine.gate = kinked_compiled(compiled, 1 + 1e-4, in_float64=1.0), None
+    with caplog.at_level(logging.INFO, logger="metaopt.engines"):
+        learner.backward(kinked_tasks(torch.float32))
+    gate = engine.gate
+    assert gate["passed"] and gate["judged_at"].startswith("the compiled code in float64")
+    assert gate["d_compiled"] > gate["tolerance"] and gate["d_compiled"] <= gate["float64_moves"]
+    assert gate["float64_compiled"] <= 1e-10 and gate["float64_moves"] > 1e-3
+    assert any(r.levelname == "WARNING" and "rough at rounding level" in r.message for r in caplog.records)
+    assert engine.compiles == graphs and engine.gate_graphs_compiled == 1  # the float64 graph is the gate's
+
+    # the same in float32, but the compiled code computes 1e-6 more in float64: another function
+    engine._compiled_fused, engine.gate = kinked_compiled(compiled, 1 + 1e-4, in_float64=1 + 1e-6), None
+    with pytest.raises(ConfigError) as info:
+        learner.backward(kinked_tasks(torch.float32))
+    assert "computes another function" in str(info.value) and "'model." in str(info.value)
+
+    # exact in float64, but the float32 result doubled at the kink: farther off than rounding moves float64
+    engine._compiled_fused, engine.gate = kinked_compiled(compiled, 2.0, in_float64=1.0), None
+    with pytest.raises(ConfigError) as info:
+        learner.backward(kinked_tasks(torch.float32))
+    assert "than rounding moves float64" in str(info.value)
+
+
+def test_the_rounding_model_rounds_arithmetic_once_per_result_and_leaves_exact_results_alone():
+    x = torch.linspace(-1, 1, 7, dtype=torch.float64)
+    with gate_module.RoundingMode(1e-3, draw=0):
+        exact = [torch.relu(x), x.reshape(7, 1).squeeze(1), torch.stack([x])[0], -x, x.clone()]
+        rounded = x * 3.0
+    with gate_module.RoundingMode(1e-3, draw=0, sign=-1.0):
+        negated = x * 3.0
+    for result, expected in zip(exact, (torch.relu(x), x, x, -x, x), strict=True):
+        assert torch.equal(result, expected)  # copies, views, selections: exact in floating point
+    relative = (rounded / (x * 3.0) - 1)[x != 0]
+    assert 1e-5 < float(relative.abs().max()) < 1e-2  # one rounding of size eps = 1e-3, not zero
+    torch.testing.assert_close((negated / (x * 3.0) - 1)[x != 0], -relative)  # the antithetic draw
+    state = torch.random.get_rng_state()
+    with gate_module.RoundingMode(1e-3, draw=0):
+        x + 1
+    assert torch.equal(state, torch.random.get_rng_state())  # its own generator
 
 
 @pytest.mark.usefixtures("aot_eager")
