@@ -60,6 +60,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         keep_freed_memory()
     metaopt.engines.compile.COMPILE_BACKEND = spec["backend"]
+    if spec.get("gate_places"):  # fewer places: shows the gate's float64 check where the places are rough
+        import metaopt.engines.gate
+
+        metaopt.engines.gate.GATE_PLACES = spec["gate_places"]
     wl = WORKLOADS.get(spec["workload"])
     batches = make_batches(wl.model, wl.meta_batch, spec["iters"] + 1)
 
@@ -181,6 +185,11 @@ def main() -> None:
         default="keep",
         help="keep: metaopt.allocator.keep_freed_memory() in every cell's process, as `metaopt train` does on CPU",
     )
+    parser.add_argument(
+        "--gate-places",
+        type=int,
+        help="places the exactness gate may judge at (default: the gate's own, metaopt.engines.gate.GATE_PLACES)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -203,6 +212,7 @@ def main() -> None:
                 "iters": args.iters,
                 "backend": args.backend,
                 "malloc": args.malloc,
+                "gate_places": args.gate_places,
             }
             proc = subprocess.run(
                 [sys.executable, __file__, "--worker", json.dumps(spec)],

@@ -581,9 +581,8 @@ class Trainer:
         batch = self.config.meta_batch
         report["tasks_per_call"] = min(engine.chunk_size(self.learner.engine_context, batch), batch)
         if engine.gate is not None:
-            report["gate"] = {
-                k: engine.gate[k] for k in ("d_compiled", "d_eager", "tolerance", "float64_moves", "judged_at")
-            }
+            keys = ("d_compiled", "d_eager", "tolerance", "float64_moves", "judged_at", "float64_compiled")
+            report["gate"] = {k: engine.gate[k] for k in keys if k in engine.gate}
         return report
 
     def summary(self) -> str:
@@ -595,13 +594,20 @@ class Trainer:
         compiled = self.compile_report()
         if compiled:
             gate = compiled.get("gate")
-            trusted = (
-                f", trusted by its exactness gate (meta-gradient {gate['d_compiled']:.2g} from float64, eager "
-                f"{gate['d_eager']:.2g}, bound {gate['tolerance']:.2g}, at {gate['judged_at']}; float64 moves "
-                f"{gate['float64_moves']:.2g} under rounding of the inputs there)"
-                if gate
-                else ""
-            )
+            trusted = ""
+            if gate and "float64_compiled" in gate:
+                trusted = (
+                    f", trusted by its exactness gate in float64 (the meta-gradient is rough at rounding level: "
+                    f"float64 moves {gate['float64_moves']:.2g}; the compiled code in float64 is "
+                    f"{gate['float64_compiled']:.2g} from eager float64, its float32 meta-gradient "
+                    f"{gate['d_compiled']:.2g} from the nearest float64 one)"
+                )
+            elif gate:
+                trusted = (
+                    f", trusted by its exactness gate (meta-gradient {gate['d_compiled']:.2g} from float64, eager "
+                    f"{gate['d_eager']:.2g}, bound {gate['tolerance']:.2g}, at {gate['judged_at']}; float64 moves "
+                    f"{gate['float64_moves']:.2g} under rounding there)"
+                )
             parts.append(
                 f"compiled {compiled['graphs']} graph(s) in {compiled['compile_s']:.1f} s of first calls "
                 f"(meta-gradient {'inside the graph' if compiled['meta_gradient_in_graph'] else 'through autograd'}, "

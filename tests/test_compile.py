@@ -510,6 +510,30 @@ def test_the_cli_reports_compilation_and_the_gate(tmp_path, capsys, monkeypatch)
     assert "at the batch; float64 moves" in printed
 
 
+def test_the_cli_reports_a_gate_that_judged_the_compiled_code_in_float64(tmp_path, capsys, monkeypatch):
+    """The plumbing of the rough-everywhere verdict to disk and console: the place's float32 judgement is
+    made to say "refused, float64 moves by 1.0" (a rough meta-gradient), and the float64 check runs for real."""
+    from metaopt.cli import main
+
+    judge = gate_module.judge
+
+    def rough(*args):
+        return {**judge(*args), "passed": False, "float64_moves": 1.0}
+
+    monkeypatch.setattr(compile_engine, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(gate_module, "judge", rough)
+    monkeypatch.setattr(gate_module, "GATE_PLACES", 1)
+    out = tmp_path / "run"
+    argv = ["train", "--data", "sinusoid", "--iterations", "2", "--meta-batch", "4", "--engine", "compile"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "trusted by its exactness gate in float64 (the meta-gradient is rough at rounding level" in printed
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    gate = [s for s in steps if "meta_loss" in s][-1]["gate"]
+    assert gate["judged_at"].startswith("the compiled code in float64") and gate["float64_compiled"] <= 1e-10
+    assert "compiled 1 graph(s)" in printed  # the gate's float64 graph is not training's
+
+
 def conv_bn_pool():
     torch.manual_seed(0)
     body = torch.nn.Sequential(
