@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from metaopt.engines.gate import rounding_perturbed
+
 sys.path.insert(0, str(Path(__file__).parent))
 from contenders import CONTENDERS  # noqa: E402
 from workloads import WORKLOADS, loss_of, make_batches, make_model  # noqa: E402
@@ -39,17 +41,6 @@ def meta_gradient(workload: str, tasks: list, dtype: torch.dtype) -> torch.Tenso
     tasks = [tuple(t.to(dtype) if t.is_floating_point() else t for t in task) for task in tasks]
     CONTENDERS.get("torch.func").build(model, wl["steps"], wl["lr"], loss_of(wl["model"])).step(tasks)
     return torch.cat([p.grad.double().reshape(-1) for p in model.parameters() if p.grad is not None])
-
-
-def perturbed(tasks: list, eps: float, seed: int) -> list:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        tuple(
-            t * (1 + eps * torch.randn(t.shape, generator=g, dtype=t.dtype)) if t.is_floating_point() else t
-            for t in task
-        )
-        for task in tasks
-    ]
 
 
 def sensitivity(workload: str, epsilons: tuple[float, ...] = (1e-7, 1e-6), seed: int = 5) -> list[str]:
@@ -66,7 +57,7 @@ def sensitivity(workload: str, epsilons: tuple[float, ...] = (1e-7, 1e-6), seed:
 
     rows = [f"{workload}: float32 at the batch as drawn: {distance(meta_gradient(workload, tasks, torch.float32)):.3g}"]
     for eps in epsilons:
-        moved = distance(meta_gradient(workload, perturbed(tasks, eps, seed), torch.float64))
+        moved = distance(meta_gradient(workload, rounding_perturbed(tasks, eps, seed), torch.float64))
         rows.append(f"{workload}: float64, inputs x (1 + {eps:g} N(0,1)), seed {seed}: {moved:.3g}")
     return rows
 
@@ -99,7 +90,10 @@ def engines_across_batches(workload: str, batches: int = 3, backend: str = "indu
     wide = build("vmap", torch.float64)
     drawn = make_batches(wl["model"], wl["meta_batch"], batches)
     cases = [(f"batch {i}", tasks) for i, tasks in enumerate(drawn)]
-    cases += [(f"batch 0, inputs x (1 + 1e-3 N(0,1)), seed {seed}", perturbed(drawn[0], 1e-3, seed)) for seed in (1, 2)]
+    cases += [
+        (f"batch 0, inputs x (1 + 1e-3 N(0,1)), seed {seed}", rounding_perturbed(drawn[0], 1e-3, seed))
+        for seed in (1, 2)
+    ]
     rows = []
     for name, tasks in cases:
         tasks = [tuple(t.float() if t.is_floating_point() else t for t in task) for task in tasks]
