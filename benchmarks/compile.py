@@ -154,6 +154,11 @@ def render(data: dict[str, Any]) -> str:
                 if "float64_moves" in gate:
                     distance += f"; float64 moves {gate['float64_moves']:.2g}; nearest: {gate['nearest_reference']}"
                     distance += f"; judged at {gate['judged_at']}"
+                for place in gate.get("places", [])[:-1]:  # the places that could not judge, before it
+                    distance += (
+                        f"; before, at {place['judged_at']}: compiled {place['d_compiled']:.2g}, eager "
+                        f"{place['d_eager']:.2g}, bound {place['tolerance']:.2g}, float64 moves {place['float64_moves']:.2g}"
+                    )
                 if "float64_compiled" in gate:
                     distance += f"; compiled code in float64 {gate['float64_compiled']:.2g} from eager float64"
                 distance += ")"

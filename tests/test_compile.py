@@ -244,6 +244,8 @@ def test_a_batch_on_a_kink_is_judged_at_a_dithered_copy_and_a_wrong_gradient_is_
         learner.backward(kinked_tasks())
     gate = engine.gate
     assert gate["passed"] and gate["places_tried"] == 2 and gate["judged_at"].startswith("the batch's inputs x")
+    first = gate["places"][0]  # the batch's own numbers are kept: refused, and float64 jumps there
+    assert len(gate["places"]) == 2 and first["judged_at"] == "the batch" and first["d_compiled"] > first["tolerance"]
     assert gate["d_compiled"] <= 1e-10 and gate["float64_moves"] < 1e-10  # the copy is off the kink
     assert "cannot judge here" in caplog.text and "-> trusted" in caplog.text
 

@@ -190,6 +190,9 @@ def exactness_gate(engine: VmapEngine, batch: Batch, ctx: EngineContext) -> dict
     judged = tried[-1]
     can_judge = decides(judged)
     gate = {**judged, "places_tried": len(tried), "dtype": str(dtype).removeprefix("torch.")}
+    # every place's numbers, the deciding one's included (the log's lines, for records)
+    keys = ("judged_at", "d_compiled", "d_eager", "tolerance", "float64_moves", "nearest_reference")
+    gate["places"] = [{k: v[k] for k in keys} for v in tried]
     for verdict in tried:
         log.info(
             "engine='compile' exactness gate at %s: compiled meta-gradient %.3g from the nearest float64 reference "
