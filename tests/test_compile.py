@@ -301,12 +301,13 @@ def test_where_float32_is_rough_everywhere_the_compiled_code_is_judged_in_float6
 def test_the_rounding_model_rounds_arithmetic_once_per_result_and_leaves_exact_results_alone():
     x = torch.linspace(-1, 1, 7, dtype=torch.float64)
     with gate_module.RoundingMode(1e-3, draw=0):
-        exact = [torch.relu(x), x.reshape(7, 1).squeeze(1), torch.stack([x])[0], -x, x.clone()]
+        exact = [torch.relu(x), x.reshape(7, 1).squeeze(1), torch.stack([x])[0], -x, torch.floor(x), torch.ones(7)]
         rounded = x * 3.0
     with gate_module.RoundingMode(1e-3, draw=0, sign=-1.0):
         negated = x * 3.0
-    for result, expected in zip(exact, (torch.relu(x), x, x, -x, x), strict=True):
-        assert torch.equal(result, expected)  # copies, views, selections: exact in floating point
+    expected = (torch.relu(x), x, x, -x, torch.floor(x), torch.ones(7, dtype=torch.float64))
+    for result, value in zip(exact, expected, strict=True):
+        assert torch.equal(result, value)  # copies, views, selections, integers, constants: exact
     relative = (rounded / (x * 3.0) - 1)[x != 0]
     assert 1e-5 < float(relative.abs().max()) < 1e-2  # one rounding of size eps = 1e-3, not zero
     torch.testing.assert_close((negated / (x * 3.0) - 1)[x != 0], -relative)  # the antithetic draw

@@ -6,10 +6,9 @@ At one place (the batch, or a dithered copy of it, below):
 
 * references: the eager engine's meta-gradient with every meta-parameter, buffer and input in
   float64, at the place and at :data:`GATE_DRAWS` draws of float32's rounding there: every
-  floating-point input, and every floating-point result of a torch function inside the task body,
-  multiplied by ``1 + eps * N(0, 1)`` (``eps`` of the model's dtype; seeded draws of the gate's own, in
-  antithetic pairs):
-  the standard model of floating-point arithmetic, ``fl(a op b) = (a op b)(1 + delta)``, one rounding
+  floating-point input, and every floating-point result of a torch function while the batch runs (the
+  task bodies and the meta-loss), multiplied by ``1 + eps * N(0, 1)`` (``eps`` of the model's dtype;
+  seeded draws of the gate's own, in antithetic pairs): the standard model of floating-point arithmetic, ``fl(a op b) = (a op b)(1 + delta)``, one rounding
   per input and per result (:class:`RoundingMode`);
 * ``d(g)``: the distance of ``g`` from the nearest reference, as the largest entry difference over
   the largest entry of the float64 meta-gradient at the place; ``float64_moves``: how far the
@@ -85,73 +84,26 @@ def rounding_perturbed(data: list[Any], eps: float, draw: int, sign: float = 1.0
     return [tuple(moved(t) if t.is_floating_point() else t for t in task) for task in data]
 
 
-#: torch functions whose floating-point results are exact (data movement, selection, sign): not rounded
-EXACT_FUNCTIONS = frozenset(
-    [
-        "__get__",
-        "__getitem__",
-        "__neg__",
-        "abs",
-        "adaptive_max_pool1d",
-        "adaptive_max_pool2d",
-        "adaptive_max_pool3d",
-        "cat",
-        "chunk",
-        "clamp",
-        "clone",
-        "concat",
-        "concatenate",
-        "contiguous",
-        "detach",
-        "expand",
-        "expand_as",
-        "flatten",
-        "flip",
-        "gather",
-        "hardtanh",
-        "index_select",
-        "masked_fill",
-        "max",
-        "max_pool1d",
-        "max_pool2d",
-        "max_pool3d",
-        "maximum",
-        "min",
-        "minimum",
-        "movedim",
-        "narrow",
-        "neg",
-        "pad",
-        "permute",
-        "relu",
-        "repeat",
-        "repeat_interleave",
-        "reshape",
-        "roll",
-        "select",
-        "split",
-        "squeeze",
-        "stack",
-        "t",
-        "transpose",
-        "unbind",
-        "unflatten",
-        "unsqueeze",
-        "view",
-        "view_as",
-        "where",
-        "zeros_like",
-    ]
-)
+_DATA_MOVEMENT = """__get__ __getitem__ cat chunk clone concat concatenate contiguous detach expand expand_as
+    flatten flip gather index_select masked_fill movedim narrow pad permute repeat repeat_interleave reshape roll
+    select split squeeze stack t transpose unbind unflatten unsqueeze view view_as where"""
+_SELECTION = """__neg__ abs adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d amax amin ceil clamp floor
+    hardtanh max max_pool1d max_pool2d max_pool3d maximum min minimum neg relu round sign trunc"""
+_CONSTANTS = """arange empty empty_like eye full full_like new_full new_ones new_tensor new_zeros ones ones_like
+    tensor zeros zeros_like"""
+#: torch functions whose floating-point results are exact, not rounded: data movement and views,
+#: selection, sign and rounding to integers, and constants (inputs, not results)
+EXACT_FUNCTIONS = frozenset(f"{_DATA_MOVEMENT} {_SELECTION} {_CONSTANTS}".split())
 
 
 class RoundingMode(TorchFunctionMode):
     """While active, every floating-point tensor that a torch function returns is multiplied by
     ``1 + sign * eps * N(0, 1)`` (a generator seeded with ``draw``; the global random state is untouched):
     one rounding per result, ``fl(a op b) = (a op b)(1 + delta)``.  Results that floating point computes
-    exactly (:data:`EXACT_FUNCTIONS`: copies, views, selections such as ReLU and max-pooling), in-place
-    functions (names ending in ``_``) and non-tensor results are left alone.  Inside ``torch.func`` transforms the noise is drawn
-    outside them (one draw per call, shared by the tasks of a vmapped call)."""
+    exactly (:data:`EXACT_FUNCTIONS`: copies, views, selections such as ReLU and max-pooling, rounding to
+    integers, constants), in-place functions (names ending in ``_``) and non-tensor results are left
+    alone.  Inside ``torch.func`` transforms the noise is drawn outside them (one draw per call, shared
+    by the tasks of a vmapped call)."""
 
     def __init__(self, eps: float, draw: int, sign: float = 1.0) -> None:
         super().__init__()
