@@ -105,8 +105,15 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=60)
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--docs", type=Path, default=DOCS)
+    parser.add_argument(
+        "--configs", nargs="+", choices=CONFIGS + OMNIGLOT, default=CONFIGS + OMNIGLOT, help="configurations to run"
+    )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    omniglot = SHARED_DATA / "images_background_small1.zip"
+    asked = [c for c in args.configs if c in OMNIGLOT]
+    if asked and not omniglot.is_file() and args.configs != CONFIGS + OMNIGLOT:
+        parser.error(f"{asked} read {omniglot}, which is not there (leave them out of --configs)")
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], int(args.worker[2]))))
         return
@@ -115,8 +122,8 @@ def main() -> None:
         root = Path(tmp) / "images"
         make_folder(root, args.classes, args.per_class)
         size = sum(p.stat().st_size for p in root.rglob("*.jpg")) / 2**20
-        omniglot = SHARED_DATA / "images_background_small1.zip"
-        runs = [(c, root) for c in CONFIGS] + ([(c, omniglot) for c in OMNIGLOT] if omniglot.is_file() else [])
+        runs = [(c, root) for c in CONFIGS if c in args.configs]
+        runs += [(c, omniglot) for c in OMNIGLOT if c in args.configs and omniglot.is_file()]
         for config, source in runs:
             cmd = [sys.executable, __file__, "--worker", config, str(source), str(args.tasks)]
             out = subprocess.run(

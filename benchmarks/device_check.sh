@@ -15,7 +15,7 @@ CONTENDERS=("metaopt maml" "metaopt maml (vmap)" "metaopt maml (compile)" "metao
 if [ "${DEVICE_CHECK_TINY:-0}" = 1 ]; then  # every step; of the contenders, the compiled ones and one hand loop
   DEVICE=cpu STEPS=(1) ITERS=1 WARMUP=1
   WORKLOADS=("sinusoid mlp, 10-shot, mb 25, K=1")
-  CONTENDERS=("metaopt maml (compile)" "metaopt maml (compile, CUDA graphs)" "raw higher" "hand vmap (compiled)"
+  CONTENDERS=("metaopt maml (compile)" "metaopt maml (compile, CUDA graphs)" "hand vmap (compiled)"
               "hand vmap (compiled meta-gradient)")
 else
   DEVICE=cuda STEPS=(1 3) ITERS=10 WARMUP=2

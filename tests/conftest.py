@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -9,10 +10,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Under pytest-xdist the workers share the cores: each worker (and every process it starts) gets its
+# share of threads, so that intra-op thread pools do not oversubscribe the machine and spin.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", THREADS)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # Subprocesses run `python -m metaopt.cli` from here: from the repository root, the source
 # folder `metaopt/` would shadow the installed package (whose plugins/integrations live elsewhere).
 OUTSIDE = tempfile.gettempdir()
 OMNIGLOT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked slow first (otherwise in their order): parallel workers then fill the end
+    with short tests instead of one worker running a long one alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture

@@ -50,6 +50,7 @@ def _faults(mode: str, tries: int = 3, enough: int | None = None) -> dict:
     return min(runs, key=lambda run: run["faults"])
 
 
+@pytest.mark.slow
 @needs_glibc
 def test_keep_freed_memory_stops_refaulting_freed_blocks():
     default = _faults("default")

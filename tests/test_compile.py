@@ -79,6 +79,7 @@ def train_side_by_side(make_model, plugins, make_tasks, loss_fn, iterations: int
     return worst, learners["compile"].engines["compile"]
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("aot_eager")
 @pytest.mark.parametrize("plugin", list(PLUGINS))
 def test_every_built_in_plugin_compiles_to_the_loop_engines_gradient_in_float64(plugin):
@@ -91,12 +92,14 @@ def test_every_built_in_plugin_compiles_to_the_loop_engines_gradient_in_float64(
     assert engine.fused == (plugin not in UNFUSED), engine.fused_reason
 
 
+@pytest.mark.slow
 def test_inductor_compiles_second_order_maml_to_the_loop_engines_gradient_in_float64():
     worst, engine = train_side_by_side(conv_bn, [], lambda: image_tasks(3), F.cross_entropy, 3)
     assert worst <= 1e-10 and engine.backend_name == "inductor"
     assert engine.compiles == 1 and engine.recompiles == 0 and engine.compile_seconds > 0
 
 
+@pytest.mark.slow
 def test_inductor_float32_passes_the_gate_calibrated_against_float64():
     torch.manual_seed(0)
     learner = MetaLearner(seeded_mlp().float(), inner_steps=2, inner_lr=0.3, loss_fn=F.mse_loss, engine="compile")
@@ -109,6 +112,7 @@ def test_inductor_float32_passes_the_gate_calibrated_against_float64():
     assert gate["float64_moves"] < 1e-5  # a smooth meta-gradient: rounding-level inputs move it by about eps
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("aot_eager")
 def test_convolutional_models_compile_one_task_per_call_unless_task_chunk_says_otherwise():
     """Per task, the compiled graph holds plain convolutions (vmap's are grouped ones); task_chunk
@@ -435,6 +439,7 @@ def stored_gradients(monkeypatch, plain: bool, task_chunk: int | None, setup=Non
     return {n: p.grad.clone() for n, p in learner.named_parameters()}, answers
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("aot_eager")
 @pytest.mark.parametrize("task_chunk", [None, 2])
 def test_the_meta_gradient_stored_without_autograd_is_autograds_bit_for_bit(monkeypatch, task_chunk):

@@ -39,6 +39,7 @@ SCRIPTS = ["supervised.py", "meta.py", "meta_accelerate.py", "lightning_plain.py
 SCRIPTS += ["hf_trainer_plain.py", "hf_trainer_meta.py"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_example_runs(script, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -49,6 +50,7 @@ def test_example_runs(script, tmp_path):
     assert "step 2: loss" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_documented_two_process_cpu_launch_starts_two_processes(tmp_path):
     """meta_accelerate.py's docstring gave `accelerate launch --cpu --num_processes 2`, which starts one."""
     import shlex

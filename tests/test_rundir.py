@@ -51,6 +51,7 @@ def _wait_for(condition, seconds: float = 120.0) -> None:
 
 
 # -- 1. one trainer per run folder -----------------------------------------------------
+@pytest.mark.slow
 def test_a_second_trainer_on_the_same_folder_is_refused_naming_the_holder(tmp_path):
     """Two trainers on one --out both 'trained 1500 iterations' into one folder."""
     out = tmp_path / "run"

@@ -82,6 +82,7 @@ def _metaopt(site: Path, *args: str, disable: bool = False) -> subprocess.Comple
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=OUTSIDE)
 
 
+@pytest.mark.slow
 def test_installed_plugin_is_listed_and_can_be_disabled(site):
     listed = json.loads(_metaopt(site, "plugins", "--json").stdout)
     assert listed["count_steps"].startswith("Counts inner steps")
@@ -89,6 +90,7 @@ def test_installed_plugin_is_listed_and_can_be_disabled(site):
     assert "count_steps" not in hidden and "shot" in hidden
 
 
+@pytest.mark.slow
 def test_installed_plugin_is_used_by_name_only_when_asked(site, tmp_path):
     train = ["train", "--data", "sinusoid", "--shots", "5", "--inner-lr", "0.01", "--inner-steps", "3"]
     train += ["--meta-batch", "2", "--iterations", "2", "--no-progress"]
@@ -126,6 +128,7 @@ def crowded_site(tmp_path_factory) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_a_third_party_anil_never_silently_shadows_or_is_shadowed(crowded_site, tmp_path):
     """The built-in anil silently replaced an installed plugin registered as anil."""
     listed = json.loads(_metaopt(crowded_site, "plugins", "--json").stdout)
@@ -144,6 +147,7 @@ def test_a_third_party_anil_never_silently_shadows_or_is_shadowed(crowded_site, 
     assert picked.stdout.strip() == "other_anil", picked.stderr
 
 
+@pytest.mark.slow
 def test_a_broken_entry_point_breaks_only_its_own_name(crowded_site, tmp_path):
     shown = _metaopt(crowded_site, "plugins")
     assert shown.returncode == 0, shown.stderr

@@ -79,6 +79,7 @@ def uninterrupted(tmp_path_factory) -> dict:
     return _final_state(out)
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_iteration_then_resume_is_bit_identical(tmp_path, uninterrupted):
     seed = random.randrange(1 << 30)
     after = random.Random(seed).randint(3, 30)
@@ -92,6 +93,7 @@ def test_sigkill_at_a_random_iteration_then_resume_is_bit_identical(tmp_path, un
     assert logged == list(range(1, ITERATIONS + 1)), "metrics after the checkpoint must not be duplicated"
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_nonzero_then_resumes(tmp_path, uninterrupted):
     out = tmp_path / "run"
     stopped = _start_and_signal(out, signal.SIGTERM, 5)

@@ -122,13 +122,18 @@ class RoundingMode(TorchFunctionMode):
         return out * (1 + self.eps * noise.to(device=out.device, dtype=out.dtype))
 
 
+def model_dtype(ctx: EngineContext) -> torch.dtype:
+    """The dtype the model trains in: that of its first trainable parameter."""
+    return next(p for p in ctx.holder.parameters() if p.requires_grad).dtype
+
+
 def exactness_gate(engine: VmapEngine, batch: Batch, ctx: EngineContext) -> dict[str, Any]:
     """Judge ``engine``'s compiled meta-gradient on ``batch`` (see the module docstring); return the
     verdict of the place that judged, or raise :class:`ConfigError`.  ``engine`` is the compile engine
     (a :class:`VmapEngine` whose ``eager()`` runs its chunks uncompiled and whose ``gate_graphs()``
     counts its compilations apart; not imported here, which would make an import circle)."""
     started = time.perf_counter()
-    dtype = next(p for p in ctx.holder.parameters() if p.requires_grad).dtype
+    dtype = model_dtype(ctx)
     tried: list[dict[str, Any]] = []
     for place in range(GATE_PLACES):
         data = batch.data if place == 0 else rounding_perturbed(batch.data, GATE_DITHER, 1000 + place)
@@ -224,7 +229,7 @@ def meta_gradient(
 def in_float64(ctx: EngineContext, data: list[Any]) -> Iterator[list[Any]]:
     """The learner converted to float64 in place (and back: a float32 round trip is exact), and ``data``'s
     floating-point tensors in float64."""
-    dtype = next(p for p in ctx.holder.parameters() if p.requires_grad).dtype
+    dtype = model_dtype(ctx)
     if dtype != torch.float64:
         ctx.holder.to(torch.float64)
     try:
@@ -250,7 +255,7 @@ def distance_fn(ctx: EngineContext, reference: Gradient) -> Callable[[Gradient, 
 def judge(engine: VmapEngine, batch: Batch, ctx: EngineContext, data: list[Any]) -> dict[str, Any]:
     """The compiled and eager meta-gradients at ``data`` measured from the nearest float64 reference
     there; ``passed`` when the compiled one is within the bound."""
-    dtype = next(p for p in ctx.holder.parameters() if p.requires_grad).dtype
+    dtype = model_dtype(ctx)
     eager = meta_gradient(engine, batch, ctx, data, compiled=False)
     compiled = meta_gradient(engine, batch, ctx, data, compiled=True)
     eps = torch.finfo(dtype).eps

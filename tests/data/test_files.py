@@ -97,6 +97,7 @@ def test_augmentation_changes_training_images_only(tmp_path):
     assert torch.equal(test_plain.support_x, test_aug.support_x)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_with_workers_and_augmentation_is_bit_identical(tmp_path):
     """A worker-fed, augmented csv: run killed mid-training and resumed ends as the uninterrupted run."""
     import json

@@ -66,6 +66,7 @@ def _train_eval(tmp_path, precision: str) -> float:
     ]
 
 
+@pytest.mark.slow
 def test_bf16_training_matches_fp32_sinusoid_mse_within_ten_percent(tmp_path):
     fp32, bf16 = _train_eval(tmp_path, "no"), _train_eval(tmp_path, "bf16")
     assert fp32 != bf16  # bf16 really ran (different rounding)

@@ -32,6 +32,7 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_two_processes_match_each_other_and_one_process(two_ranks, name):
     rank0, rank1 = (r[name] for r in two_ranks)

@@ -71,6 +71,7 @@ def test_bf16_mixed_precision_trains():
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+@pytest.mark.slow
 def test_two_ddp_processes_match_each_other_and_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
