@@ -375,6 +375,9 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite NAME.md (and its plot) from NAME.json")
     parser.add_argument("--update", action="store_true", help="keep the other cells (and the capped run) of NAME.json")
     args = parser.parse_args()
+    for flag in ("iters", "cap_iters", "cap_eval_tasks", "meta_batch"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give at least 1")
     if args.capped_worker:
         print(json.dumps(capped_worker(json.loads(args.capped_worker))))
         return

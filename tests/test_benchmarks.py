@@ -163,11 +163,17 @@ def test_overheads_harness_runs_both_measurements(monkeypatch):
     assert row.startswith("test_resnet:") and "checksum" in row
 
 
-def test_the_capped_memory_run_needs_the_table_first(tmp_path):
+def test_the_capped_memory_run_needs_the_table_first_and_a_task_to_score(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(BENCH / "memory.py"), "--capped", "--docs", str(tmp_path)], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "run the table first" in proc.stderr and not (tmp_path / "memory.md").exists()
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "memory.py"), "--capped", "--cap-eval-tasks", "0", "--docs", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "--cap-eval-tasks 0: give at least 1" in proc.stderr
 
 
 @pytest.mark.slow
