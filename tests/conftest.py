@@ -10,11 +10,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# Under pytest-xdist the workers share the cores: each worker (and every process it starts) gets its
-# share of threads, so that intra-op thread pools do not oversubscribe the machine and spin.
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-    os.environ.setdefault("OMP_NUM_THREADS", THREADS)
+# Under pytest-xdist (about one worker per core) each worker, and every process it starts, runs one
+# torch thread unless OMP_NUM_THREADS says otherwise: intra-op thread pools would oversubscribe the
+# cores and spin (a container's CPU quota can also be far below the CPUs it reports).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Subprocesses run `python -m metaopt.cli` from here: from the repository root, the source
