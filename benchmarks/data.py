@@ -5,6 +5,7 @@ own process (so peak resident memory is that configuration's alone): tasks per s
 5-way 1-shot 15-query episodes, and the peak resident set.
 
     python benchmarks/data.py          # writes docs/benchmarks/data.{md,json}
+    python benchmarks/data.py --configs "lazy, 0 workers" "lazy, 2 workers"   # some configurations only
 """
 
 from __future__ import annotations
@@ -106,7 +107,12 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument(
-        "--configs", nargs="+", choices=CONFIGS + OMNIGLOT, default=CONFIGS + OMNIGLOT, help="configurations to run"
+        "--configs",
+        nargs="+",
+        choices=CONFIGS + OMNIGLOT,
+        default=CONFIGS + OMNIGLOT,
+        metavar="CONFIG",
+        help="configurations to run (default all): " + "; ".join(CONFIGS + OMNIGLOT),
     )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()

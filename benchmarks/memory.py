@@ -12,6 +12,8 @@ glibc's defaults, the median time of the meta-iterations after the first.
     python benchmarks/memory.py                      # conv4 5-way 1-shot mb 8, K in 1 5 10 25 50 100
     python benchmarks/memory.py --model resnet10t --image-size 84 --meta-batch 2 --steps 1 5 10 25
     python benchmarks/memory.py --cap-mib 1500 ...   # also: the largest K that fits under a memory cap
+    python benchmarks/memory.py --capped --steps 50 --cap-extra-mib 400 --cap-iters 10   # then: training under a
+                                                     # memory cgroup (--cap-eval-tasks: test tasks scored, 100)
 
 Writes docs/benchmarks/memory.md (and .json) unless --docs says elsewhere.
 """
