@@ -110,15 +110,16 @@ def main() -> None:
         "--configs",
         nargs="+",
         choices=CONFIGS + OMNIGLOT,
-        default=CONFIGS + OMNIGLOT,
         metavar="CONFIG",
-        help="configurations to run (default all): " + "; ".join(CONFIGS + OMNIGLOT),
+        help="configurations to run (default: all; the Omniglot ones when the archive is there): "
+        + "; ".join(CONFIGS + OMNIGLOT),
     )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     omniglot = SHARED_DATA / "images_background_small1.zip"
-    asked = [c for c in args.configs if c in OMNIGLOT]
-    if asked and not omniglot.is_file() and args.configs != CONFIGS + OMNIGLOT:
+    if args.configs is None:
+        args.configs = CONFIGS + (OMNIGLOT if omniglot.is_file() else [])
+    elif asked := [c for c in args.configs if c in OMNIGLOT and not omniglot.is_file()]:
         parser.error(f"{asked} read {omniglot}, which is not there (leave them out of --configs)")
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], int(args.worker[2]))))
@@ -129,7 +130,7 @@ def main() -> None:
         make_folder(root, args.classes, args.per_class)
         size = sum(p.stat().st_size for p in root.rglob("*.jpg")) / 2**20
         runs = [(c, root) for c in CONFIGS if c in args.configs]
-        runs += [(c, omniglot) for c in OMNIGLOT if c in args.configs and omniglot.is_file()]
+        runs += [(c, omniglot) for c in OMNIGLOT if c in args.configs]
         for config, source in runs:
             cmd = [sys.executable, __file__, "--worker", config, str(source), str(args.tasks)]
             out = subprocess.run(

@@ -123,15 +123,15 @@ def capped_worker(spec: dict[str, Any]) -> dict[str, Any]:
             done += 1
         seconds = time.perf_counter() - start
         train_peak = int(Path(spec["cgroup"], "memory.max_usage_in_bytes").read_text()) / 2**20
-        sizes = [min(4, spec["eval_tasks"] - start) for start in range(0, spec["eval_tasks"], 4)]
-        accuracies = [
+        sizes = [min(4, spec["eval_tasks"] - first) for first in range(0, spec["eval_tasks"], 4)]
+        task_weighted = [  # each batch's mean accuracy times its number of tasks
             learner.evaluate([test.sample_task() for _ in range(n)], steps=EVAL_STEPS).metrics["accuracy"] * n
             for n in sizes
         ]
     except (RuntimeError, MemoryError, metaopt.MetaOptError) as exc:
         cause = exc.__cause__ or exc
         return {"finished": False, "iterations": done, "error": f"{type(cause).__name__}: {str(cause)[:120]}"}
-    accuracy = sum(accuracies) / spec["eval_tasks"]  # the mean over tasks (batches of 4, the last maybe fewer)
+    accuracy = sum(task_weighted) / spec["eval_tasks"]  # the mean over tasks (batches of 4, the last maybe fewer)
     peak = int(Path(spec["cgroup"], "memory.max_usage_in_bytes").read_text()) / 2**20
     return {
         "finished": True,

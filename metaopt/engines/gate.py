@@ -8,8 +8,9 @@ At one place (the batch, or a dithered copy of it, below):
   float64, at the place and at :data:`GATE_DRAWS` draws of float32's rounding there: every
   floating-point input, and every floating-point result of a torch function while the batch runs (the
   task bodies and the meta-loss), multiplied by ``1 + eps * N(0, 1)`` (``eps`` of the model's dtype;
-  seeded draws of the gate's own, in antithetic pairs): the standard model of floating-point arithmetic, ``fl(a op b) = (a op b)(1 + delta)``, one rounding
-  per input and per result (:class:`RoundingMode`);
+  seeded draws of the gate's own, in antithetic pairs): the standard model of floating-point
+  arithmetic, ``fl(a op b) = (a op b)(1 + delta)``, one rounding per input and per result
+  (:class:`RoundingMode`);
 * ``d(g)``: the distance of ``g`` from the nearest reference, as the largest entry difference over
   the largest entry of the float64 meta-gradient at the place; ``float64_moves``: how far the
   references at the draws are from the one at the place;
