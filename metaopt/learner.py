@@ -452,6 +452,9 @@ class MetaLearner(nn.Module):
         try:
             batch.meta_loss = self.engines[name].run(batch, self.engine_context, stacks=self.engine == "auto")
         except PluginHookError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, RuntimeError) or isinstance(cause, MetaOptError):
+                raise  # the hook's own error (a plugin's check, a ValueError): nothing about vmap to add
             raise PluginHookError(
                 f"{exc} [engine={name!r}: hooks run once for all tasks, inside torch.func.vmap; a hook must take "
                 "gradients with task.grad(...) / task.inner_grad_at(...), not torch.autograd.grad, and must not "

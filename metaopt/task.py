@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from metaopt.errors import ConfigError
 from metaopt.inner_optim import fresh_state
 from metaopt.stash import Stash, new_stash
 
@@ -82,6 +83,11 @@ class TrajectoryFactory:
 
     def lrs_for(self, steps: int, lr_scale: float = 1.0, lr: float | Sequence[float] | None = None) -> list[float]:
         base = self.inner_lrs if lr is None else ([lr] if isinstance(lr, int | float) else list(lr))
+        if 1 < len(base) < steps:
+            raise ConfigError(
+                f"{steps} inner steps asked for, but inner_lr has only {len(base)} per-step values {base}; "
+                f"give at most {len(base)} steps, or build the learner with one rate per step (or a single number)."
+            )
         values = base * steps if len(base) == 1 else base[:steps]
         return [float(v) * lr_scale for v in values]
 

@@ -401,6 +401,16 @@ API_CASES = [
         lambda: _learner(inner_lr=[0.1, 0.1], inner_steps=3),
         r"inner_lr has 2 per-step values",
     ),
+    (
+        "evaluate with more steps than per-step rates",
+        lambda: _learner(inner_lr=[0.1, 0.1], inner_steps=2).evaluate([_task()], steps=5),
+        r"5 inner steps asked for, but inner_lr has only 2 per-step values",
+    ),
+    (
+        "adapt with more steps than per-step rates",
+        lambda: _learner(inner_lr=[0.1, 0.1], inner_steps=2, engine="vmap").adapt(_task(), steps=3),
+        r"3 inner steps asked for, but inner_lr has only 2 per-step values",
+    ),
     ("plugins a string", lambda: metaopt.MetaLearner(_mlp(), "shot"), r"plugins must be a list.*'shot'"),
     ("plugins a number", lambda: metaopt.MetaLearner(_mlp(), 5), r"plugins must be a list.*got int 5"),
     ("plugins unknown name", lambda: _learner(plugins=["nosuch"]), r"unknown plugin 'nosuch'"),

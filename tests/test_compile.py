@@ -491,6 +491,30 @@ def test_gradient_hooks_and_an_accelerator_keep_the_meta_gradient_on_autograd(mo
     assert all(torch.equal(grads[n], with_accelerator[n]) for n in grads)
 
 
+class RefusesLargeLosses:
+    """A user's plugin that checks a value inside a hook and raises its own error."""
+
+    @hookimpl
+    def loss_modification(self, task, loss, params):
+        raise ValueError("my plugin: this loss is too large; lower the learning rate")
+        return None
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_an_error_raised_inside_the_compiled_body_reaches_the_user_as_itself():
+    """dynamo turns an exception raised while tracing into "Observed exception"; the engine re-runs the
+    chunk eagerly so the user gets the error that names their value, not a vague compile refusal."""
+    learner = MetaLearner(
+        seeded_mlp(), [RefusesLargeLosses()], inner_steps=1, inner_lr=0.3, loss_fn=F.mse_loss, engine="compile"
+    )
+    with pytest.raises(Exception, match=r"refuseslargelosses.*loss_modification.*this loss is too large") as info:
+        learner.backward(regression_tasks(3))
+    assert "cannot compile" not in str(info.value)
+    learner = MetaLearner(seeded_mlp(), [], inner_steps=2, inner_lr=[0.1, 0.2], loss_fn=F.mse_loss, engine="compile")
+    with pytest.raises(ConfigError, match=r"5 inner steps asked for, but inner_lr has only 2 per-step values"):
+        learner.evaluate(regression_tasks(3), steps=5)
+
+
 def test_compile_refusals_are_named_when_the_learner_is_built():
     with pytest.raises(ConfigError, match=r"engine='compile' cannot run.*convergent_fo.*Use engine='vmap' or 'loop'"):
         MetaLearner(seeded_mlp(), ["convergent_fo"], loss_fn=F.mse_loss, engine="compile")

@@ -310,6 +310,24 @@ def test_a_plugin_that_calls_autograd_gets_advice_under_vmap():
     assert info.value.plugin == "old_style"
 
 
+class ChecksItsOption:
+    name = "checks_option"
+
+    @hookimpl
+    def loss_modification(self, task, params, loss):
+        raise ValueError("checks_option: weight=-1 must be >= 0")
+
+
+def test_a_plugins_own_error_under_vmap_comes_without_the_vmap_advice():
+    """The vmap advice (use task.grad, no .item()) is for errors torch raises inside vmap; a plugin's own
+    check, such as a ValueError naming its option, reaches the user as it is."""
+    learner = MetaLearner(mlp().double(), [ChecksItsOption()], engine="vmap", loss_fn=F.mse_loss)
+    with pytest.raises(PluginHookError, match=r"checks_option.*weight=-1 must be >= 0") as info:
+        learner.backward(regression_tasks(2))
+    assert "torch.func.vmap" not in str(info.value) and info.value.plugin == "checks_option"
+    assert isinstance(info.value.__cause__, ValueError)
+
+
 def test_auto_keeps_third_party_plugins_in_the_loop_unless_they_declare_vmap_safe():
     tasks = [tuple(t.float() for t in task) for task in regression_tasks(3)]
     assert MetaLearner(mlp(), [AutogradInsideHook()], engine="auto").engine_for(tasks) == "loop"

@@ -137,6 +137,8 @@ class CompileEngine(VmapEngine):
                     return self._fused_chunk(ctx, batch, start, parts, finite)
             return self._compiled_chunk(ctx, batch, start, parts, finite)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
+            if _raised_while_traced(exc):  # a hook, the model or metaopt raised: show that error, not dynamo's
+                self._eager_chunk(ctx, batch, start, parts, finite)
             raise ConfigError(
                 f"engine='compile' cannot compile this learner's task body as one graph: {str(exc).splitlines()[0]} "
                 "(a hook or the model does something torch.compile cannot trace inside torch.func.vmap, or its "
@@ -341,3 +343,13 @@ def probe_fusable(
             "starting point, e.g. a plugin's own parameters)"
         )
     return True, "inner loops and outer backward compiled as one graph"
+
+
+def _raised_while_traced(exc: BaseException) -> bool:
+    """Whether dynamo stopped because the traced code itself raised (an "observed" exception)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, torch._dynamo.exc.ObservedException):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
