@@ -11,6 +11,7 @@ turns ``uint8`` into float32 in [0, 1].
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,14 +32,41 @@ def _column_names(dataset: Any) -> list[str] | None:
     return list(names) if isinstance(names, list | tuple) else None
 
 
-def class_labels(dataset: Any, labels: Sequence[int] | str | None = None, progress: bool = True) -> list[int]:
+#: a class label: an integer, or a name (a folder, a CSV's label column, a Hugging Face string column)
+ClassKey = int | str
+
+
+def class_key(value: Any, where: str) -> ClassKey:
+    """A label as a class: an integer (integral floats, numpy and one-element tensors included) or a
+    string; a fractional or non-finite number, which ``int()`` would truncate into a wrong class, is refused."""
+    if (
+        isinstance(value, torch.Tensor)
+        and value.numel() == 1
+        or isinstance(value, np.ndarray | np.generic)
+        and value.size == 1
+    ):
+        value = value.item()
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int):
+        return int(value)
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return int(value)
+    kind = "a fractional or non-finite number" if isinstance(value, float) else f"a {type(value).__name__}"
+    raise DataError(
+        f"{where} is {value!r}, {kind}, not a class. Episodes need class labels (integers or names); "
+        "for regression targets build tasks yourself (support_x, support_y, query_x, query_y), or pass labels=."
+    )
+
+
+def class_labels(dataset: Any, labels: Sequence[ClassKey] | str | None = None, progress: bool = True) -> list[ClassKey]:
     """Each item's class: ``labels`` (a sequence, or a Hugging Face column name), else
     ``dataset.targets`` / ``dataset.labels`` / a ``label`` column, else one pass over the dataset."""
     columns = _column_names(dataset)
     if isinstance(labels, str):
         if columns is None or labels not in columns:
             raise DataError(f"label column {labels!r} does not exist; the dataset's columns are {columns}.")
-        return [int(v) for v in dataset[labels]]
+        return _keys(list(dataset[labels]), f"label column {labels!r}")
     if labels is not None:
         found = list(labels)
     elif isinstance(getattr(dataset, "targets", None), Sequence | torch.Tensor | np.ndarray):
@@ -52,7 +80,19 @@ def class_labels(dataset: Any, labels: Sequence[int] | str | None = None, progre
         found = [_split_item(dataset[i], None)[1] for i in items]
     if len(found) != len(dataset):
         raise DataError(f"{len(found)} labels for a dataset of {len(dataset)} items; give one label per item.")
-    return [int(v) for v in found]
+    return _keys(found, "label")
+
+
+def _keys(found: list[Any], what: str) -> list[ClassKey]:
+    keys = [class_key(v, f"{what} of item {i}") for i, v in enumerate(found)]
+    if len({type(k) for k in keys}) > 1:
+        first_str = next(i for i, k in enumerate(keys) if isinstance(k, str))
+        first_int = next(i for i, k in enumerate(keys) if isinstance(k, int))
+        raise DataError(
+            f"labels mix names and numbers (item {first_int}: {keys[first_int]!r}, item {first_str}: "
+            f"{keys[first_str]!r}); give every item the same kind of label."
+        )
+    return keys
 
 
 def _split_item(item: Any, image_key: str | None) -> tuple[Any, Any]:
@@ -114,8 +154,8 @@ class EpisodeDataset(Dataset):
     Args:
         dataset: a map-style dataset of ``(image, label)`` pairs (a torchvision ``ImageFolder``,
             your own) or of dicts (a Hugging Face ``datasets.Dataset``).
-        labels: one class per item, or a Hugging Face column name; default: found (see
-            :func:`class_labels`).
+        labels: one class per item (integers or names), or a Hugging Face column name; default:
+            found (see :func:`class_labels`).
         transform: applied to each image on its own (support and query independently), e.g.
             ``torchvision.transforms.v2``; it gets what the dataset holds (PIL or tensor) and
             may return PIL, numpy or a tensor.
@@ -132,13 +172,13 @@ class EpisodeDataset(Dataset):
         ways: int = 5,
         shots: int = 1,
         query: int = 15,
-        labels: Sequence[int] | str | None = None,
+        labels: Sequence[ClassKey] | str | None = None,
         transform: Transform | None = None,
         seed: int = 0,
         rotations: bool = False,
         length: int = 10_000,
         image_key: str | None = None,
-        groups: dict[int, str] | None = None,
+        groups: dict[ClassKey, str] | None = None,
         within_group: bool = False,
     ) -> None:
         if min(ways, shots, query, length) < 1:
@@ -146,7 +186,7 @@ class EpisodeDataset(Dataset):
         self.dataset, self.transform, self.image_key = dataset, transform, image_key
         self.ways, self.shots, self.query, self.seed = ways, shots, query, seed
         self.rotations, self.length = rotations, length
-        by_class: dict[int, list[int]] = {}
+        by_class: dict[ClassKey, list[int]] = {}
         for index, label in enumerate(class_labels(dataset, labels)):
             by_class.setdefault(label, []).append(index)
         small = {c: len(v) for c, v in by_class.items() if len(v) < shots + query}
@@ -174,7 +214,9 @@ class EpisodeDataset(Dataset):
                 largest = max(len(m) for m in by_group.values()) * factor
                 raise DataError(f"no group has {ways} classes for within-group tasks (the largest has {largest}).")
 
-    def _class_name(self, label: int) -> str:
+    def _class_name(self, label: ClassKey) -> str:
+        if isinstance(label, str):
+            return label
         names = getattr(self.dataset, "classes", None)
         return str(names[label]) if isinstance(names, Sequence) and 0 <= label < len(names) else str(label)
 

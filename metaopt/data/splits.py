@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from metaopt.data.dataset import class_labels
+from metaopt.data.dataset import ClassKey, class_key, class_labels
 from metaopt.errors import DataError
 
 
@@ -22,7 +22,7 @@ class ClassSubset(Dataset):
     """The items of ``dataset`` whose class is in a given set; ``targets`` holds their labels, so an
     :class:`~metaopt.data.EpisodeDataset` over it reads no item to find the classes."""
 
-    def __init__(self, dataset: Any, indices: list[int], targets: list[int]) -> None:
+    def __init__(self, dataset: Any, indices: list[int], targets: list[ClassKey]) -> None:
         self.dataset, self.indices, self.targets = dataset, indices, targets
         self.classes_held = sorted(set(targets))
 
@@ -35,9 +35,9 @@ class ClassSubset(Dataset):
 
 def split_classes(
     dataset: Any,
-    test_classes: float | Sequence[int] = 0.2,
+    test_classes: float | Sequence[ClassKey] = 0.2,
     *,
-    labels: Sequence[int] | str | None = None,
+    labels: Sequence[ClassKey] | str | None = None,
     seed: int = 0,
 ) -> tuple[ClassSubset, ClassSubset]:
     """``(meta_train, meta_test)``: the dataset split by class, no class in both.
@@ -62,7 +62,11 @@ def split_classes(
             )
         held = set(np.random.default_rng(seed).permutation(classes)[:count].tolist())
     else:
-        held = {int(c) for c in test_classes}
+        if isinstance(test_classes, str):
+            raise DataError(
+                f"test_classes={test_classes!r} is one string; give a list of class labels: [{test_classes!r}]."
+            )
+        held = {class_key(c, "a held-out class") for c in test_classes}
         unknown = sorted(held - set(classes))
         if unknown:
             raise DataError(f"held-out classes {unknown} do not occur in the dataset; its classes are {classes[:20]}.")

@@ -68,10 +68,47 @@ def test_hugging_face_dataset_episodes(tmp_path):
     hf = datasets.Dataset.from_dict({"image": images, "fine": labels}, features=features)
     episodes = EpisodeDataset(hf, ways=4, shots=2, query=2, labels="fine", seed=3)
     _check(episodes[0], 4, 2, 2)
+    named = hf.add_column("species", [f"species_{c}" for c in labels])  # a string column names the classes
+    assert EpisodeDataset(named, ways=4, shots=2, query=2, labels="species").classes == [
+        f"species_{c}" for c in range(5)
+    ]
     with pytest.raises(
         DataError, match=r"label column 'label' does not exist; the dataset's columns are \['image', 'fine'\]"
     ):
         EpisodeDataset(hf, labels="label")
+
+
+def _items_by_class(names: list) -> TensorDataset:
+    """Item i's single feature is i, so a task's inputs say exactly which items it drew."""
+    return TensorDataset(torch.arange(len(names), dtype=torch.float64).unsqueeze(1), torch.zeros(len(names)))
+
+
+def test_class_names_are_labels_and_a_task_holds_one_name_per_class():
+    """String labels (a CSV's names, a Hugging Face string column) used to stop with int()'s ValueError."""
+    names = ["cat", "dog", "owl", "yak"] * 3  # item i is of class names[i]
+    episodes = EpisodeDataset(_items_by_class(names), ways=3, shots=1, query=2, labels=names, seed=0)
+    assert episodes.classes == ["cat", "dog", "owl", "yak"]
+    for index in range(10):
+        task = episodes[index]
+        for label in range(3):  # every relabelled class is one name, in the support and the query set
+            drawn = torch.cat([task.support_x[task.support_y == label], task.query_x[task.query_y == label]])
+            assert len({names[int(i)] for i in drawn.flatten()}) == 1
+    with pytest.raises(DataError, match=r"class 'yak' has 2 items but a task needs shots \+ query = 3"):
+        EpisodeDataset(_items_by_class(names[:-1]), ways=3, shots=1, query=2, labels=names[:-1])
+
+
+def test_fractional_labels_are_refused_not_truncated_into_classes():
+    """int(0.3) == int(0.7) == 0: regression targets used to become classes without a word."""
+    targets = [0.25 * i for i in range(12)]
+    with pytest.raises(DataError, match=r"label of item 1 is 0.25, a fractional or non-finite number, not a class"):
+        EpisodeDataset(_items_by_class(targets), ways=2, shots=1, query=1, labels=targets)
+    with pytest.raises(DataError, match=r"label of item 0 is nan"):
+        EpisodeDataset(_items_by_class(targets), ways=2, shots=1, query=1, labels=[float("nan")] * 12)
+    with pytest.raises(DataError, match=r"labels mix names and numbers \(item 0: 0, item 1: 'b'\)"):
+        EpisodeDataset(_items_by_class(targets), ways=2, shots=1, query=1, labels=[0, "b"] * 6)
+    whole = [float(i % 3) for i in range(12)] + [np.int64(1)]  # integral floats and numpy integers are classes
+    episodes = EpisodeDataset(_items_by_class(whole), ways=2, shots=1, query=1, labels=whole)
+    assert episodes.classes == [0, 1, 2] and all(type(c) is int for c in episodes.classes)
 
 
 def test_same_tasks_with_0_and_2_workers_and_exact_resume(tmp_path):

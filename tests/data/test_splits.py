@@ -53,6 +53,22 @@ def test_split_classes_takes_explicit_classes_and_names_bad_values():
         split_classes(dataset, 0.01, labels=labels)
 
 
+def test_split_classes_holds_named_classes_out():
+    names = [f"species_{c}" for c in range(6) for _ in range(3)]
+    dataset = TensorDataset(torch.arange(len(names)).unsqueeze(1), torch.zeros(len(names)))
+    train, test = split_classes(dataset, ["species_2", "species_5"], labels=names)
+    assert set(test.targets) == {"species_2", "species_5"} and len(set(train.targets)) == 4
+    assert all(names[i] in {"species_2", "species_5"} for i in test.indices)
+    drawn, _ = split_classes(dataset, 0.5, labels=names, seed=0)
+    assert len(set(drawn.targets)) == 3 and all(isinstance(t, str) for t in drawn.targets)
+    tasks = EpisodeDataset(test, ways=2, shots=1, query=1)  # names reach the episodes through targets
+    assert tasks.classes == ["species_2", "species_5"]
+    with pytest.raises(DataError, match=r"test_classes='species_2' is one string; give a list"):
+        split_classes(dataset, "species_2", labels=names)
+    with pytest.raises(DataError, match=r"held-out classes \['species_9'\] do not occur"):
+        split_classes(dataset, ["species_9"], labels=names)
+
+
 def test_evaluating_on_the_training_classes_warns():
     """The first hand loop written from the docs validated on its own training classes, silently."""
     dataset, labels = _dataset()
