@@ -77,7 +77,13 @@ def folder_files(root: Path, split: str) -> tuple[list[tuple[Path, int]], list[s
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not names:
         raise DataError(f"{str(root)!r} has no class sub-folders; expected root/<class>/<image files>.")
-    if split != "all" and len(names) >= 5:
+    if split == "test" and len(names) < 5:  # it used to be every class: the training classes, reported as "test"
+        raise DataError(
+            f"{str(root)!r} has {len(names)} classes; the test split of folder: data is every fifth class "
+            f"(sorted by name), so it needs at least 5 classes (5 x ways for full tasks). Add classes, or train without --eval-every "
+            "(metaopt eval --split train scores the training classes knowingly: memorisation, not few-shot)."
+        )
+    if split != "all":
         names = [n for i, n in enumerate(names) if (i % 5 == 4) == (split == "test")]
     files = []
     for label, name in enumerate(names):
@@ -106,6 +112,11 @@ def csv_files(spec_path: str, split: str) -> tuple[list[tuple[Path, int]], list[
     file_part, _, root_part = spec_path.partition("@")
     path = Path(file_part)
     if split == "test":
+        if path.name == "test.csv":
+            raise DataError(
+                f"csv:{file_part} trains on test.csv, which is also its test split (the sibling test.csv): evaluation "
+                "would score the training classes. Train on train.csv (miniImageNet layout: train.csv, val.csv, test.csv)."
+            )
         path = path.with_name("test.csv")
         if not path.is_file():
             raise DataError(

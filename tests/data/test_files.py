@@ -48,6 +48,32 @@ def test_csv_split_files_give_tasks_of_their_classes(tmp_path):
         make_sampler(f"csv:{root / 'train.csv'}", split="train", ways=2, shots=1, query=1)
 
 
+def test_a_test_split_that_would_be_the_training_classes_is_refused(tmp_path, capsys):
+    """A folder of 4 classes used to give all 4 as its "test" split (every fifth class needs 5), and
+    csv:test.csv is its own sibling test.csv: `metaopt eval` scored the training classes as "test"."""
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (tmp_path / "four" / f"class{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(
+                tmp_path / "four" / f"class{c}" / f"{i}.png"
+            )
+    spec = f"folder:{tmp_path / 'four'}"
+    train = make_sampler(spec, split="train", ways=2, shots=1, query=1, image_size=8)
+    assert train.episodes.dataset.classes == ["class0", "class1", "class2", "class3"]
+    with pytest.raises(DataError, match=r"has 4 classes; the test split of folder: data is every fifth class"):
+        make_sampler(spec, split="test", ways=2, shots=1, query=1, image_size=8)
+    out = tmp_path / "run"
+    base = ["train", "--out", str(out), "--data", spec, "--ways", "2", "--query", "1", "--image-size", "16"]
+    assert main([*base, "--iterations", "1", "--meta-batch", "1", "--no-progress"]) == 0
+    assert main(["eval", str(out), "--tasks", "2", "--json", "--no-progress"]) == 2
+    assert "needs at least 5 classes" in capsys.readouterr().err
+    assert main(["eval", str(out), "--tasks", "2", "--json", "--no-progress", "--split", "train"]) == 0
+    root = _miniimagenet_like(tmp_path / "mini")
+    with pytest.raises(DataError, match=r"trains on test.csv, which is also its test split"):
+        make_sampler(f"csv:{root / 'test.csv'}", split="test", ways=2, shots=1, query=1)
+
+
 def test_cli_trains_on_csv_data_with_workers_and_augmentation(tmp_path, capsys):
     root = _miniimagenet_like(tmp_path / "data")
     out = tmp_path / "run"
