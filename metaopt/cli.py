@@ -207,6 +207,8 @@ def resume_settings(run_dir: Path, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from metaopt.data.record import check_unchanged, read_record, split_record
+    from metaopt.rundir import DATA_FILE
     from metaopt.trainer import evaluate, load_run, make_eval_sampler, median_note, metric_key
 
     if args.tasks < 1:
@@ -231,7 +233,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
 
     bar = None if args.no_progress else "adapted"
-    report = evaluate(learner, sampler(), args.tasks, steps=args.steps, progress=bar)
+    tasks = sampler()
+    if args.data is None and args.test_alphabets is None:  # the run's own data: is it still what it trained on?
+        saved = read_record(Path(args.run_dir) / DATA_FILE)
+        check_unchanged(saved, args.split, split_record(tasks), "this evaluation")
+    report = evaluate(learner, tasks, args.tasks, steps=args.steps, progress=bar)
     key = metric_key(report)
     baseline = None
     if not args.no_baseline:

@@ -26,6 +26,7 @@ from metaopt.checkpoint import load_safe
 from metaopt.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.json"
+DATA_FILE = "data.json"  # what file-based data held when the run was trained (metaopt.data.record)
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 BEST_FILE = "best.pt"

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from metaopt.allocator import keep_freed_memory
 from metaopt.checkpoint import rng_state, save_atomic, seed_everything, set_rng_state
 from metaopt.config import RESUME_SAFE_KEYS, TrainConfig, plugin_specs
+from metaopt.data.record import check_unchanged, data_record, read_record, split_record
 from metaopt.data.sampler import TaskSampler
 from metaopt.data.sources import make_sampler
 from metaopt.errors import CheckpointError, ConfigError, DataError, NumericalError, TrainingInterrupted
@@ -34,6 +35,7 @@ from metaopt.rundir import (
     BEST_FILE,
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    DATA_FILE,
     METRICS_FILE,
     RunDirWarning,
     RunLock,
@@ -354,6 +356,13 @@ class Trainer:
             if config.eval_every:
                 raise type(exc)(f"the test split cannot make evaluation tasks: {exc}") from exc
         self._eval_start = None if self.eval_sampler is None else self.eval_sampler.state_dict()
+        self.data_record = data_record(
+            config.data, {"train": split_record(self.sampler), "test": split_record(self.eval_sampler)}
+        )
+        if resume and self.data_record is not None:
+            saved = read_record(self.run_dir / DATA_FILE)
+            for split in ("train", "test"):
+                check_unchanged(saved, split, self.data_record["splits"][split], "resuming")
         self.best_eval: dict[str, Any] | None = None
         self.recent: collections.deque[dict[str, float]] = collections.deque(maxlen=RUNNING_WINDOW)
         self.iteration = 0
@@ -397,7 +406,7 @@ class Trainer:
         if overwrite:
             for old in checkpoint_files(self.run_dir):
                 old.unlink()
-            for name in (METRICS_FILE, BEST_FILE, CONFIG_FILE):
+            for name in (METRICS_FILE, BEST_FILE, CONFIG_FILE, DATA_FILE):
                 (self.run_dir / name).unlink(missing_ok=True)
             shutil.rmtree(self.run_dir / TRACKER_DIR, ignore_errors=True)  # old TensorBoard/W&B event files
 
@@ -506,6 +515,11 @@ class Trainer:
                 (self.run_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2))
             except OSError as exc:
                 raise disk_error(exc, self.run_dir / CONFIG_FILE, "write the run config") from exc
+            if self.data_record is not None and not (self.run_dir / DATA_FILE).is_file():
+                try:
+                    (self.run_dir / DATA_FILE).write_text(json.dumps(self.data_record, indent=1))
+                except OSError as exc:
+                    raise disk_error(exc, self.run_dir / DATA_FILE, "write the run's data record") from exc
         metrics: dict[str, Any] = {}
         if config.log_with:
             hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in config.to_dict().items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,56 @@ def test_a_test_split_that_would_be_the_training_classes_is_refused(tmp_path, ca
     root = _miniimagenet_like(tmp_path / "mini")
     with pytest.raises(DataError, match=r"trains on test.csv, which is also its test split"):
         make_sampler(f"csv:{root / 'test.csv'}", split="test", ways=2, shots=1, query=1)
+
+
+def _class_folder(root, classes, per_class=3, size=8):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / name / f"{i}.png")
+
+
+def test_a_run_refuses_data_whose_listing_changed_since_it_was_trained(tmp_path, capsys):
+    """One class added to a folder shifts "every fifth class": the test split of the run's own data then held
+    classes it meta-trained on, and `metaopt eval` scored them as "test" without a word."""
+    data = tmp_path / "data"
+    _class_folder(data, [f"c{i}" for i in range(10)])
+    out = tmp_path / "run"
+    spec = f"folder:{data}"
+    common = ["--no-progress"]
+    train = ["train", "--out", str(out), "--data", spec, "--ways", "2", "--query", "1", "--image-size", "16"]
+    assert main([*train, "--iterations", "1", "--meta-batch", "1", *common]) == 0
+    record = json.loads((out / "data.json").read_text())
+    assert record["data"] == spec and sorted(record["splits"]["test"]) == ["c4", "c9"]
+    assert len(record["splits"]["train"]) == 8 and record["splits"]["train"]["c0"][0] == 3
+    evaluate = ["eval", str(out), "--tasks", "2", "--json", "--no-baseline", *common]
+    assert main(evaluate) == 0
+    capsys.readouterr()
+    _class_folder(data, ["b_added"])  # sorts first: every fifth class is now c3 and c8
+    assert make_sampler(spec, split="test", ways=2, shots=1, query=1, image_size=16).episodes.dataset.classes == [
+        "c3",
+        "c8",
+    ]
+    assert main(evaluate) == 2
+    err = capsys.readouterr().err
+    assert "test split of folder:" in err and "the test split now holds meta-training classes ('c3', 'c8')" in err
+    assert main(["train", "--resume", "--out", str(out), "--iterations", "2", *common]) == 2
+    err = capsys.readouterr().err
+    assert "train split of folder:" in err and "3 classes added ('b_added', 'c4', 'c9')" in err
+    assert "the train split now holds the run's held-out classes ('c4', 'c9')" in err
+    assert main([*evaluate, "--data", spec]) == 0  # other data, knowingly
+    capsys.readouterr()
+    for path in (data / "b_added").iterdir():
+        path.unlink()
+    (data / "b_added").rmdir()
+    Image.new("L", (8, 8)).save(data / "c0" / "extra.png")
+    assert main([*evaluate, "--split", "train"]) == 2
+    assert "1 class with other images (e.g. 'c0': 3 images then, 4 now)" in capsys.readouterr().err
+    (data / "c0" / "extra.png").unlink()
+    assert main(["train", "--resume", "--out", str(out), "--iterations", "2", *common]) == 0
+    assert main([*train, "--iterations", "1", "--meta-batch", "1", "--overwrite", *common]) == 0
+    assert json.loads((out / "data.json").read_text()) == record
 
 
 def test_cli_trains_on_csv_data_with_workers_and_augmentation(tmp_path, capsys):
