@@ -21,6 +21,7 @@ from torch import nn
 
 from metaopt.checkpoint import load_safe, save_atomic
 from metaopt.data.dataset import collate_tasks
+from metaopt.distributed import mean_over_processes, sum_over_processes
 from metaopt.errors import ConfigError
 from metaopt.learner import MetaLearner
 from metaopt.task import TaskData
@@ -78,6 +79,8 @@ class MetaTrainer(_Base):
             warn_if_not_held_out(kwargs["train_dataset"], kwargs["eval_dataset"], "MetaTrainer")
         super().__init__(model=learner, **kwargs)
         self.learner = learner
+        if learner.gradient_averager is None:  # several processes: one all-reduce per meta-gradient (not DDP's)
+            learner.gradient_averager = mean_over_processes
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """One meta-iteration: ``.grad`` += meta-gradient / gradient_accumulation_steps."""
@@ -98,19 +101,28 @@ class MetaTrainer(_Base):
         self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
         """Adapt to every task of the evaluation set; mean query loss and accuracy."""
-        loader = self.get_eval_dataloader(eval_dataset)
-        totals: dict[str, float] = {}
-        count = 0
+        loader = self.get_eval_dataloader(eval_dataset)  # with several processes, this process's share
+        keys = ("query_loss", "accuracy")
+        sums = torch.zeros(len(keys), dtype=torch.float64)  # over tasks
+        present = torch.zeros(len(keys), dtype=torch.float64)  # 1 where the learner reports the metric
+        count = torch.zeros(1, dtype=torch.float64)
         for inputs in loader:
             tasks = [TaskData(*(t.to(self.args.device) for t in task)) for task in inputs["tasks"]]
             result = self.learner.evaluate(tasks)
-            for key in ("query_loss", "accuracy"):
+            for i, key in enumerate(keys):
                 if key in result.metrics:
-                    totals[key] = totals.get(key, 0.0) + result.metrics[key] * len(tasks)
+                    sums[i] += result.metrics[key] * len(tasks)
+                    present[i] = 1
             count += len(tasks)
-        if count == 0:
+        # every process's tasks, not only this one's (the logged metric used to be each process's own share)
+        sums, present, count = (
+            sum_over_processes(torch.cat([sums, present, count]).to(self.args.device))
+            .cpu()
+            .split([len(keys), len(keys), 1])
+        )
+        if float(count) == 0:
             raise ConfigError("the evaluation set yielded no tasks.")
-        metrics = {f"{metric_key_prefix}_{k}": v / count for k, v in totals.items()}
+        metrics = {f"{metric_key_prefix}_{k}": float(sums[i] / count) for i, k in enumerate(keys) if present[i] > 0}
         self.log(dict(metrics))  # (log adds the epoch to the dict it gets)
         return metrics
 

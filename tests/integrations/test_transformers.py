@@ -184,3 +184,42 @@ def test_meta_trainer_warns_when_evaluation_reuses_the_training_classes(tmp_path
             train_dataset=EpisodeDataset(train, ways=3, shots=1, query=1),
             eval_dataset=EpisodeDataset(test, ways=2, shots=1, query=1),
         )
+
+
+@pytest.mark.slow
+def test_two_processes_match_each_other_and_one_process(tmp_path):
+    """Under torchrun the Trainer gave each process its own tasks and nothing averaged the meta-gradients
+    (DDP's reducer never runs: learner.backward bypasses its forward), so the ranks trained different
+    models without a word (2e-4 apart after 3 steps), and evaluate() logged each process's own share."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    job = Path(__file__).parent.parent / "hf_trainer_job.py"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd += ["--master_port", str(port), str(job), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(job.parent)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    evals = [json.loads((tmp_path / f"eval{r}.json").read_text()) for r in range(2)]
+    sys.path.insert(0, str(job.parent))
+    from hf_trainer_job import run, vit
+
+    single, single_eval = run(str(tmp_path / "single"), per_device=4)
+    start = vit().state_dict()
+    for key, value in single.learner.state_dict().items():
+        assert torch.equal(rank0[key], rank1[key]), key
+        # atol: k_proj.bias has an exactly zero true gradient (softmax ignores a shift of every key), so
+        # Adam moves it on round-off alone (to ~7e-7), differently for one and two processes (4e-11 apart)
+        torch.testing.assert_close(rank0[key], value, rtol=1e-9, atol=1e-9, msg=key)
+    assert max(float((value - start[key.removeprefix("model.")]).abs().max()) for key, value in rank0.items()) > 1e-3
+    assert evals[0] == evals[1]
+    for key in ("eval_query_loss", "eval_accuracy"):
+        assert abs(evals[0][key] - single_eval[key]) < 1e-9, key
