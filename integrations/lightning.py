@@ -53,6 +53,9 @@ class MetaLightningModule(_Base):
     """
 
     learner: MetaLearner
+    #: the logged metric a ``ReduceLROnPlateau`` scheduler steps with (Lightning drops its ``monitor`` under
+    #: manual optimisation)
+    plateau_monitor: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         _require()
@@ -76,12 +79,63 @@ class MetaLightningModule(_Base):
         result = self.learner.backward(list(batch))  # .grad averaged over processes inside
         for opt in optimizers:
             opt.step()
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
-            scheduler.step()
+        self._check_epoch_schedulers_ran()
+        self._step_schedulers("step")
         metrics = {f"train_{k}": v for k, v in result.metrics.items()}
         self.log_dict(metrics, prog_bar=True, batch_size=len(batch), sync_dist=True)
         return result.loss.detach()
+
+    def on_train_epoch_end(self) -> None:
+        """Steps the schedulers whose interval is "epoch". If you override this hook, call
+        ``super().on_train_epoch_end()`` (a missing call is an error at the next epoch's first step)."""
+        self._step_schedulers("epoch")
+        self._epoch_ends = getattr(self, "_epoch_ends", 0) + 1
+
+    def _step_schedulers(self, interval: str) -> None:
+        """Step the schedulers of ``configure_optimizers`` as Lightning does in automatic optimisation, which it
+        skips in manual optimisation: per ``interval`` ("step": after each meta-step; "epoch": after each
+        epoch, Lightning's default) and ``frequency``; ``ReduceLROnPlateau`` with ``plateau_monitor``'s value.
+        (Every scheduler used to be stepped after every meta-step, so an epoch schedule ran per batch.)"""
+        trainer = self.trainer
+        index = 1 + (trainer.fit_loop.epoch_loop.batch_idx if interval == "step" else trainer.current_epoch)
+        for config in trainer.lr_scheduler_configs:
+            if config.interval != interval or index % config.frequency:
+                continue
+            metric = None
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                metric = self._plateau_metric()
+            self.lr_scheduler_step(config.scheduler, metric)
+
+    def _plateau_metric(self) -> torch.Tensor:
+        """The value ``ReduceLROnPlateau`` steps with: the logged metric named by ``plateau_monitor``."""
+        logged = self.trainer.callback_metrics
+        if self.plateau_monitor is None:
+            raise ConfigError(
+                "ReduceLROnPlateau needs the value it watches, and Lightning drops the scheduler's 'monitor' under "
+                f"manual optimisation, which meta-learning uses; set plateau_monitor = 'NAME' on {type(self).__name__} "
+                f"(a metric you log; logged now: {sorted(logged)})."
+            )
+        if self.plateau_monitor not in logged:
+            raise ConfigError(
+                f"plateau_monitor={self.plateau_monitor!r} has not been logged; logged are {sorted(logged)}. "
+                "Log it with self.log, or name one of those."
+            )
+        return logged[self.plateau_monitor]
+
+    def _check_epoch_schedulers_ran(self) -> None:
+        """Refuse a meta-step in a new epoch when ``on_train_epoch_end`` (overridden without ``super()``) did not
+        step the epoch schedulers, which would otherwise stay at their first value without a word."""
+        trainer = self.trainer
+        if not any(config.interval == "epoch" for config in trainer.lr_scheduler_configs):
+            return
+        if getattr(self, "_first_epoch", None) is None:
+            self._first_epoch, self._epoch_ends = trainer.current_epoch, 0
+        if self._epoch_ends < trainer.current_epoch - self._first_epoch:
+            raise ConfigError(
+                f"epoch {trainer.current_epoch} began but on_train_epoch_end did not step the epoch schedulers: "
+                f"{type(self).__name__}.on_train_epoch_end overrides MetaLightningModule's; call "
+                "super().on_train_epoch_end() in it."
+            )
 
     def _evaluate(self, batch: Sequence[Any], prefix: str) -> dict[str, float]:
         # Lightning validates under inference_mode; adaptation needs autograd, and inference

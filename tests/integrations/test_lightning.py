@@ -89,3 +89,94 @@ def test_two_ddp_processes_match_each_other_and_one_process(tmp_path):
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], value, rtol=1e-9, atol=1e-11, msg=key)
     assert max(float((single.state_dict()[k] - start[k]).abs().max()) for k in start) > 1e-3
+
+
+SCHEDULES = {
+    "bare (Lightning's default: per epoch)": None,
+    "per step, every second": {"interval": "step", "frequency": 2},
+    "per epoch": {"interval": "epoch", "frequency": 1},
+    "plateau on a logged metric": {"interval": "epoch", "monitor": "watched"},
+}
+
+
+def _optimizers(module, schedule):
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    if schedule is not None and "monitor" in schedule:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5)
+    if schedule is None:
+        return [optimizer], [scheduler]
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **schedule}}
+
+
+class PlainScheduled(pl.LightningModule):
+    """Lightning's automatic optimisation: the reference for when schedulers step."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule, self.layer = schedule, torch.nn.Linear(4, 3)
+
+    def training_step(self, batch, batch_idx):
+        self.log("watched", 1.0, on_epoch=True, on_step=False)  # never improves: the plateau rule reduces
+        return self.layer(batch[0][0]).sum()
+
+    def configure_optimizers(self):
+        return _optimizers(self, self.schedule)
+
+
+class MetaScheduled(MetaClassifier):
+    plateau_monitor = "watched"  # Lightning drops the scheduler's monitor under manual optimisation
+
+    def __init__(self, schedule):
+        super().__init__(plugins=())
+        self.schedule = schedule
+
+    def training_step(self, batch, batch_idx):
+        self.log("watched", 1.0, on_epoch=True, on_step=False)
+        return self.meta_step(batch)
+
+    def configure_optimizers(self):
+        return _optimizers(self, self.schedule)
+
+
+class LearningRates(pl.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _rates(module):
+    spy = LearningRates()
+    kwargs = dict(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False, callbacks=[spy])
+    kwargs.update(enable_progress_bar=False, enable_model_summary=False, precision="64-true")
+    pl.Trainer(**kwargs).fit(module, loader(2))  # 6 meta-batches of 2 tasks a epoch
+    return spy.seen
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES), ids=list(SCHEDULES))
+def test_schedulers_step_when_lightning_would_step_them(schedule):
+    """Manual optimisation makes Lightning skip schedulers; meta_step used to step every one after every
+    meta-step, so a per-epoch schedule (Lightning's default) ran per batch: lr 0.5**18 after 3 epochs, not 0.25."""
+    expected = _rates(PlainScheduled(SCHEDULES[schedule]))
+    assert _rates(MetaScheduled(SCHEDULES[schedule])) == expected
+    assert len(set(expected)) >= 2  # the schedule moved
+
+
+def test_an_epoch_end_override_without_super_is_refused_not_a_frozen_schedule():
+    class Forgetful(MetaScheduled):
+        def on_train_epoch_end(self):
+            pass
+
+    with pytest.raises(
+        Exception, match=r"epoch 1 began but on_train_epoch_end did not step.*super\(\).on_train_epoch_end"
+    ):
+        _rates(Forgetful(SCHEDULES["per epoch"]))
+
+    class Unnamed(MetaScheduled):
+        plateau_monitor = None
+
+    with pytest.raises(Exception, match=r"ReduceLROnPlateau needs the value it watches.*set plateau_monitor = 'NAME'"):
+        _rates(Unnamed(SCHEDULES["plateau on a logged metric"]))
