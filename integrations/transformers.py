@@ -21,8 +21,9 @@ from torch import nn
 
 from metaopt.checkpoint import load_safe, save_atomic
 from metaopt.data.dataset import collate_tasks
-from metaopt.distributed import mean_over_processes, sum_over_processes
+from metaopt.distributed import sum_over_processes
 from metaopt.errors import ConfigError
+from metaopt.integrations.accelerate import prepare
 from metaopt.learner import MetaLearner
 from metaopt.task import TaskData
 
@@ -77,10 +78,19 @@ class MetaTrainer(_Base):
             from metaopt.data.splits import warn_if_not_held_out
 
             warn_if_not_held_out(kwargs["train_dataset"], kwargs["eval_dataset"], "MetaTrainer")
+        training_args = kwargs.get("args")
+        if training_args is not None and getattr(training_args, "fp16", False):
+            raise ConfigError(
+                "TrainingArguments(fp16=True) is not supported by metaopt: the inner loop's autograd.grad is not "
+                "loss-scaled (it underflows), and the Trainer's scaler would unscale gradients that were never "
+                "scaled. Use bf16=True."
+            )
         super().__init__(model=learner, **kwargs)
         self.learner = learner
-        if learner.gradient_averager is None:  # several processes: one all-reduce per meta-gradient (not DDP's)
-            learner.gradient_averager = mean_over_processes
+        # the Trainer's accelerator runs the learner's forwards under its autocast (bf16=True used to be ignored:
+        # float32 throughout) and its backward; with several processes it averages the meta-gradient (one
+        # all-reduce; DDP's wrapper never reduces: learner.backward does not go through its forward)
+        prepare(learner, self.accelerator)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """One meta-iteration: ``.grad`` += meta-gradient / gradient_accumulation_steps."""

@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the transformers extra is not installed")
 
-from metaopt import MetaLearner, create_plugin  # noqa: E402
+from metaopt import ConfigError, MetaLearner, create_plugin  # noqa: E402
 from metaopt.integrations.transformers import PLUGIN_STATE_FILE, LogitsOf, MetaTrainer  # noqa: E402
 
 
@@ -223,3 +223,34 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
     assert evals[0] == evals[1]
     for key in ("eval_query_loss", "eval_accuracy"):
         assert abs(evals[0][key] - single_eval[key]) < 1e-9, key
+
+
+class OutputDtypes(torch.nn.Module):
+    """Wraps a model and keeps the dtypes of its outputs: what precision the Trainer's run really used."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, set()
+
+    def forward(self, x):
+        out = self.model(x)
+        self.seen.add(out.dtype)
+        return out
+
+
+def test_bf16_reaches_the_model_and_fp16_is_refused(tmp_path):
+    """TrainingArguments(bf16=True) used to be ignored (learner.backward bypassed the Trainer's autocast: float32
+    throughout), and fp16=True too, where on a GPU the Trainer's scaler would unscale never-scaled gradients."""
+    float_tasks = [tuple(t.float() if t.is_floating_point() else t for t in task) for task in _tasks(2)]
+    seen = {}
+    for bf16 in (False, True):
+        model = OutputDtypes(_vit().float())
+        learner = MetaLearner(model, [], inner_steps=1, inner_lr=0.1)
+        MetaTrainer(learner=learner, args=_args(tmp_path / str(bf16), bf16=bf16), train_dataset=float_tasks).train()
+        seen[bf16] = model.seen
+        assert all(torch.isfinite(p).all() for p in learner.parameters())
+        assert all(p.dtype == torch.float32 for p in learner.parameters())  # parameters stay float32
+    assert seen[False] == {torch.float32} and torch.bfloat16 in seen[True]
+    learner = MetaLearner(_vit().float(), [], inner_steps=1, inner_lr=0.1)
+    with pytest.raises(ConfigError, match=r"fp16=True\) is not supported by metaopt.*Use bf16=True"):
+        MetaTrainer(learner=learner, args=_args(tmp_path / "fp16", fp16=True), train_dataset=float_tasks)
