@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from metaopt.data.dataset import DatasetTaskSampler, EpisodeDataset
-from metaopt.data.images import IMAGE_SUFFIXES, image_to_tensor, omniglot_files
+from metaopt.data.images import IMAGE_SUFFIXES, eight_bit, image_to_tensor, omniglot_files
 from metaopt.errors import DataError
 
 
@@ -38,7 +38,7 @@ class ImageFiles(Dataset):
         path, label = self.files[index]
         try:
             with Image.open(path) as img:
-                img = img.convert("L" if self.channels == 1 else "RGB")
+                img = eight_bit(img, repr(str(path))).convert("L" if self.channels == 1 else "RGB")
                 img = img.resize((self.size, self.size), Image.Resampling.LANCZOS)
                 array = np.asarray(img, dtype=np.uint8).copy()
         except (UnidentifiedImageError, OSError) as exc:

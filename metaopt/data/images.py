@@ -14,13 +14,40 @@ from PIL import Image, UnidentifiedImageError
 from metaopt.data.episodes import ClassImages
 from metaopt.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+
+
+#: PIL modes of 16-bit grey images (PNG, TIFF); "I" is how PIL often opens a 16-bit PNG
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def eight_bit(img: Image.Image, where: str) -> Image.Image:
+    """``img`` in an 8-bit mode with its range kept: a 16-bit grey image is scaled by 255/65535.
+
+    PIL's own ``convert("L")`` clips a 16-bit image at 255, so everything brighter than 0.4% of
+    its range became white (a 16-bit microscope or X-ray image: nearly all white, without a word).
+    """
+    if img.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(img, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(
+                f"image {where} holds values {values.min()}..{values.max()} (mode {img.mode}), outside 16 bits; "
+                "save it as an 8- or 16-bit image, or build tasks with EpisodeDataset and your own transform."
+            )
+        return Image.fromarray(np.rint(values * (255.0 / 65535.0)).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        raise DataError(
+            f"image {where} has float pixels (mode F), which have no fixed range to scale to [0, 1]; save it as "
+            "an 8- or 16-bit image, or build tasks with EpisodeDataset and your own transform."
+        )
+    return img
 
 
 def image_to_tensor(data: bytes | Path, size: int, channels: int, invert: bool, where: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-            img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.LANCZOS)
+            img = eight_bit(img, where).convert("L" if channels == 1 else "RGB")
+            img = img.resize((size, size), Image.Resampling.LANCZOS)
             arr = np.asarray(img, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"cannot read image {where}: {exc}. Remove or replace that file.") from exc

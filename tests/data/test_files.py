@@ -126,6 +126,33 @@ def test_a_run_refuses_data_whose_listing_changed_since_it_was_trained(tmp_path,
     assert json.loads((out / "data.json").read_text()) == record
 
 
+def test_sixteen_bit_images_keep_their_range_not_clipped_white(tmp_path):
+    """PIL's convert("L") clips a 16-bit image at 255: a microscope or X-ray PNG became nearly all white."""
+    from metaopt.data.images import load_image_folder
+
+    rng = np.random.default_rng(0)
+    sources = {}
+    for c in range(5):
+        (tmp_path / "deep" / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 65536, (16, 16), dtype=np.uint16)
+            Image.fromarray(pixels).save(tmp_path / "deep" / f"class{c}" / f"{i}.png")
+            sources[(c, i)] = torch.from_numpy(pixels.astype(np.float64) / 65535.0)
+    assert Image.open(tmp_path / "deep" / "class0" / "0.png").mode in ("I;16", "I")
+    sampler = make_sampler(f"folder:{tmp_path / 'deep'}", split="train", ways=2, shots=1, query=1, image_size=16)
+    task = sampler.sample(1)[0]
+    assert task.support_x.dtype == torch.float32 and task.support_x.shape == (2, 1, 16, 16)
+    for image in torch.cat([task.support_x, task.query_x]):  # each is one source, to 8-bit rounding
+        assert min(float((image[0].double() - src).abs().max()) for src in sources.values()) <= 0.5 / 255 + 1e-6
+    assert float(task.support_x.mean()) < 0.6  # uniform 16-bit noise: mean 0.5 (clipped, it was ~1.0)
+    loaded = load_image_folder(tmp_path / "deep", size=16)
+    first = loaded["class0"][0, 0].double()
+    assert float((first - sources[(0, 0)]).abs().max()) <= 0.5 / 255 + 1e-6
+    Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32)).save(tmp_path / "deep" / "class0" / "float.tiff")
+    with pytest.raises(DataError, match=r"float.tiff.*float pixels \(mode F\), which have no fixed range"):
+        load_image_folder(tmp_path / "deep", size=16)
+
+
 def test_cli_trains_on_csv_data_with_workers_and_augmentation(tmp_path, capsys):
     root = _miniimagenet_like(tmp_path / "data")
     out = tmp_path / "run"
