@@ -339,6 +339,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         else "no normalisation"
     )
     print(f"inputs: {inputs['shape']} {inputs['dtype']}, {scaling}")
+    steps = how["adaptation"]
+    names = ", ".join(p["name"] for p in steps["plugins"]) or "none"
+    print(
+        f"adapts with: {steps['inner_steps']} {steps['inner_optimizer']} steps at inner_lr {steps['inner_lr']}, "
+        f"plugins: {names}"
+    )
+    if "plugin_modules" in how:
+        modules = how["plugin_modules"]
+        print(
+            f"plugin modules ({', '.join(modules['modules'])}) -> {modules['file']}: the run adapts with them; the "
+            "weights alone adapted with inner_lr are another learner (metaopt.trainer.load_run(RUN) rebuilds it whole)"
+        )
     return 0
 
 

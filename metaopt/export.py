@@ -5,8 +5,10 @@ with timm's own key names (``body.`` dropped, ``head.`` renamed to the model's c
 ``timm.create_model(name, num_classes=ways, in_chans=C)`` loads it with ``strict=True``, ``C``
 being the run's input channels.  ``model.json`` records what the inputs must be: channels, image
 size, and the normalisation (mean/std, or none: float32 in [0, 1]) the run trained with.
-metaopt's own models (conv4, the MLP, a user's ``HeadedModel``) keep their keys.  Plugin-owned
-modules (a hypernetwork, learned inner rates) are not part of the model and are not exported.
+metaopt's own models (conv4, the MLP, a user's ``HeadedModel``) keep their keys.  ``model.json``
+also says how the run adapts (inner steps, rate, optimizer, plugins); plugin-owned modules (a
+hypernetwork, learned inner rates), which are not part of the model, go beside the weights in
+``model.plugin_modules.pt``, named in ``model.json``.
 """
 
 from __future__ import annotations
@@ -77,6 +79,19 @@ def input_description(config: Any, model: nn.Module) -> dict[str, Any]:
     }
 
 
+def adaptation(config: Any) -> dict[str, Any]:
+    """How the run adapts to a task: what a user needs, besides the weights, to adapt as it did."""
+    from metaopt.config import plugin_specs
+
+    return {
+        "inner_steps": config.inner_steps if config.eval_inner_steps is None else config.eval_inner_steps,
+        "inner_lr": config.inner_lr,
+        "inner_optimizer": config.inner_optimizer,
+        "first_order": config.first_order,
+        "plugins": [{"name": name, **options} for name, options in plugin_specs(config.plugins)],
+    }
+
+
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``RUN/export/model.pt`` (or ``out``) and ``model.json`` beside it; return the weights' path."""
     from metaopt.trainer import load_run
@@ -105,7 +120,25 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         channels=channels,
         bn_policy=config.bn_policy,
         inputs=input_description(config, learner.model),
+        adaptation=adaptation(config),
     )
+    if len(learner.plugin_modules):
+        modules_path = path.with_name(path.stem + ".plugin_modules.pt")
+        state = {k: v.detach().cpu().clone() for k, v in learner.plugin_modules.state_dict().items()}
+        try:
+            save_atomic(state, modules_path)
+        except (OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{disk_error(exc, modules_path, 'write the plugin modules')}") from exc
+        how["plugin_modules"] = {
+            "file": str(modules_path),
+            "modules": sorted(learner.plugin_modules),
+            "note": (
+                "this run adapts with these learned modules (inner rates, a hypernetwork): the weights alone, "
+                "adapted with inner_lr, are another learner. metaopt.trainer.load_run(RUN) rebuilds the run's "
+                "whole learner; or build MetaLearner(model, plugins, ...) as in 'adaptation' and "
+                "learner.plugin_modules.load_state_dict(torch.load(file))."
+            ),
+        }
     try:
         path.with_suffix(".json").write_text(json.dumps(how, indent=2))
     except OSError as exc:

@@ -143,3 +143,33 @@ def test_the_default_runs_export_line_builds_the_right_model(tmp_path, capsys):
     learner.model.eval()
     with torch.no_grad():
         assert torch.allclose(model(x), learner.model(x), atol=1e-6)
+
+
+def test_a_meta_sgd_export_says_how_it_adapts_and_carries_its_learned_rates(tmp_path, capsys):
+    """The export held the model's weights only: a Meta-SGD run's learned per-parameter rates were dropped
+    without a word, and nothing said how many steps at which rate the run adapts with."""
+    import metaopt
+
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--iterations", "3", "--meta-batch", "2", "--query", "2", "--no-progress"]
+    assert main([*args, "--plugin", "meta_sgd", "--meta-lr", "0.05", "--inner-steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "adapts with: 2 sgd steps at inner_lr 0.4, plugins: meta_sgd" in out
+    assert "plugin modules (meta_sgd_lr) -> " in out
+    how = json.loads((run / "export" / "model.json").read_text())
+    steps = how["adaptation"]
+    assert steps == {"inner_steps": 2, "inner_lr": 0.4, "inner_optimizer": "sgd", "first_order": False,
+                     "plugins": [{"name": "meta_sgd"}]}  # fmt: skip
+    # the documented way back: the load line, a learner built as 'adaptation' says, the plugin modules loaded
+    model = eval(how["load"].split(".load_state_dict(")[0], {"metaopt": metaopt})
+    model.load_state_dict(torch.load(run / "export" / "model.pt", weights_only=True))
+    rebuilt = MetaLearner(model, [p["name"] for p in steps["plugins"]], inner_steps=2, inner_lr=steps["inner_lr"])
+    before = [p.detach().clone() for p in rebuilt.plugin_modules.parameters()]
+    rebuilt.plugin_modules.load_state_dict(torch.load(how["plugin_modules"]["file"], weights_only=True))
+    assert any(not torch.equal(a, p) for a, p in zip(before, rebuilt.plugin_modules.parameters(), strict=True))
+    _, learner = load_run(run)
+    tasks = image_tasks(3, ways=5, query=2, dtype=torch.float32, seed=7)
+    expected = learner.evaluate(tasks).metrics["query_loss"]
+    assert rebuilt.evaluate(tasks).metrics["query_loss"] == expected
