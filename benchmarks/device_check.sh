@@ -6,6 +6,8 @@
 #   2. the speed table — sinusoid, conv4 K=1 and K=5, resnet10t — for every engine (compiled and
 #      CUDA-graphed included) beside raw higher, TorchOpt and the hand torch.func loops (plain,
 #      compiled, and compiled with the outer gradient inside the graph), with the peak memory of each (torch.cuda.max_memory_allocated).
+# speed.json is written after every contender, so a run stopped by the device's time limit keeps what it
+# finished (python benchmarks/speed.py --report-only --docs OUT renders it, naming the rows it did not reach).
 # DEVICE_CHECK_TINY=1: the same steps on CPU in a tiny mode (tests/test_benchmarks.py runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."

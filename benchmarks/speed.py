@@ -449,6 +449,13 @@ def write_report(results: dict[str, Any], out: Path) -> None:
                 f"{MALLOC_TEXT[meta.get('malloc', 'default')]}.",
                 "",
             ]
+            unfinished = [c for c in meta.get("contenders", []) if c not in rows]
+            if unfinished:  # a run stopped by a time limit: the ratios are among the finished rows only
+                note += [
+                    f"**Unfinished**: the run stopped before {', '.join(unfinished)}; ratios are among the rows "
+                    "above only.",
+                    "",
+                ]
         checked = results.get("check_runs", {}).get(wl)
         if checked:
             note = note[:1] + [
@@ -505,6 +512,7 @@ def time_workloads(
             "load_at_start": os.getloadavg()[0],
             "cpus": os.cpu_count(),
             "malloc": args.malloc,
+            "contenders": list(args.contenders),
         }
         checked = any(computes_maml_gradient(c) for c in args.contenders)
         reference = make_reference(wl, scratch) if checked else None
@@ -520,8 +528,9 @@ def time_workloads(
                 }
                 runs[c].append(run_worker({**spec, "reference_file": reference} if r == 0 and reference else spec))
                 print(wl, f"round {r}", c, {k: v for k, v in runs[c][-1].items() if k != "times"}, flush=True)
-            results["speed"][wl] = {c: combine_rounds(done) for c, done in runs.items()}
-            write_json(out / "speed.json", results)
+                # after every worker: a run stopped by a time limit (the device check) keeps what it finished
+                results["speed"][wl] = {c: combine_rounds(done) for c, done in runs.items() if done}
+                write_json(out / "speed.json", results)
 
 
 def measure_memory(results: dict[str, Any], ks: list[int], out: Path) -> None:

@@ -564,3 +564,20 @@ def test_sensitivity_runner_compares_the_float32_engines_batch_by_batch():
     for row in rows:  # a smooth workload: both float32 engines within float32 rounding of float64, not equal to it
         vmap, compiled = (float(part.rsplit(" ", 1)[1]) for part in row.split(": ", 2)[2].split(", "))
         assert 0 < vmap < 1e-5 and 0 < compiled < 1e-5, row
+
+
+def test_a_speed_run_stopped_mid_workload_keeps_its_rows_and_says_which_are_missing(tmp_path):
+    """The device check runs under a time limit: speed.json is written after every contender, and the page of
+    a stopped run names the contenders it did not reach instead of ranking the finished ones as if complete."""
+    results = json.loads((BENCH.parent / "docs" / "benchmarks" / "compile_speed" / "speed.json").read_text())
+    last = list(results["speed"])[-1]
+    asked = list(results["speed"][last])
+    results["speed"][last] = {c: results["speed"][last][c] for c in asked[:2]}
+    results["workload_runs"][last]["contenders"] = asked
+    (tmp_path / "speed.json").write_text(json.dumps(results))
+    _run("speed.py", "--report-only", "--docs", str(tmp_path))
+    page = (tmp_path / "speed.md").read_text()
+    section = page[page.index(f"### {last}") :]
+    assert f"**Unfinished**: the run stopped before {', '.join(asked[2:])}" in section
+    assert f"| {asked[0]} |" in section and f"| {asked[2]} |" not in section
+    assert "Unfinished" not in page[: page.index(f"### {last}")]  # finished workloads say nothing
