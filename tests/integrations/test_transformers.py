@@ -9,38 +9,11 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the transformers extra is not installed")
 
+from hf_trainer_job import tasks as _tasks  # noqa: E402  (the tiny float64 ViT and tasks, shared with the 2-process job)
+from hf_trainer_job import vit as _vit  # noqa: E402
+
 from metaopt import ConfigError, MetaLearner, create_plugin  # noqa: E402
-from metaopt.integrations.transformers import PLUGIN_STATE_FILE, LogitsOf, MetaTrainer  # noqa: E402
-
-
-def _vit():
-    """A tiny ViT built from a config (no download); eager attention has a double backward."""
-    torch.manual_seed(0)
-    config = transformers.ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        num_labels=3,
-        attn_implementation="eager",
-    )
-    return LogitsOf(transformers.ViTForImageClassification(config)).double()
-
-
-def _tasks(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64),
-            torch.arange(3).repeat(2),
-            torch.randn(9, 1, 8, 8, generator=g, dtype=torch.float64),
-            torch.arange(3).repeat(3),
-        )
-        for _ in range(n)
-    ]
+from metaopt.integrations.transformers import PLUGIN_STATE_FILE, MetaTrainer  # noqa: E402
 
 
 def _plugins():
@@ -209,11 +182,10 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     evals = [json.loads((tmp_path / f"eval{r}.json").read_text()) for r in range(2)]
-    sys.path.insert(0, str(job.parent))
-    from hf_trainer_job import run, vit
+    from hf_trainer_job import run
 
     single, single_eval = run(str(tmp_path / "single"), per_device=4)
-    start = vit().state_dict()
+    start = _vit().state_dict()
     for key, value in single.learner.state_dict().items():
         assert torch.equal(rank0[key], rank1[key]), key
         # atol: k_proj.bias has an exactly zero true gradient (softmax ignores a shift of every key), so
