@@ -559,7 +559,19 @@ class MetaLearner(nn.Module):
             loss.backward()
 
     def forward(self, tasks: BatchInput) -> BatchResult:
-        """The meta-loss of a batch (graph kept; call ``.loss.backward()`` yourself)."""
+        """The meta-loss of a batch (graph kept; call ``.loss.backward()`` yourself).
+
+        Refused when a plugin replaces the outer step (Sharp-MAML's outer SAM): its meta-gradient is
+        not the gradient of any one loss, and ``.loss.backward()`` silently gave plain MAML's.
+        """
+        owners = self.host.owners("outer_step")
+        if owners:
+            raise ConfigError(
+                f"learner(tasks) returns a meta-loss for loss.backward(), but {', '.join(map(repr, owners))} "
+                "replaces the outer step (Sharp-MAML's outer SAM takes a second pass at perturbed parameters), so "
+                "loss.backward() would give plain MAML's meta-gradient. Use learner.backward(tasks), which runs "
+                "that outer step; to add terms of your own, backpropagate them before or after it (the gradients add)."
+            )
         batch = self._begin(tasks, training=True)
         self.run_tasks(batch)
         return self._finish(batch)

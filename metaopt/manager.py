@@ -168,9 +168,10 @@ class PluginHost:
 
     def replaced(self, hook_name: str) -> bool:
         """True when a registered (non-built-in) plugin implements ``hook_name`` itself."""
-        return bool(self._owners(hook_name))
+        return bool(self.owners(hook_name))
 
-    def _owners(self, hook_name: str) -> list[str]:
+    def owners(self, hook_name: str) -> list[str]:
+        """The registered (non-built-in) plugins that implement ``hook_name`` themselves, in call order."""
         impls = getattr(self.pm.hook, hook_name).get_hookimpls()
         return [
             impl.plugin_name
@@ -182,7 +183,7 @@ class PluginHost:
         for hook_name in hookspecs.HOOK_ORDER:
             if hookspecs.hook_mode(hook_name) != "replace":
                 continue
-            owners = self._owners(hook_name)
+            owners = self.owners(hook_name)
             if len(owners) > 1:
                 raise PluginConflictError(
                     f"plugins {owners[0]!r} and {owners[1]!r} both replace hook {hook_name!r}; "

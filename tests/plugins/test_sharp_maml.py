@@ -129,3 +129,15 @@ def test_a_plugin_failing_inside_the_rerun_leaves_theta_exactly():
         learner.backward(regression_tasks(2))
     assert isinstance(info.value.__cause__, RuntimeError)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("engine", ["loop", "vmap"])
+def test_the_meta_loss_api_refuses_outer_sam_instead_of_returning_plain_mamls_gradient(engine):
+    """learner(tasks).loss.backward() ran no outer SAM: plain MAML's meta-gradient, 20% off, without a word."""
+    torch.manual_seed(0)
+    learner = MetaLearner(mlp().double(), [SharpMAML(rho_outer=0.05)], loss_fn=F.mse_loss, engine=engine)
+    with pytest.raises(ConfigError, match=r"'sharp_maml' replaces the outer step.*Use learner.backward\(tasks\)"):
+        learner(regression_tasks(2))
+    inner_only = MetaLearner(mlp().double(), [SharpMAML(rho_inner=0.05)], loss_fn=F.mse_loss, engine=engine)
+    inner_only(regression_tasks(2)).loss.backward()  # inner SAM lives in the inner loop: the loss is the whole story
+    assert all(p.grad is not None for p in inner_only.model.parameters())
