@@ -20,6 +20,12 @@ DEFAULT_OUT = "runs/default"
 DISTRIBUTION = "metaopt-torch"  # the PyPI name ("metaopt" there is an unrelated project); import name: metaopt
 
 
+CHECKPOINT_HELP = (
+    "which weights: latest (default: the newest intact checkpoint), best (RUN/best.pt, kept with --keep-best) "
+    "or a checkpoint file of the run"
+)
+
+
 def _version() -> str:
     import metaopt
 
@@ -117,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="data source (default: the run's)")
     ev.add_argument("--split", default="test", help="train, test or all (default: test)")
     ev.add_argument("--tasks", type=int, default=600, help="number of test tasks (default: 600)")
+    ev.add_argument("--checkpoint", default="latest", help=CHECKPOINT_HELP)
     ev.add_argument("--steps", type=int, help="inner steps at test time (default: the run's)")
     ev.add_argument("--seed", type=int, help="task seed (default: derived from the run's seed)")
     ev.add_argument(
@@ -157,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("run_dir")
     ex.add_argument("--out", help="weights file (default: RUN/export/model.pt)")
+    ex.add_argument("--checkpoint", default="latest", help=CHECKPOINT_HELP)
 
     pl = sub.add_parser("plugins", help="list available plugins")
     pl.add_argument("--json", action="store_true")
@@ -209,13 +217,21 @@ def resume_settings(run_dir: Path, given: dict[str, Any]) -> dict[str, Any]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from metaopt.data.record import check_unchanged, read_record, split_record
     from metaopt.rundir import DATA_FILE
-    from metaopt.trainer import evaluate, load_run, make_eval_sampler, median_note, metric_key
+    from metaopt.trainer import (
+        checkpoint_path,
+        evaluate,
+        load_checkpoint,
+        load_run,
+        make_eval_sampler,
+        median_note,
+        metric_key,
+    )
 
     if args.tasks < 1:
         raise MetaOptError(f"--tasks {args.tasks} must be >= 1.")
     if args.ensemble and not args.lake_runs:
         raise MetaOptError(f"--ensemble {args.ensemble[0]!r} needs --lake-runs (ensembles score one-shot runs).")
-    config, learner = load_run(args.run_dir)
+    config, learner, state = load_checkpoint(args.run_dir, checkpoint_path(args.run_dir, args.checkpoint))
     if args.lake_runs:
         return _eval_lake(args, [(config, learner), *(load_run(run) for run in args.ensemble)])
 
@@ -245,12 +261,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report["unadapted"] = {key: baseline[key], "ci95": baseline["ci95"]}
     report["data"] = args.data or config.data
     report["split"] = args.split
+    report["checkpoint"] = args.checkpoint
+    report["iteration"] = int(state["iteration"])  # which weights were scored
     if args.json:
         print(json.dumps(report))
     else:
         print(
             f"{key} after {report['steps']} steps: {report[key]:.4f} ± {report['ci95']:.4f} "
-            f"over {report['tasks']} tasks{median_note(report)}"
+            f"over {report['tasks']} tasks{median_note(report)}, weights of iteration {report['iteration']}"
             + ("" if baseline is None else f" (unadapted: {baseline[key]:.4f})")
         )
     return 0
@@ -327,9 +345,13 @@ def plugin_options(name: str) -> dict[str, Any]:
 def cmd_export(args: argparse.Namespace) -> int:
     from metaopt.export import export_run
 
-    path = export_run(args.run_dir, args.out)
+    path = export_run(args.run_dir, args.out, args.checkpoint)
     how = json.loads(path.with_suffix(".json").read_text())
-    print(f"wrote {path} (how to load it: {path.with_suffix('.json')})")
+    chosen = how["checkpoint"]
+    print(
+        f"wrote {path}, the weights at iteration {chosen['iteration']} ({chosen['chosen']} checkpoint; how to load "
+        f"them: {path.with_suffix('.json')})"
+    )
     print(f"load: {how['load']}")
     inputs = how["inputs"]
     norm = inputs["normalize"]

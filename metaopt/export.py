@@ -92,11 +92,13 @@ def adaptation(config: Any) -> dict[str, Any]:
     }
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``RUN/export/model.pt`` (or ``out``) and ``model.json`` beside it; return the weights' path."""
-    from metaopt.trainer import load_run
+def export_run(run_dir: str | Path, out: str | Path | None = None, checkpoint: str = "latest") -> Path:
+    """Write ``RUN/export/model.pt`` (or ``out``) and ``model.json`` beside it; return the weights' path.
 
-    config, learner = load_run(run_dir)
+    ``checkpoint``: ``latest``, ``best`` or a checkpoint file of the run (:func:`metaopt.trainer.checkpoint_path`)."""
+    from metaopt.trainer import checkpoint_path, load_checkpoint
+
+    config, learner, saved = load_checkpoint(run_dir, checkpoint_path(run_dir, checkpoint))
     state, how = export_state(learner.model)
     path = Path(out) if out is not None else Path(run_dir) / "export" / "model.pt"
     try:
@@ -121,6 +123,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         bn_policy=config.bn_policy,
         inputs=input_description(config, learner.model),
         adaptation=adaptation(config),
+        checkpoint={"chosen": checkpoint, "iteration": int(saved["iteration"])},
     )
     if len(learner.plugin_modules):
         modules_path = path.with_name(path.stem + ".plugin_modules.pt")

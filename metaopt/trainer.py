@@ -732,10 +732,31 @@ def run_settings(run_dir: Path, state: dict[str, Any] | None = None) -> dict[str
     return saved
 
 
-def load_run(run_dir: str | Path) -> tuple[TrainConfig, MetaLearner]:
-    """Rebuild the learner of a finished run from its config and latest checkpoint."""
-    config, learner, _ = load_checkpoint(run_dir)
+def load_run(run_dir: str | Path, checkpoint: str = "latest") -> tuple[TrainConfig, MetaLearner]:
+    """Rebuild the learner of a run from its config and a checkpoint (see :func:`checkpoint_path`)."""
+    config, learner, _ = load_checkpoint(run_dir, checkpoint_path(run_dir, checkpoint))
     return config, learner
+
+
+def checkpoint_path(run_dir: str | Path, checkpoint: str) -> Path | None:
+    """``"latest"`` (None: the newest intact one), ``"best"`` (``RUN/best.pt``) or a checkpoint file of the run."""
+    if checkpoint == "latest":
+        return None
+    if checkpoint == "best":
+        best = Path(run_dir) / BEST_FILE
+        if not best.is_file():
+            raise CheckpointError(
+                f"run {str(run_dir)!r} has no {BEST_FILE}: it is kept by training with --keep-best METRIC and "
+                "--eval-every N. Use --checkpoint latest, or a file under checkpoints/."
+            )
+        return best
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} is not a file; give latest, best, or a file such as "
+            f"{str(Path(run_dir) / CHECKPOINT_DIR / 'ckpt-00000100.pt')!r}."
+        )
+    return path
 
 
 def load_checkpoint(

@@ -57,3 +57,31 @@ def test_keep_best_keeps_the_checkpoint_of_the_best_eval(tmp_path):
     assert load_safe(tmp_path / "best.pt")["iteration"] == best["iteration"] == trainer.best_eval["iteration"]
     with pytest.raises(ConfigError, match="needs periodic evaluation"):
         _config(keep_best="mse").validate()
+
+
+def test_eval_and_export_take_the_best_or_any_checkpoint_and_say_which(tmp_path, capsys):
+    """--keep-best kept RUN/best.pt, but eval and export could only read the latest checkpoint, and their
+    output did not say which weights they had scored."""
+    from metaopt.cli import main
+
+    run = tmp_path / "run"
+    trainer = Trainer(_config(iterations=4, eval_every=1, eval_tasks=4, keep_best="mse", checkpoint_every=2), run)
+    trainer.train(progress=False)
+    best = load_safe(run / "best.pt")["iteration"]
+    scored = {}
+    for chosen in ("latest", "best", str(run / "checkpoints" / "ckpt-00000002.pt")):
+        capsys.readouterr()
+        args = ["eval", str(run), "--checkpoint", chosen, "--tasks", "4", "--no-baseline", "--no-progress", "--json"]
+        assert main(args) == 0
+        scored[chosen] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert scored[chosen]["checkpoint"] == chosen
+    assert [r["iteration"] for r in scored.values()] == [4, best, 2]
+    assert main(["export", str(run), "--checkpoint", "best"]) == 0
+    assert f"the weights at iteration {best} (best checkpoint" in capsys.readouterr().out
+    exported = torch.load(run / "export" / "model.pt", weights_only=True)
+    saved = load_safe(run / "best.pt")["learner"]
+    assert all(torch.equal(exported[k], saved["model." + k]) for k in exported)
+    other = tmp_path / "other"
+    Trainer(_config(iterations=2), other).train(progress=False)
+    assert main(["eval", str(other), "--checkpoint", "best", "--no-progress"]) == 2
+    assert "has no best.pt: it is kept by training with --keep-best" in capsys.readouterr().err
