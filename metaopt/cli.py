@@ -215,7 +215,7 @@ def resume_settings(run_dir: Path, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from metaopt.data.record import check_unchanged, read_record, split_record
+    from metaopt.data.record import check_unchanged, read_record, split_record, warn_if_trained_on
     from metaopt.rundir import DATA_FILE
     from metaopt.trainer import (
         checkpoint_path,
@@ -250,9 +250,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     bar = None if args.no_progress else "adapted"
     tasks = sampler()
-    if args.data is None and args.test_alphabets is None:  # the run's own data: is it still what it trained on?
+    if args.data is None:  # the run's own data: is it still what it trained on?
         saved = read_record(Path(args.run_dir) / DATA_FILE)
-        check_unchanged(saved, args.split, split_record(tasks), "this evaluation")
+        if args.test_alphabets is None:
+            check_unchanged(saved, args.split, split_record(tasks), "this evaluation")
+        elif args.split == "test":
+            warn_if_trained_on(saved, split_record(tasks), "--test-alphabet")
     report = evaluate(learner, tasks, args.tasks, steps=args.steps, progress=bar)
     key = metric_key(report)
     baseline = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,20 @@ def _classes(count: int) -> str:
 
 def _names(classes: list[str]) -> str:
     return ", ".join(map(repr, classes[:5])) + (", ..." if len(classes) > 5 else "")
+
+
+def warn_if_trained_on(saved: dict[str, Any] | None, current: SplitRecord | None, chosen: str) -> None:
+    """A ``HeldOutWarning`` when test classes chosen by hand (``chosen``) include classes the run meta-trained on."""
+    from metaopt.data.splits import HeldOutWarning
+
+    if saved is None or current is None or not saved["splits"].get("train"):
+        return
+    shared = sorted(set(current) & set(saved["splits"]["train"]))
+    if shared:
+        warnings.warn(
+            f"{chosen} evaluates on {_classes(len(shared))} this run meta-trained on ({_names(shared)}); that "
+            "measures memorisation, not few-shot adaptation. Choose held-out classes (the run's own test split "
+            "is the default).",
+            HeldOutWarning,
+            stacklevel=2,
+        )

@@ -245,3 +245,28 @@ def test_sigkill_then_resume_with_workers_and_augmentation_is_bit_identical(tmp_
     a, b = final(tmp_path / "straight"), final(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [json.loads(x)["iteration"] for x in log.read_text().splitlines()] == list(range(1, 13))
+
+
+def test_test_alphabets_chosen_by_hand_warn_when_the_run_trained_on_them(tmp_path, capsys, omniglot_dir):
+    """An Omniglot run records its alphabet split; `eval --test-alphabet` naming a training alphabet scored
+    memorisation as few-shot accuracy without a word."""
+    import warnings
+
+    from metaopt.data.splits import HeldOutWarning
+
+    run = tmp_path / "run"
+    archive = omniglot_dir / "images_background_small1.zip"
+    args = ["train", "--out", str(run), "--data", f"omniglot:{archive}", "--iterations", "1", "--meta-batch", "1"]
+    assert main([*args, "--query", "1", "--no-progress"]) == 0
+    record = json.loads((run / "data.json").read_text())["splits"]
+    trained = sorted({name.split("/")[0] for name in record["train"]})
+    held = sorted({name.split("/")[0] for name in record["test"]})
+    assert trained and held and not set(trained) & set(held)
+    evaluate = ["eval", str(run), "--tasks", "2", "--no-baseline", "--no-progress", "--json"]
+    with pytest.warns(
+        HeldOutWarning, match=rf"--test-alphabet evaluates on \d+ classes this run meta-trained on \('{trained[0]}/"
+    ):
+        assert main([*evaluate, "--test-alphabet", trained[0]]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HeldOutWarning)
+        assert main([*evaluate, "--test-alphabet", held[0]]) == 0
