@@ -72,6 +72,13 @@ class MetaLightningModule(_Base):
         """One meta-iteration on a meta-batch: gradient, all-reduce, optimizer step; returns the meta-loss."""
         if not hasattr(self, "learner"):
             raise ConfigError("call self.configure_meta(model, plugins, ...) in __init__ before training.")
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):  # documented as refused; it used to run
+            raise ConfigError(
+                f"Trainer(precision={precision!r}) is not supported by metaopt: the inner loop's autograd.grad is "
+                "not loss-scaled (float16 underflows), and on a GPU the scaler would unscale gradients that "
+                "learner.backward never scaled. Use precision='bf16-mixed'."
+            )
         optimizer = self.optimizers()
         optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
         for opt in optimizers:

@@ -180,3 +180,13 @@ def test_an_epoch_end_override_without_super_is_refused_not_a_frozen_schedule():
 
     with pytest.raises(Exception, match=r"ReduceLROnPlateau needs the value it watches.*set plateau_monitor = 'NAME'"):
         _rates(Unnamed(SCHEDULES["plateau on a logged metric"]))
+
+
+def test_float16_precision_is_refused_as_documented(monkeypatch):
+    """docs said fp16 is refused; it ran. On a GPU, precision='16-mixed' adds a GradScaler whose step unscales
+    gradients that learner.backward never scaled (all divided by 65536). On CPU Lightning maps it to bf16, so
+    the GPU's answer is simulated here by what the Trainer reports."""
+    monkeypatch.setattr(pl.Trainer, "precision", property(lambda self: "16-mixed"))
+    module = MetaClassifier(plugins=())
+    with pytest.raises(Exception, match=r"precision='16-mixed'\) is not supported by metaopt.*'bf16-mixed'"):
+        fit(module, steps=1, dtype=torch.float32, precision="32-true")
