@@ -111,6 +111,15 @@ def test_fractional_labels_are_refused_not_truncated_into_classes():
     assert episodes.classes == [0, 1, 2] and all(type(c) is int for c in episodes.classes)
 
 
+def test_rotation_classes_of_non_square_images_are_refused_naming_the_item():
+    """A quarter turn of an 8x12 image is 12x8: the task's stacking error blamed the transform."""
+    images, labels = torch.rand(40, 1, 8, 12), torch.arange(10).repeat_interleave(4)
+    episodes = EpisodeDataset(TensorDataset(images, labels), ways=5, shots=1, query=1, rotations=True)
+    with pytest.raises(DataError, match=r"rotations=True turns images by 90 degrees, which needs square images; "
+                       r"dataset item \d+ is \(8, 12\)"):  # fmt: skip
+        episodes[0]
+
+
 def test_same_tasks_with_0_and_2_workers_and_exact_resume(tmp_path):
     folder = ImageFolder(str(_image_folder(tmp_path)))
     episodes = EpisodeDataset(folder, ways=3, shots=1, query=1, seed=0, length=12)
