@@ -85,6 +85,15 @@ class MetaTrainer(_Base):
                 "loss-scaled (it underflows), and the Trainer's scaler would unscale gradients that were never "
                 "scaled. Use bf16=True."
             )
+        replacing = learner.host.owners("outer_step")
+        if training_args is not None and training_args.gradient_accumulation_steps > 1 and replacing:
+            raise ConfigError(
+                f"gradient_accumulation_steps={training_args.gradient_accumulation_steps} with "
+                f"{', '.join(map(repr, replacing))}, which replaces the outer step: Sharp-MAML's outer SAM perturbs "
+                "along the whole batch's meta-gradient, which one micro-batch does not have, so accumulated "
+                "micro-batches would not give the batch's gradient. Use a larger per_device_train_batch_size "
+                "(or more processes) instead of accumulation."
+            )
         super().__init__(model=learner, **kwargs)
         self.learner = learner
         # the Trainer's accelerator runs the learner's forwards under its autocast (bf16=True used to be ignored:

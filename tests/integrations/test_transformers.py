@@ -9,7 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the transformers extra is not installed")
 
-from hf_trainer_job import tasks as _tasks  # noqa: E402  (the tiny float64 ViT and tasks, shared with the 2-process job)
+from hf_trainer_job import InOrder  # noqa: E402  (tasks in order; the tiny float64 ViT and tasks, shared with the 2-process job)
+from hf_trainer_job import tasks as _tasks  # noqa: E402
 from hf_trainer_job import vit as _vit  # noqa: E402
 
 from metaopt import ConfigError, MetaLearner, create_plugin  # noqa: E402
@@ -226,3 +227,24 @@ def test_bf16_reaches_the_model_and_fp16_is_refused(tmp_path):
     learner = MetaLearner(_vit().float(), [], inner_steps=1, inner_lr=0.1)
     with pytest.raises(ConfigError, match=r"fp16=True\) is not supported by metaopt.*Use bf16=True"):
         MetaTrainer(learner=learner, args=_args(tmp_path / "fp16", fp16=True), train_dataset=float_tasks)
+
+
+def test_gradient_accumulation_gives_the_whole_batchs_meta_gradient(tmp_path):
+    """Documented as supported, never tested: 2 micro-batches of 2 tasks must give the meta-gradient of the 4
+    (with SHOT: per-task). Outer SAM cannot: each micro-batch would perturb along its own gradient (10% off)."""
+    grads = {}
+    for per_device, accumulate in ((4, 1), (2, 2)):
+        model = _vit()
+        spy = FirstGradients(model)
+        args = _args(
+            tmp_path / f"{accumulate}", per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulate
+        )
+        learner = MetaLearner(model, [create_plugin("shot")], inner_steps=2, inner_lr=0.1)
+        InOrder(learner=learner, args=args, train_dataset=_tasks(4), callbacks=[spy]).train()
+        grads[accumulate] = spy.grads
+    for name, whole in grads[1].items():
+        assert (grads[2][name] - whole).abs().max() <= 1e-12 * max(g.abs().max() for g in grads[1].values()), name
+    assert max(g.abs().max() for g in grads[1].values()) > 0
+    outer_sam = MetaLearner(_vit(), _plugins(), inner_steps=2, inner_lr=0.1)
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=2 with 'sharp_maml', which replaces the outer"):
+        MetaTrainer(learner=outer_sam, args=_args(tmp_path, gradient_accumulation_steps=2), train_dataset=_tasks(4))
