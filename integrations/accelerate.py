@@ -74,6 +74,14 @@ def prepare(learner: MetaLearner, accelerator: Any) -> MetaLearner:
     """
     if accelerator.mixed_precision == "fp16":
         raise ConfigError("mixed precision 'fp16' is not supported by metaopt; use 'bf16'.")
+    replacing = learner.host.owners("outer_step")
+    if accelerator.gradient_accumulation_steps > 1 and replacing:
+        raise ConfigError(
+            f"gradient_accumulation_steps={accelerator.gradient_accumulation_steps} with "
+            f"{', '.join(map(repr, replacing))}, which replaces the outer step: Sharp-MAML's outer SAM perturbs along "
+            "the whole batch's meta-gradient, which one micro-batch does not have. Give each step the whole batch "
+            "(or more processes) instead of accumulating."
+        )
     learner.to(accelerator.device)
     learner.accelerator = accelerator
     return learner

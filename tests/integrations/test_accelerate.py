@@ -53,6 +53,28 @@ def test_fp16_is_refused_naming_bf16():
         make_accelerator("fp16", cpu=True)
 
 
+def test_accumulating_micro_batches_is_refused_for_outer_sam():
+    """Outer SAM perturbs along the whole batch's meta-gradient; accumulated micro-batches would each perturb
+    along their own. Plain MAML accumulates exactly (accelerate divides each micro-batch's loss)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    learner = MetaLearner(mlp(), ["sharp_maml:rho_outer=0.05"], loss_fn=F.mse_loss)
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=2 with 'sharp_maml', which replaces the outer"):
+        prepare(learner, accelerator)
+    torch.manual_seed(0)
+    whole = MetaLearner(mlp().double(), ["sharp_maml:rho_inner=0.05"], loss_fn=F.mse_loss)  # inner SAM: per task
+    torch.manual_seed(0)
+    micro = prepare(MetaLearner(mlp().double(), ["sharp_maml:rho_inner=0.05"], loss_fn=F.mse_loss), accelerator)
+    tasks = regression_tasks(4)
+    whole.backward(tasks)
+    for part in (tasks[:2], tasks[2:]):
+        with accelerator.accumulate(micro):
+            micro.backward(part)
+    for a, b in zip(whole.parameters(), micro.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-14)
+
+
 def _train_eval(tmp_path, precision: str) -> float:
     out = tmp_path / precision
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
