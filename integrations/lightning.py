@@ -135,8 +135,8 @@ class MetaLightningModule(_Base):
         trainer = self.trainer
         if not any(config.interval == "epoch" for config in trainer.lr_scheduler_configs):
             return
-        if getattr(self, "_first_epoch", None) is None:
-            self._first_epoch, self._epoch_ends = trainer.current_epoch, 0
+        if getattr(self, "_counted_for", None) != id(trainer):  # a new fit (or the first): count from here
+            self._counted_for, self._first_epoch, self._epoch_ends = id(trainer), trainer.current_epoch, 0
         if self._epoch_ends < trainer.current_epoch - self._first_epoch:
             raise ConfigError(
                 f"epoch {trainer.current_epoch} began but on_train_epoch_end did not step the epoch schedulers: "
