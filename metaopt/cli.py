@@ -231,9 +231,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise MetaOptError(f"--tasks {args.tasks} must be >= 1.")
     if args.ensemble and not args.lake_runs:
         raise MetaOptError(f"--ensemble {args.ensemble[0]!r} needs --lake-runs (ensembles score one-shot runs).")
+    if args.ensemble and args.checkpoint not in ("latest", "best"):
+        raise MetaOptError(
+            f"--checkpoint {args.checkpoint!r} is one run's file; with --ensemble give latest or best, which every "
+            "member then uses."
+        )
     config, learner, state = load_checkpoint(args.run_dir, checkpoint_path(args.run_dir, args.checkpoint))
     if args.lake_runs:
-        return _eval_lake(args, [(config, learner), *(load_run(run) for run in args.ensemble)])
+        return _eval_lake(args, [(config, learner), *(load_run(run, args.checkpoint) for run in args.ensemble)])
 
     def sampler():
         return make_eval_sampler(

@@ -81,6 +81,9 @@ def test_eval_reports_the_error_rate_and_refuses_a_5_way_model(tmp_path, capsys,
     assert main(["eval", model20, "--ensemble", model20]) == 2
     err = capsys.readouterr().err
     assert "--ensemble" in err and "needs --lake-runs" in err
+    ckpt = str(sorted((tmp_path / "model20" / "checkpoints").glob("ckpt-*.pt"))[-1])
+    assert main(["eval", model20, "--lake-runs", str(runs), "--ensemble", model20, "--checkpoint", ckpt]) == 2
+    assert "is one run's file; with --ensemble give latest or best" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("plugins", [[], ["proto_head"]])
