@@ -64,6 +64,14 @@ def as_tasks(batch: BatchInput) -> list[TaskData]:
                 f"a stacked batch must have the task count first in all four tensors; got leading "
                 f"sizes {[t.shape[0] for t in items]}."
             )
+        one_task = min(t.dim() for t in items) < 2 or (sx.shape[1] == 1 and qx.shape[1] == 1)
+        if one_task:  # read as stacked, these would be tasks of one example (or none) each, silently
+            raise DataError(
+                f"four tensors of shapes {[tuple(t.shape) for t in items]} read as a stacked batch (the task count "
+                f"first) would make {sx.shape[0]} tasks of one support and one query example each (or scalar "
+                "labels): this looks like ONE task. Pass a list of tasks, [task], or stack tasks as "
+                "[tasks, examples, ...]."
+            )
         return [TaskData(sx[i], sy[i], qx[i], qy[i]) for i in range(sx.shape[0])]
     # tuple.__new__: TaskData(*item) would run the named tuple's Python-level __new__ for every task
     tasks = [item if type(item) is TaskData else tuple.__new__(TaskData, item) for item in items]

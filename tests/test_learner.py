@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import image_tasks, regression_tasks
 from reference import maml_meta_grad
 
-from metaopt import MetaLearner, hookimpl
+from metaopt import DataError, MetaLearner, hookimpl
 from metaopt.models import conv4, mlp
 
 
@@ -161,6 +162,23 @@ def test_stacked_batch_equals_list_of_tasks():
     stacked = [torch.stack([t[i] for t in tasks]) for i in range(4)]
     learner = MetaLearner(model, inner_steps=1, inner_lr=0.01, loss_fn=F.mse_loss)
     assert learner(tasks).loss.item() == learner(stacked).loss.item()
+
+
+def test_one_task_without_a_list_is_refused_not_read_as_many_one_point_tasks():
+    """learner.backward(task) with a sinusoid task of 10 support and 10 query points read it as a stacked batch:
+    10 tasks of one point each, trained without a word (an image task stopped with an IndexError)."""
+    from metaopt.data import SinusoidTasks
+    from metaopt.data.glyphs import GlyphTasks
+
+    regression = MetaLearner(mlp(), loss_fn=F.mse_loss)
+    task = SinusoidTasks(shots=10, query=10, seed=0).sample(1)[0]
+    with pytest.raises(DataError, match=r"would make 10 tasks of one support and one query example.*ONE task"):
+        regression.backward(task)
+    regression.backward([task])  # the list form, and a real stacked batch, run
+    regression.backward(torch.utils.data.default_collate(SinusoidTasks(shots=10, query=10, seed=0).sample(3)))
+    glyphs = GlyphTasks(ways=5, shots=2, query=2, seed=0).sample_task()
+    with pytest.raises(DataError, match=r"shapes \[\(10, 1, 28, 28\), \(10,\).*ONE task"):
+        MetaLearner(conv4(num_classes=5), inner_lr=0.4).backward(glyphs)
 
 
 def test_adapt_returns_detached_adapted_params():
