@@ -6,7 +6,7 @@ import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,13 +74,27 @@ def as_tasks(batch: BatchInput) -> list[TaskData]:
             )
         return [TaskData(sx[i], sy[i], qx[i], qy[i]) for i in range(sx.shape[0])]
     # tuple.__new__: TaskData(*item) would run the named tuple's Python-level __new__ for every task
-    tasks = [item if type(item) is TaskData else tuple.__new__(TaskData, item) for item in items]
+    tasks = [
+        item if type(item) is TaskData else _from_mapping(i, item) if isinstance(item, Mapping) else
+        tuple.__new__(TaskData, item)
+        for i, item in enumerate(items)
+    ]  # fmt: skip
     if set(map(len, tasks)) - {4}:
         i, task = next((i, task) for i, task in enumerate(tasks) if len(task) != 4)
         raise DataError(f"task {i} has {len(task)} parts; expected (support_x, support_y, query_x, query_y).")
     if not tasks:
         raise DataError("the meta-batch is empty; pass at least one task.")
     return tasks
+
+
+def _from_mapping(i: int, item: Mapping[str, Any]) -> TaskData:
+    """A task given as a dict with the four fields (iterating it gave its keys: strings, not tensors)."""
+    missing = [k for k in TaskData._fields if k not in item]
+    if missing:
+        raise DataError(
+            f"task {i} is a mapping without {missing}; give {list(TaskData._fields)} (it has {list(item)})."
+        )
+    return TaskData(*(item[k] for k in TaskData._fields))
 
 
 def _check_inputs(tasks: list[TaskData]) -> None:

@@ -262,3 +262,13 @@ def test_successive_backward_calls_accumulate_like_loss_backward():
     expected = maml_meta_grad(model, first, 1, 0.05, F.mse_loss)
     expected = {n: g + maml_meta_grad(model, second, 1, 0.05, F.mse_loss)[n] for n, g in expected.items()}
     assert _max_diff(_grads(model), expected) < 1e-10
+
+
+def test_tasks_may_be_dicts_of_the_four_fields():
+    """A dict task was iterated for its keys: AttributeError: 'str' object has no attribute 'dtype'."""
+    tasks = regression_tasks(2)
+    learner = MetaLearner(mlp().double(), inner_steps=1, inner_lr=0.01, loss_fn=F.mse_loss)
+    as_dicts = [dict(zip(("support_x", "support_y", "query_x", "query_y"), t, strict=True)) for t in tasks]
+    assert learner(as_dicts).loss.item() == learner(tasks).loss.item()
+    with pytest.raises(DataError, match=r"task 0 is a mapping without \['query_x', 'query_y'\]"):
+        learner([{"support_x": tasks[0][0], "support_y": tasks[0][1]}])
