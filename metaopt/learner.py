@@ -650,7 +650,7 @@ class MetaLearner(nn.Module):
 
     def adapt(self, task: TaskData | Sequence[torch.Tensor], steps: int | None = None) -> Params:
         """Adapted parameters for one task (detached from the meta-parameters)."""
-        data = TaskData(*task)
+        data = _from_mapping(0, task) if isinstance(task, Mapping) else TaskData(*task)
         _check_inputs([data])
         _check_task(0, data)
         if not self._validated:  # a learner used only through adapt / predict (e.g. loaded from a checkpoint)
@@ -682,7 +682,7 @@ class MetaLearner(nn.Module):
         adapted parameters of :meth:`adapt` fed to ``functional_call(model.eval(), ...)`` would
         use running statistics that transductive training never wrote: chance accuracy.)
         """
-        data = TaskData(*task)
+        data = _from_mapping(0, task) if isinstance(task, Mapping) else TaskData(*task)
         params = self.adapt(data, steps)
         if x is not None:
             _check_inputs([TaskData(data.support_x, data.support_y, x, data.query_y)])

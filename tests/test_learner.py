@@ -270,5 +270,8 @@ def test_tasks_may_be_dicts_of_the_four_fields():
     learner = MetaLearner(mlp().double(), inner_steps=1, inner_lr=0.01, loss_fn=F.mse_loss)
     as_dicts = [dict(zip(("support_x", "support_y", "query_x", "query_y"), t, strict=True)) for t in tasks]
     assert learner(as_dicts).loss.item() == learner(tasks).loss.item()
+    adapted, from_dict = learner.adapt(tasks[0]), learner.adapt(as_dicts[0])
+    assert all(torch.equal(adapted[k], from_dict[k]) for k in adapted)
+    assert torch.equal(learner.predict(as_dicts[0]), learner.predict(tasks[0]))
     with pytest.raises(DataError, match=r"task 0 is a mapping without \['query_x', 'query_y'\]"):
         learner([{"support_x": tasks[0][0], "support_y": tasks[0][1]}])
