@@ -426,6 +426,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
             "elapsed": self._clock(),
+            "best_eval": self.best_eval,  # a resumed run's --keep-best compares against it, not afresh
             "config": self.config.to_dict(),
             "versions": versions(),
         }
@@ -464,6 +465,7 @@ class Trainer:
         self.skipped = int(state.get("skipped", 0))
         self.elapsed = float(state.get("elapsed", 0.0))
         self.learner.iteration = self.iteration
+        self.best_eval = state.get("best_eval") or best_logged_eval(self.run_dir, self.iteration, self.config)
         self.last_checkpoint = path
         if self.is_main:  # log lines after the checkpoint will be redone; unreadable ones are named
             dropped = truncate_log(self.run_dir / METRICS_FILE, self.iteration)
@@ -730,6 +732,26 @@ def run_settings(run_dir: Path, state: dict[str, Any] | None = None) -> dict[str
                 f"{CONFIG_FILE} (or delete it to have it rebuilt), and start a new run to change them."
             )
     return saved
+
+
+def best_logged_eval(run_dir: Path, iteration: int, config: TrainConfig) -> dict[str, Any] | None:
+    """The best periodic evaluation logged up to ``iteration`` (checkpoints written before ``best_eval`` was
+    saved in them): without it, the first evaluation after a resume replaced best.pt however bad it was."""
+    best = None
+    path = run_dir / METRICS_FILE
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        report = record.get("eval") if isinstance(record, dict) else None
+        if not isinstance(report, dict) or record.get("iteration", iteration + 1) > iteration:
+            continue
+        key = config.keep_best or metric_key(report)
+        if key in report and (best is None or (report[key] > best[key]) == (key == "accuracy")):
+            best = {**report, "iteration": record["iteration"]}
+    return best
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "latest") -> tuple[TrainConfig, MetaLearner]:

@@ -85,3 +85,27 @@ def test_eval_and_export_take_the_best_or_any_checkpoint_and_say_which(tmp_path,
     Trainer(_config(iterations=2), other).train(progress=False)
     assert main(["eval", str(other), "--checkpoint", "best", "--no-progress"]) == 2
     assert "has no best.pt: it is kept by training with --keep-best" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_the_best_checkpoint_unless_an_evaluation_beats_it(tmp_path, monkeypatch):
+    """The best evaluation was not in the checkpoint: after --resume the first evaluation, however bad,
+    replaced best.pt."""
+    import metaopt.trainer as trainer_module
+
+    scores = iter([1.0, 0.5, 0.8, 0.9, 0.7, 0.6, 0.4])  # mse at iterations 1..4, then 5..7 after the resume
+
+    def scripted(learner, sampler, tasks, **kwargs):
+        return {"mse": next(scores), "ci95": 0.0, "tasks": tasks}
+
+    monkeypatch.setattr(trainer_module, "evaluate", scripted)
+    config = dict(eval_every=1, eval_tasks=2, keep_best="mse", checkpoint_every=2)
+    Trainer(_config(iterations=4, **config), tmp_path).train(progress=False)
+    assert load_safe(tmp_path / "best.pt")["iteration"] == 2
+    resumed = Trainer(_config(iterations=6, **config), tmp_path, resume=True)
+    assert resumed.best_eval["iteration"] == 2 and resumed.best_eval["mse"] == 0.5
+    resumed.train(progress=False)  # 0.7 and 0.6 do not beat 0.5
+    assert load_safe(tmp_path / "best.pt")["iteration"] == 2
+    Trainer(_config(iterations=7, **config), tmp_path, resume=True).train(progress=False)  # 0.4 does
+    assert load_safe(tmp_path / "best.pt")["iteration"] == 7
+    best = trainer_module.best_logged_eval(tmp_path, 6, _config(**config))  # checkpoints without best_eval
+    assert best["iteration"] == 2 and best["mse"] == 0.5
