@@ -42,6 +42,9 @@ def _require() -> None:
         )
 
 
+#: the key of a Lightning checkpoint that holds the learner's plugin state and meta-iteration
+PLUGIN_STATE_KEY = "metaopt_plugin_state"
+
 _Base: Any = pl.LightningModule if LIGHTNING_AVAILABLE else nn.Module
 
 
@@ -91,6 +94,23 @@ class MetaLightningModule(_Base):
         metrics = {f"train_{k}": v for k, v in result.metrics.items()}
         self.log_dict(metrics, prog_bar=True, batch_size=len(batch), sync_dist=True)
         return result.loss.detach()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Adds the plugin state (schedule counters: MAML++'s annealing, SHOT's warm-up) and the meta-iteration,
+        which are not parameters; without them a resumed fit restarted every schedule. If you override this
+        hook, call ``super().on_save_checkpoint(checkpoint)``."""
+        if hasattr(self, "learner"):
+            checkpoint[PLUGIN_STATE_KEY] = {
+                "plugins": self.learner.plugin_state(),
+                "iteration": self.learner.iteration,
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restores what :meth:`on_save_checkpoint` added (``super().on_load_checkpoint`` if you override it)."""
+        saved = checkpoint.get(PLUGIN_STATE_KEY)
+        if saved is not None and hasattr(self, "learner"):
+            self.learner.load_plugin_state(saved["plugins"])
+            self.learner.iteration = int(saved["iteration"])
 
     def on_train_epoch_end(self) -> None:
         """Steps the schedulers whose interval is "epoch". If you override this hook, call

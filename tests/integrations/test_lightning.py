@@ -190,3 +190,20 @@ def test_float16_precision_is_refused_as_documented(monkeypatch):
     module = MetaClassifier(plugins=())
     with pytest.raises(Exception, match=r"precision='16-mixed'\) is not supported by metaopt.*'bf16-mixed'"):
         fit(module, steps=1, dtype=torch.float32, precision="32-true")
+
+
+def test_a_resumed_fit_continues_the_plugins_schedules(tmp_path):
+    """Plugin state is not a parameter: a Lightning checkpoint lacked it, so fit(ckpt_path=...) restarted
+    MAML++'s annealing schedules (its counter read 1 after one more step, not 4) without a word."""
+    plugins = (("maml_pp", {"msl_iters": 10, "first_order_iters": 4}),)
+    module = MetaClassifier(plugins=plugins)
+    trainer = fit(module, steps=3, default_root_dir=str(tmp_path))
+    trainer.save_checkpoint(tmp_path / "three.ckpt")
+    assert module.learner.get_plugin("maml_pp").iteration == 3
+    resumed = MetaClassifier(plugins=plugins)
+    kwargs = dict(accelerator="cpu", max_steps=4, precision="64-true", logger=False, enable_checkpointing=False)
+    kwargs.update(enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    pl.Trainer(**kwargs).fit(resumed, loader(4), ckpt_path=str(tmp_path / "three.ckpt"))
+    assert resumed.learner.get_plugin("maml_pp").iteration == 4 and resumed.learner.iteration == 4
+    loaded = MetaClassifier.load_from_checkpoint(tmp_path / "three.ckpt", plugins=plugins)
+    assert loaded.learner.get_plugin("maml_pp").iteration == 3
