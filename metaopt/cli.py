@@ -361,6 +361,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"them: {path.with_suffix('.json')})"
     )
     print(f"load: {how['load']}")
+    if "after_load" in how:
+        print(f"then: {how['after_load']}  # BatchNorm: {how['batchnorm']}")
     inputs = how["inputs"]
     norm = inputs["normalize"]
     scaling = (

@@ -22,7 +22,7 @@ from torch import nn
 
 from metaopt.checkpoint import save_atomic
 from metaopt.errors import CheckpointError, ConfigError
-from metaopt.models import HeadedModel
+from metaopt.models import HeadedModel, has_batchnorm
 from metaopt.rundir import disk_error
 
 
@@ -125,6 +125,13 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, checkpoint: s
         adaptation=adaptation(config),
         checkpoint={"chosen": checkpoint, "iteration": int(saved["iteration"])},
     )
+    if config.bn_policy == "transductive" and has_batchnorm(learner.model):
+        how["after_load"] = "metaopt.models.use_batch_statistics(model)"
+        how["batchnorm"] = (
+            "the run normalised with each batch's statistics and never trained running statistics: after "
+            "loading, call metaopt.models.use_batch_statistics(model), or eval-mode BatchNorm uses the initial "
+            "ones (mean 0, variance 1) and gives other outputs than the learner's. Feed whole batches."
+        )
     if len(learner.plugin_modules):
         modules_path = path.with_name(path.stem + ".plugin_modules.pt")
         state = {k: v.detach().cpu().clone() for k, v in learner.plugin_modules.state_dict().items()}

@@ -90,6 +90,25 @@ REGRESSION_MODELS = ("mlp", "mlp_paper")
 OWN_IMAGE_MODELS = ("conv4", "conv4_3pool")
 
 
+def use_batch_statistics(model: nn.Module) -> nn.Module:
+    """Make every BatchNorm of ``model`` normalise with the statistics of the batch it is given, in
+    ``eval()`` mode too, as a learner with ``bn_policy="transductive"`` (the default) does.
+
+    For weights trained that way and used outside metaopt (``metaopt export``): their running
+    statistics were never trained, so eval-mode BatchNorm would use the initial ones (mean 0,
+    variance 1) and give other outputs than the learner's.  Call it after ``load_state_dict``.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.track_running_stats = False
+            module.running_mean = module.running_var = module.num_batches_tracked = None
+    return model
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
     _MODELS[name] = factory
 

@@ -92,12 +92,16 @@ def test_an_rgb_folder_run_exports_a_load_line_that_loads_and_gives_the_learners
     plain = eval(constructor, {"timm": timm})
     plain.load_state_dict(eval(weights[:-1], {"torch": torch}))
     _, learner = load_run(run)
-    x = torch.rand(4, 3, 12, 12)
+    x, y = torch.rand(4, 3, 12, 12), torch.arange(2).repeat(2)
     normalised = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    expected = learner.predict((normalised, y, normalised, y), steps=0)  # the learner's own outputs
+    assert how["after_load"] == "metaopt.models.use_batch_statistics(model)"
+    import metaopt
+
+    exec(how["after_load"], {"metaopt": metaopt, "model": plain})
     plain.eval()
-    learner.model.eval()
     with torch.no_grad():
-        assert torch.allclose(plain(normalised), learner.model(normalised), atol=1e-5)
+        assert torch.allclose(plain(normalised), expected, atol=1e-5)
     assert f"{[3, 12, 12]}" in printed and "mean" in printed
 
 
@@ -132,17 +136,23 @@ def test_the_default_runs_export_line_builds_the_right_model(tmp_path, capsys):
     )
     capsys.readouterr()
     assert main(["export", str(run)]) == 0
-    line = next(r[len("load: ") :] for r in capsys.readouterr().out.splitlines() if r.startswith("load: "))
+    printed = capsys.readouterr().out
+    line = next(r[len("load: ") :] for r in printed.splitlines() if r.startswith("load: "))
     assert line.startswith("metaopt.create_model('conv4', num_classes=5, img_size=28, in_chans=1)")
     exec(line, {"metaopt": metaopt, "torch": torch})  # loads strictly, as printed
     model = eval(line.split(".load_state_dict(")[0], {"metaopt": metaopt})
     model.load_state_dict(torch.load(run / "export" / "model.pt", weights_only=True))
     _, learner = load_run(run)
-    x = torch.rand(3, 1, 28, 28)
+    x, y = torch.rand(10, 1, 28, 28), torch.arange(5).repeat(2)
+    expected = learner.predict((x, y, x, y), steps=0)  # how the learner itself computes outputs
     model.eval()
-    learner.model.eval()
+    with torch.no_grad():  # eval-mode BatchNorm on untrained running statistics: another model's outputs
+        assert not torch.allclose(model(x), expected, atol=1e-3)
+    then = next(r[len("then: ") :] for r in printed.splitlines() if r.startswith("then: "))
+    assert then.startswith("metaopt.models.use_batch_statistics(model)  # BatchNorm: the run normalised")
+    exec(then.split("  #")[0], {"metaopt": metaopt, "model": model})  # the printed line, as written
     with torch.no_grad():
-        assert torch.allclose(model(x), learner.model(x), atol=1e-6)
+        assert torch.allclose(model(x), expected, atol=1e-5)
 
 
 def test_a_meta_sgd_export_says_how_it_adapts_and_carries_its_learned_rates(tmp_path, capsys):
