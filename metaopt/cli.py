@@ -259,8 +259,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         saved = read_record(Path(args.run_dir) / DATA_FILE)
         if args.test_alphabets is None:
             check_unchanged(saved, args.split, split_record(tasks), "this evaluation")
-        elif args.split == "test":
-            warn_if_trained_on(saved, split_record(tasks), "--test-alphabet")
+        if args.split == "test":
+            chosen = "the test split" if args.test_alphabets is None else "--test-alphabet"
+            warn_if_trained_on(saved, split_record(tasks), chosen)
     report = evaluate(learner, tasks, args.tasks, steps=args.steps, progress=bar)
     key = metric_key(report)
     baseline = None

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from metaopt.allocator import keep_freed_memory
 from metaopt.checkpoint import rng_state, save_atomic, seed_everything, set_rng_state
 from metaopt.config import RESUME_SAFE_KEYS, TrainConfig, plugin_specs
-from metaopt.data.record import check_unchanged, data_record, read_record, split_record
+from metaopt.data.record import check_unchanged, data_record, read_record, split_record, warn_if_trained_on
 from metaopt.data.sampler import TaskSampler
 from metaopt.data.sources import make_sampler
 from metaopt.errors import CheckpointError, ConfigError, DataError, NumericalError, TrainingInterrupted
@@ -363,6 +363,8 @@ class Trainer:
             saved = read_record(self.run_dir / DATA_FILE)
             for split in ("train", "test"):
                 check_unchanged(saved, split, self.data_record["splits"][split], "resuming")
+        if self.data_record is not None:  # a split file (csv:) may list training classes in test.csv too
+            warn_if_trained_on(self.data_record, self.data_record["splits"]["test"], "the test split")
         self.best_eval: dict[str, Any] | None = None
         self.recent: collections.deque[dict[str, float]] = collections.deque(maxlen=RUNNING_WINDOW)
         self.iteration = 0

@@ -114,7 +114,7 @@ def warn_if_trained_on(saved: dict[str, Any] | None, current: SplitRecord | None
         warnings.warn(
             f"{chosen} evaluates on {_classes(len(shared))} this run meta-trained on ({_names(shared)}); that "
             "measures memorisation, not few-shot adaptation. Choose held-out classes (the run's own test split "
-            "is the default).",
+            "is the default; for csv: data, test.csv must not list classes of the training file).",
             HeldOutWarning,
             stacklevel=2,
         )

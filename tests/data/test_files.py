@@ -270,3 +270,20 @@ def test_test_alphabets_chosen_by_hand_warn_when_the_run_trained_on_them(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error", HeldOutWarning)
         assert main([*evaluate, "--test-alphabet", held[0]]) == 0
+
+
+def test_a_test_csv_that_lists_training_classes_warns_at_training_and_evaluation(tmp_path, capsys):
+    """Split files are the user's: a test.csv that repeats classes of train.csv evaluated memorisation."""
+    from metaopt.data.splits import HeldOutWarning
+
+    root = _miniimagenet_like(tmp_path / "data")
+    with open(root / "test.csv", "a") as fh:
+        fh.write("n0000_0.jpg,n0000\nn0000_1.jpg,n0000\nn0000_2.jpg,n0000\n")  # a training class, again
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--data", f"csv:{root / 'train.csv'}", "--ways", "2", "--query", "1"]
+    with pytest.warns(
+        HeldOutWarning, match=r"the test split evaluates on 1 class this run meta-trained on \('n0000'\)"
+    ):
+        assert main([*args, "--image-size", "16", "--meta-batch", "1", "--iterations", "1", "--no-progress"]) == 0
+    with pytest.warns(HeldOutWarning, match=r"test.csv must not list classes of the training file"):
+        assert main(["eval", str(run), "--tasks", "2", "--no-baseline", "--no-progress", "--json"]) == 0
