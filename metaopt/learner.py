@@ -29,6 +29,7 @@ from metaopt.engines import (
 from metaopt.errors import ConfigError, DataError, MetaOptError, PluginError, PluginHookError, suggest
 from metaopt.inner_optim import is_plain_sgd, make_template
 from metaopt.manager import PluginHost
+from metaopt.models import has_batchnorm
 from metaopt.recompute import MEMORY_MODES, REPLAYED_HOOKS
 from metaopt.task import Batch, Params, Task, TaskData, Trajectory, TrajectoryFactory
 
@@ -46,12 +47,12 @@ class BatchResult:
     per_task: dict[str, list[float]]
 
 
+class ExtraOutputsWarning(UserWarning):
+    """A classifier with more outputs than the tasks have classes (checked on the first batch)."""
+
+
 class SingleExampleBatchNormWarning(UserWarning):
     """A transductive-BatchNorm prediction on one example (its own statistics: a worse answer)."""
-
-
-def has_batch_norm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def as_tasks(batch: BatchInput) -> list[TaskData]:
@@ -164,6 +165,14 @@ def check_labels(task: TaskData, output: torch.Tensor, loss_fn: Callable[..., to
             raise DataError(
                 f"the model outputs shape {tuple(output.shape)} but tasks have {n} classes; give the model a "
                 f"head with {n} outputs (e.g. num_classes={n})."
+            )
+        if output.shape[1] > n:  # e.g. a pretrained 1000-class head kept by mistake
+            warnings.warn(
+                f"the model has {output.shape[1]} outputs but tasks have {n} classes: the other "
+                f"{output.shape[1] - n} logits share the softmax, which is not {n}-way classification. Give the "
+                f"model a head with {n} outputs (e.g. num_classes={n}), unless that is what you mean.",
+                ExtraOutputsWarning,
+                stacklevel=5,
             )
     if loss_fn is F.mse_loss and output.shape != sy.shape:
         raise DataError(
@@ -687,7 +696,7 @@ class MetaLearner(nn.Module):
         if x is not None:
             _check_inputs([TaskData(data.support_x, data.support_y, x, data.query_y)])
         inputs = (data.query_x if x is None else x).to(self.device())
-        if inputs.shape[0] == 1 and self.backend.bn_policy == "transductive" and has_batch_norm(self.model):
+        if inputs.shape[0] == 1 and self.backend.bn_policy == "transductive" and has_batchnorm(self.model):
             warnings.warn(
                 "learner.predict on a batch of 1 example under bn_policy='transductive': BatchNorm normalises it "
                 "with its own statistics, not as the model was trained (on whole support and query sets), which "

@@ -275,3 +275,17 @@ def test_tasks_may_be_dicts_of_the_four_fields():
     assert torch.equal(learner.predict(as_dicts[0]), learner.predict(tasks[0]))
     with pytest.raises(DataError, match=r"task 0 is a mapping without \['query_x', 'query_y'\]"):
         learner([{"support_x": tasks[0][0], "support_y": tasks[0][1]}])
+
+
+def test_a_head_with_more_outputs_than_classes_warns_on_the_first_batch():
+    """A pretrained 1000-class head kept by mistake trained as 1000-way softmax on 5-way tasks, without a word."""
+    import warnings
+
+    from metaopt.learner import ExtraOutputsWarning
+
+    tasks = image_tasks(2, ways=5, dtype=torch.float32)
+    with pytest.warns(ExtraOutputsWarning, match=r"the model has 12 outputs but tasks have 5 classes: the other 7"):
+        MetaLearner(conv4(num_classes=12, hidden=8), inner_lr=0.1).backward(tasks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExtraOutputsWarning)
+        MetaLearner(conv4(num_classes=5, hidden=8), inner_lr=0.1).backward(tasks)
