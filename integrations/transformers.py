@@ -21,7 +21,6 @@ from torch import nn
 
 from metaopt.checkpoint import load_safe, save_atomic
 from metaopt.data.dataset import collate_tasks
-from metaopt.distributed import sum_over_processes
 from metaopt.errors import ConfigError
 from metaopt.integrations.accelerate import prepare
 from metaopt.learner import MetaLearner
@@ -121,27 +120,23 @@ class MetaTrainer(_Base):
     ) -> dict[str, float]:
         """Adapt to every task of the evaluation set; mean query loss and accuracy."""
         loader = self.get_eval_dataloader(eval_dataset)  # with several processes, this process's share
-        keys = ("query_loss", "accuracy")
-        sums = torch.zeros(len(keys), dtype=torch.float64)  # over tasks
-        present = torch.zeros(len(keys), dtype=torch.float64)  # 1 where the learner reports the metric
-        count = torch.zeros(1, dtype=torch.float64)
+        keys: list[str] | None = None
+        sums: torch.Tensor | None = None
+        count = 0
         for inputs in loader:
             tasks = [TaskData(*(t.to(self.args.device) for t in task)) for task in inputs["tasks"]]
             result = self.learner.evaluate(tasks)
-            for i, key in enumerate(keys):
-                if key in result.metrics:
-                    sums[i] += result.metrics[key] * len(tasks)
-                    present[i] = 1
-            count += len(tasks)
-        # every process's tasks, not only this one's (the logged metric used to be each process's own share)
-        sums, present, count = (
-            sum_over_processes(torch.cat([sums, present, count]).to(self.args.device))
-            .cpu()
-            .split([len(keys), len(keys), 1])
-        )
-        if float(count) == 0:
+            if keys is None:
+                keys = [k for k in ("query_loss", "accuracy") if k in result.per_task]
+            rows = torch.tensor([result.per_task[k] for k in keys], dtype=torch.float64).T.to(self.args.device)
+            # every process's tasks, each once: accelerate pads the last batches of an uneven evaluation set with
+            # repeated tasks, which gather_for_metrics drops (the metric used to be each process's own share)
+            rows = self.accelerator.gather_for_metrics(rows).cpu()
+            sums = rows.sum(0) if sums is None else sums + rows.sum(0)
+            count += rows.shape[0]
+        if sums is None or keys is None or count == 0:
             raise ConfigError("the evaluation set yielded no tasks.")
-        metrics = {f"{metric_key_prefix}_{k}": float(sums[i] / count) for i, k in enumerate(keys) if present[i] > 0}
+        metrics = {f"{metric_key_prefix}_{k}": float(sums[i] / count) for i, k in enumerate(keys)}
         self.log(dict(metrics))  # (log adds the epoch to the dict it gets)
         return metrics
 

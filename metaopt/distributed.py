@@ -25,10 +25,3 @@ def mean_over_processes(flat: torch.Tensor) -> torch.Tensor:
         return flat
     torch.distributed.all_reduce(flat)
     return flat / world
-
-
-def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
-    """Sum of ``values`` over the default process group (one all-reduce); itself in one process."""
-    if world_size() > 1:
-        torch.distributed.all_reduce(values)
-    return values

@@ -2,7 +2,7 @@
 
 ``python -m torch.distributed.run --nproc_per_node 2 hf_trainer_job.py OUT``: every rank runs
 ``MetaTrainer`` for 3 meta-steps on its share of each 4-task batch (accelerate shards the loader:
-batches of 2 tasks, rank r takes every second one), evaluates on its share of 12 test tasks, and
+batches of 2 tasks, rank r takes every second one), evaluates on its share of 11 test tasks (accelerate pads the uneven split), and
 saves its final parameters and the evaluation; one process with batches of 4 is the reference.
 """
 
@@ -73,7 +73,8 @@ def run(out: str, per_device: int) -> tuple[MetaTrainer, dict[str, float]]:
         save_strategy="no",
         disable_tqdm=True,
     )
-    trainer = InOrder(learner=learner, args=args, train_dataset=tasks(4 * STEPS), eval_dataset=tasks(12, seed=1))
+    # 11 evaluation tasks in batches of 3: two processes get 6 each, the last one repeated as padding
+    trainer = InOrder(learner=learner, args=args, train_dataset=tasks(4 * STEPS), eval_dataset=tasks(11, seed=1))
     trainer.train()
     return trainer, trainer.evaluate()
 
