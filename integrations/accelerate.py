@@ -66,6 +66,19 @@ def make_accelerator(
     return Accelerator(mixed_precision=precision, cpu=cpu, log_with=log_with or None, project_dir=project_dir)
 
 
+def refuse_accumulation_with_outer_step(learner: MetaLearner, steps: int) -> None:
+    """Accumulating ``steps`` micro-batches adds up their meta-gradients, which is the batch's only when the
+    outer step is the default; a plugin that replaces it (Sharp-MAML's outer SAM) is refused."""
+    replacing = learner.host.owners("outer_step")
+    if steps > 1 and replacing:
+        raise ConfigError(
+            f"gradient_accumulation_steps={steps} with {', '.join(map(repr, replacing))}, which replaces the outer "
+            "step: Sharp-MAML's outer SAM perturbs along the whole batch's meta-gradient, which one micro-batch does "
+            "not have. Give each step the whole batch (a larger batch size, or more processes) instead of "
+            "accumulating."
+        )
+
+
 def prepare(learner: MetaLearner, accelerator: Any) -> MetaLearner:
     """Attach ``accelerator`` to ``learner`` and move it to the accelerator's device.
 
@@ -74,14 +87,7 @@ def prepare(learner: MetaLearner, accelerator: Any) -> MetaLearner:
     """
     if accelerator.mixed_precision == "fp16":
         raise ConfigError("mixed precision 'fp16' is not supported by metaopt; use 'bf16'.")
-    replacing = learner.host.owners("outer_step")
-    if accelerator.gradient_accumulation_steps > 1 and replacing:
-        raise ConfigError(
-            f"gradient_accumulation_steps={accelerator.gradient_accumulation_steps} with "
-            f"{', '.join(map(repr, replacing))}, which replaces the outer step: Sharp-MAML's outer SAM perturbs along "
-            "the whole batch's meta-gradient, which one micro-batch does not have. Give each step the whole batch "
-            "(or more processes) instead of accumulating."
-        )
+    refuse_accumulation_with_outer_step(learner, accelerator.gradient_accumulation_steps)
     learner.to(accelerator.device)
     learner.accelerator = accelerator
     return learner

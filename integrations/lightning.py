@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from metaopt.distributed import mean_over_processes
 from metaopt.errors import ConfigError
 from metaopt.learner import MetaLearner
 from metaopt.task import TaskData
@@ -40,6 +39,17 @@ def _require() -> None:
         raise ConfigError(
             "PyTorch Lightning is not installed; pip install lightning (or, from a metaopt checkout, pip install '.[lightning]')."
         )
+
+
+def mean_over_processes(flat: torch.Tensor) -> torch.Tensor:
+    """Mean of ``flat`` over the default process group (one all-reduce); itself in one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flat
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return flat
+    torch.distributed.all_reduce(flat)
+    return flat / world
 
 
 #: the key of a Lightning checkpoint that holds the learner's plugin state and meta-iteration

@@ -22,7 +22,7 @@ from torch import nn
 from metaopt.checkpoint import load_safe, save_atomic
 from metaopt.data.dataset import collate_tasks
 from metaopt.errors import ConfigError
-from metaopt.integrations.accelerate import prepare
+from metaopt.integrations.accelerate import prepare, refuse_accumulation_with_outer_step
 from metaopt.learner import MetaLearner
 from metaopt.task import TaskData
 
@@ -84,15 +84,8 @@ class MetaTrainer(_Base):
                 "loss-scaled (it underflows), and the Trainer's scaler would unscale gradients that were never "
                 "scaled. Use bf16=True."
             )
-        replacing = learner.host.owners("outer_step")
-        if training_args is not None and training_args.gradient_accumulation_steps > 1 and replacing:
-            raise ConfigError(
-                f"gradient_accumulation_steps={training_args.gradient_accumulation_steps} with "
-                f"{', '.join(map(repr, replacing))}, which replaces the outer step: Sharp-MAML's outer SAM perturbs "
-                "along the whole batch's meta-gradient, which one micro-batch does not have, so accumulated "
-                "micro-batches would not give the batch's gradient. Use a larger per_device_train_batch_size "
-                "(or more processes) instead of accumulation."
-            )
+        if training_args is not None:  # the Trainer accumulates itself (its accelerator is told 1 step)
+            refuse_accumulation_with_outer_step(learner, training_args.gradient_accumulation_steps)
         super().__init__(model=learner, **kwargs)
         self.learner = learner
         # the Trainer's accelerator runs the learner's forwards under its autocast (bf16=True used to be ignored:

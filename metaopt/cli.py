@@ -256,12 +256,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bar = None if args.no_progress else "adapted"
     tasks = sampler()
     if args.data is None:  # the run's own data: is it still what it trained on?
-        saved = read_record(Path(args.run_dir) / DATA_FILE)
+        saved, current = read_record(Path(args.run_dir) / DATA_FILE), split_record(tasks)
         if args.test_alphabets is None:
-            check_unchanged(saved, args.split, split_record(tasks), "this evaluation")
+            check_unchanged(saved, args.split, current, "this evaluation")
         if args.split == "test":
             chosen = "the test split" if args.test_alphabets is None else "--test-alphabet"
-            warn_if_trained_on(saved, split_record(tasks), chosen)
+            warn_if_trained_on(saved, current, chosen)
     report = evaluate(learner, tasks, args.tasks, steps=args.steps, progress=bar)
     key = metric_key(report)
     baseline = None

@@ -134,9 +134,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, checkpoint: s
         )
     if len(learner.plugin_modules):
         modules_path = path.with_name(path.stem + ".plugin_modules.pt")
-        state = {k: v.detach().cpu().clone() for k, v in learner.plugin_modules.state_dict().items()}
+        modules_state = {k: v.detach().cpu().clone() for k, v in learner.plugin_modules.state_dict().items()}
         try:
-            save_atomic(state, modules_path)
+            save_atomic(modules_state, modules_path)
         except (OSError, RuntimeError) as exc:
             raise CheckpointError(f"{disk_error(exc, modules_path, 'write the plugin modules')}") from exc
         how["plugin_modules"] = {

@@ -573,7 +573,7 @@ class Trainer:
         key = self.config.keep_best or metric_key(report)
         if key not in report:
             raise ConfigError(f"keep_best={key!r} is not an evaluation metric here; the report has {sorted(report)}.")
-        if self.best_eval is None or (report[key] > self.best_eval[key]) == (key == "accuracy"):
+        if improves(report, self.best_eval, key):
             self.best_eval = {**report, "iteration": self.iteration}
             if self.config.keep_best and self.is_main:
                 self._write(self.run_dir / BEST_FILE)
@@ -736,6 +736,11 @@ def run_settings(run_dir: Path, state: dict[str, Any] | None = None) -> dict[str
     return saved
 
 
+def improves(report: dict[str, Any], best: dict[str, Any] | None, key: str) -> bool:
+    """Whether evaluation ``report`` replaces ``best`` by ``key``: higher accuracy, lower loss (a tie replaces)."""
+    return best is None or (report[key] > best[key]) == (key == "accuracy")
+
+
 def best_logged_eval(run_dir: Path, iteration: int, config: TrainConfig) -> dict[str, Any] | None:
     """The best periodic evaluation logged up to ``iteration`` (checkpoints written before ``best_eval`` was
     saved in them): without it, the first evaluation after a resume replaced best.pt however bad it was."""
@@ -751,7 +756,7 @@ def best_logged_eval(run_dir: Path, iteration: int, config: TrainConfig) -> dict
         if not isinstance(report, dict) or record.get("iteration", iteration + 1) > iteration:
             continue
         key = config.keep_best or metric_key(report)
-        if key in report and (best is None or (report[key] > best[key]) == (key == "accuracy")):
+        if key in report and improves(report, best, key):
             best = {**report, "iteration": record["iteration"]}
     return best
 

@@ -252,12 +252,12 @@ class EpisodeDataset(Dataset):
                         f"{tuple(images[0].shape)}; use rotations only with images ([C, H, W] or [H, W])."
                     )
                 quarter_turns = int(virtual) // len(self.classes)
-                odd = next((i for i, x in zip(chosen, images, strict=True) if x.shape[-1] != x.shape[-2]), None)
+                odd = next(((i, x) for i, x in zip(chosen, images, strict=True) if x.shape[-1] != x.shape[-2]), None)
                 if odd is not None:  # a quarter turn swaps height and width (refused for every task, not by chance)
                     raise DataError(
-                        f"rotations=True turns images by 90 degrees, which needs square images; dataset item {odd} "
-                        f"is {tuple(images[chosen.index(odd)].shape[-2:])} (height, width). Resize to a square in "
-                        "the transform (e.g. v2.Resize((28, 28)))."
+                        f"rotations=True turns images by 90 degrees, which needs square images; dataset item "
+                        f"{odd[0]} is {tuple(odd[1].shape[-2:])} (height, width). Resize to a square in the "
+                        "transform (e.g. v2.Resize((28, 28)))."
                     )
                 images = [torch.rot90(x, quarter_turns, dims=(-2, -1)) for x in images]
             support.extend(images[: self.shots])

@@ -50,16 +50,18 @@ def test_csv_split_files_give_tasks_of_their_classes(tmp_path):
         make_sampler(f"csv:{root / 'train.csv'}", split="train", ways=2, shots=1, query=1)
 
 
+def _class_folder(root, classes, per_class=3, size=8):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / name / f"{i}.png")
+
+
 def test_a_test_split_that_would_be_the_training_classes_is_refused(tmp_path, capsys):
     """A folder of 4 classes used to give all 4 as its "test" split (every fifth class needs 5), and
     csv:test.csv is its own sibling test.csv: `metaopt eval` scored the training classes as "test"."""
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        (tmp_path / "four" / f"class{c}").mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(
-                tmp_path / "four" / f"class{c}" / f"{i}.png"
-            )
+    _class_folder(tmp_path / "four", [f"class{c}" for c in range(4)])
     spec = f"folder:{tmp_path / 'four'}"
     train = make_sampler(spec, split="train", ways=2, shots=1, query=1, image_size=8)
     assert train.episodes.dataset.classes == ["class0", "class1", "class2", "class3"]
@@ -74,14 +76,6 @@ def test_a_test_split_that_would_be_the_training_classes_is_refused(tmp_path, ca
     root = _miniimagenet_like(tmp_path / "mini")
     with pytest.raises(DataError, match=r"trains on test.csv, which is also its test split"):
         make_sampler(f"csv:{root / 'test.csv'}", split="test", ways=2, shots=1, query=1)
-
-
-def _class_folder(root, classes, per_class=3, size=8):
-    rng = np.random.default_rng(0)
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / name / f"{i}.png")
 
 
 def test_a_run_refuses_data_whose_listing_changed_since_it_was_trained(tmp_path, capsys):
